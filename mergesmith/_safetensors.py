@@ -1,0 +1,204 @@
+"""Reading and writing the safetensors format directly: headers parsed and checked, data read lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mergesmith.errors import CheckpointError, OutputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor in a safetensors file: where its bytes are and what they hold."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Parse and check a safetensors header; returns (entries by name, metadata).
+
+    Offsets are checked against the file's size and against each other, so a corrupt or hostile
+    header is an error before any data is read.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} does not fit in the file ({size} bytes); "
+                    "the file is truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_start = 8 + n
+    data_size = size - data_start
+    meta = header.pop("__metadata__", None) or {}
+    entries: dict[str, Entry] = {}
+    spans = []
+    for name, info in header.items():
+        entry = _entry(path, name, info, data_start, data_size)
+        entries[name] = entry
+        spans.append((entry.start, entry.end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    return entries, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) -> Entry:
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype_name = info.get("dtype")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(s, int) and s >= 0 for s in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    start, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    expected = numel * dtype.itemsize
+    if not 0 <= start <= end <= data_size or end - start != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} declares shape {tuple(shape)} {dtype_name} ({expected} bytes) "
+            f"at bytes [{start}, {end}) of a {data_size}-byte data section; the file is corrupt or truncated"
+        )
+    return Entry(path, dtype, tuple(shape), data_start + start, data_start + end)
+
+
+def read_tensor(entry: Entry, handle: BinaryIO | None = None) -> torch.Tensor:
+    """Read one tensor's bytes straight into a new CPU tensor."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes == 0:
+        return out
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    own = handle is None
+    f = handle if handle is not None else open(entry.file, "rb", buffering=0)
+    try:
+        f.seek(entry.start)
+        got = 0
+        while got < entry.nbytes:
+            n = f.readinto(buf[got:])
+            if not n:
+                raise CheckpointError(f"{entry.file}: unexpected end of file while reading a tensor")
+            got += n
+    finally:
+        if own:
+            f.close()
+    return out
+
+
+def header_bytes(tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header of a safetensors file holding ``tensors`` in order; returns it and each span."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, offset + nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, spans
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are known in advance, streaming their data in order."""
+
+    def __init__(self, path: Path, tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.path = path
+        self.order = list(tensors)
+        self.tensors = dict(tensors)
+        head, self.spans = header_bytes(tensors, {"format": "pt"})
+        self.next = 0
+        try:
+            self.f = open(path, "wb")
+            self.f.write(head)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write: {os.strerror(exc.errno or 0)} (errno {exc.errno})") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self.next]
+        dtype, shape = self.tensors[expected]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise OutputError(
+                f"{self.path}: expected {expected} {tuple(shape)} {dtype} next, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self.f.write(memoryview(data))
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: writing {name} failed: {os.strerror(exc.errno or 0)} (errno {exc.errno})"
+            ) from None
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.order):
+            self.f.close()
+            raise OutputError(f"{self.path}: closed after {self.next} of {len(self.order)} tensors")
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as exc:
+            raise OutputError(f"{self.path}: {os.strerror(exc.errno or 0)} (errno {exc.errno})") from None

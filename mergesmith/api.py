@@ -1,0 +1,54 @@
+"""The Python API: merge and validate, as the CLI does."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith import _output
+from mergesmith.config import MergeConfig, load_config
+from mergesmith.execute import execute
+from mergesmith.plan import DEFAULT_SHARD, Plan, build_plan
+
+__all__ = ["merge", "validate"]
+
+
+def _config(config: MergeConfig | str | Path | Mapping[str, Any]) -> MergeConfig:
+    return config if isinstance(config, MergeConfig) else load_config(config)
+
+
+def validate(config: MergeConfig | str | Path | Mapping[str, Any], *, max_shard_size: int | str = DEFAULT_SHARD) -> Plan:
+    """Check a config and its inputs from headers alone; return the plan or raise every problem."""
+    return build_plan(_config(config), max_shard_size=max_shard_size)
+
+
+def merge(
+    config: MergeConfig | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    progress: bool | None = None,
+) -> Plan:
+    """Merge the models a config describes into ``out_dir``; return the plan that was run.
+
+    ``config`` is a YAML file path, YAML text, a mapping, or a :class:`MergeConfig`. The output
+    appears only once it is complete; an existing non-empty ``out_dir`` is replaced only with
+    ``force``. Nothing is written inside an input model's directory.
+    """
+    cfg = _config(config)
+    if seed is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, seed=seed)
+    plan = build_plan(cfg, max_shard_size=max_shard_size)
+    out = Path(out_dir)
+    _output.check_output(out, [m.dir for m in plan.models], force)
+    with _output.staged_output(out) as stage:
+        execute(plan, stage, device=device, progress=progress)
+    return plan

@@ -1,0 +1,87 @@
+"""What mergesmith knows of model architectures, read from ``architectures.json``.
+
+Nothing here tests model names in code: a family is a row of data (how layer tensors are named,
+which tensors come before the layers, which are tied), matched on ``config.json``'s ``model_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["Architecture", "architecture_for"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    layer_pattern: re.Pattern[str]
+    num_layers_key: str
+    pre_weights: tuple[str, ...]
+    vocab_weights: tuple[str, ...]
+    tied: dict[str, str]
+
+    def layer_of(self, tensor: str) -> int | None:
+        """The layer index in a tensor's name, or None for tensors outside the layer stack."""
+        m = self.layer_pattern.search(tensor)
+        return int(m.group(1)) if m else None
+
+    def with_layer(self, tensor: str, layer: int) -> str:
+        """The same tensor name with its layer index replaced."""
+        m = self.layer_pattern.search(tensor)
+        if m is None:
+            return tensor
+        return tensor[: m.start(1)] + str(layer) + tensor[m.end(1) :]
+
+    def is_pre(self, tensor: str) -> bool:
+        """True for tensors that come before the layer stack (embeddings)."""
+        return tensor in self.pre_weights or (not self.pre_weights and "embed" in tensor)
+
+    def num_layers(self, config: dict[str, Any]) -> int | None:
+        value = config.get(self.num_layers_key)
+        if value is None and isinstance(config.get("text_config"), dict):
+            value = config["text_config"].get(self.num_layers_key)
+        return value if isinstance(value, int) else None
+
+
+@cache
+def _data() -> dict[str, Any]:
+    text = resources.files("mergesmith").joinpath("architectures.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _build(row: dict[str, Any]) -> Architecture:
+    return Architecture(
+        name=row["name"],
+        model_types=tuple(row["model_types"]),
+        layer_pattern=re.compile(row["layer_pattern"]),
+        num_layers_key=row["num_layers_key"],
+        pre_weights=tuple(row["pre_weights"]),
+        vocab_weights=tuple(row["vocab_weights"]),
+        tied=dict(row["tied"]),
+    )
+
+
+def architecture_for(config: dict[str, Any]) -> Architecture:
+    """The family whose model_types include the config's model_type, else the generic fallback."""
+    model_type = config.get("model_type")
+    for row in _data()["families"]:
+        if model_type in row["model_types"]:
+            return _build(row)
+    return _build(_data()["fallback"])
+
+
+def compatibility_keys() -> list[str]:
+    keys: list[str] = _data()["compatibility_keys"]
+    return keys
+
+
+def layer_count_keys() -> list[str]:
+    keys: list[str] = _data()["layer_count_keys"]
+    return keys

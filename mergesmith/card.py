@@ -1,0 +1,55 @@
+"""The model card written beside a merged model, and digests of the input files."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergesmith import __version__
+
+if TYPE_CHECKING:
+    from mergesmith.plan import Plan
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file; Hub cache blobs are named by their sha256, which is used as is."""
+    target = path.resolve()
+    if _SHA256.match(target.name) and target.parent.name == "blobs":
+        return target.name
+    h = hashlib.sha256()
+    with open(target, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
+    cfg = plan.config
+    base = str(cfg.base_model) if cfg.base_model is not None else None
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["library_name: transformers", "tags:", "- merge", "- mergesmith", "---", ""]
+    lines.append("# Merged model")
+    lines.append("")
+    lines.append(
+        f"Made with mergesmith {__version__} using the **{plan.method.title}** method "
+        f"([paper]({plan.method.paper}))."
+    )
+    lines += ["", "## Inputs", "", "| model | role | files (sha256) |", "|---|---|---|"]
+    for ref, ckpt in zip(plan.refs, plan.models):
+        role = "base" if cfg.base_model == ref else "merged"
+        files = "<br>".join(f"`{p.name}` `{digests.get(p, '?')}`" for p in ckpt.weight_files)
+        lines.append(f"| {ref} | {role} | {files} |")
+    lines += ["", "## Configuration", "", "```yaml", cfg.text.strip(), "```", ""]
+    lines += [
+        f"Output: {len(plan.jobs)} tensors in {len(plan.shards)} shard(s), "
+        f"{plan.write_bytes / 1e6:.1f} MB.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The ``mergesmith`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mergesmith import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergesmith",
+        description="Merge fine-tuned checkpoints of one base model into a single model.",
+    )
+    p.add_argument("--version", action="version", version=f"mergesmith {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="run a merge config and write the merged model")
+    m.add_argument("config", help="YAML merge config (mergekit schema)")
+    m.add_argument("out_dir", help="output directory (appears only when the merge is complete)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
+    m.add_argument("--seed", type=int, default=None, help="seed for random methods (default: config's seed or 0)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
+
+    v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
+    v.add_argument("config")
+    v.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
+
+    sub.add_parser("methods", help="list every merge method with its parameters")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    from mergesmith.errors import MergesmithError
+
+    try:
+        if args.command == "methods":
+            from mergesmith.docs import methods_text
+
+            print(methods_text())
+            return 0
+        if args.command == "validate":
+            from mergesmith.api import validate
+
+            plan = validate(args.config)
+            lines = plan.describe().splitlines()
+            print("\n".join(lines[: len(plan.models) + 3]) if args.quiet else "\n".join(lines))
+            print(f"ok: {args.config} is valid", file=sys.stderr)
+            return 0
+        if args.command == "merge":
+            return _merge(args)
+    except MergesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import time
+
+    from mergesmith.api import merge, validate
+    from mergesmith.plan import parse_size
+
+    if args.dry_run:
+        print(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe())
+        return 0
+    start = time.perf_counter()
+    plan = merge(
+        args.config,
+        args.out_dir,
+        force=args.force,
+        max_shard_size=parse_size(args.max_shard_size),
+        device=args.device,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+    took = time.perf_counter() - start
+    print(
+        f"merged {len(plan.jobs)} tensors with {plan.method.name} into {args.out_dir} "
+        f"({plan.write_bytes / 1e6:.1f} MB, {len(plan.shards)} shard(s)) in {took:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

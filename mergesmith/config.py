@@ -1,0 +1,484 @@
+"""The merge config: mergekit's YAML schema, parsed and validated whole before any weight is read."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergesmith import _yaml
+from mergesmith.errors import ConfigError
+from mergesmith.methods import REGISTRY, Method, get_method
+from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
+
+__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "ModelRef", "SliceDef", "SliceSource", "load_config"]
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+TOP_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "name",
+    "seed",
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as written in the config: a local path or a Hub id, with an optional revision."""
+
+    path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        if "@" in text and not Path(text).exists():
+            path, _, rev = text.rpartition("@")
+            return cls(path, rev or None)
+        return cls(text)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+Settings = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    ref: ModelRef
+    parameters: Settings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    ref: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Settings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceDef:
+    sources: tuple[SliceSource, ...]
+    parameters: Settings = field(default_factory=dict)
+    base_model: ModelRef | None = None
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated merge config. ``slices`` is None when the config lists whole ``models``."""
+
+    method: str
+    base_model: ModelRef | None
+    models: tuple[ModelEntry, ...]
+    slices: tuple[SliceDef, ...] | None
+    parameters: Settings
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    chat_template: str | None
+    seed: int
+    text: str
+    source: str
+
+    @property
+    def merge_method(self) -> Method[Any, Any]:
+        method = get_method(self.method)
+        if method is None:  # load_config only builds configs with known methods
+            raise ConfigError(f"unknown merge_method {self.method!r}", self.source)
+        return method
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the config names, base first, each once."""
+        refs: list[ModelRef] = []
+        if self.base_model is not None:
+            refs.append(self.base_model)
+        for entry in self.models:
+            refs.append(entry.ref)
+        for sl in self.slices or ():
+            if sl.base_model is not None:
+                refs.append(sl.base_model)
+            refs += [s.ref for s in sl.sources]
+        out: list[ModelRef] = []
+        for r in refs:
+            if r not in out:
+                out.append(r)
+        return out
+
+
+def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = None) -> MergeConfig:
+    """Parse and validate a config given as a YAML file path, YAML text or a mapping.
+
+    Every problem is collected and raised together as one :class:`ConfigError`.
+    """
+    if isinstance(source, Mapping):
+        text = yaml.safe_dump(dict(source), sort_keys=False)
+        where = name or "<config>"
+    elif isinstance(source, Path) or ("\n" not in source and not source.lstrip().startswith("{")):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        where = name or str(path)
+    else:
+        text = source
+        where = name or "<config>"
+    try:
+        doc = _yaml.load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}{line}: not valid YAML: {problem}") from None
+    return _Validator(where, text).run(doc)
+
+
+class _Validator:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.text = text
+        self.problems: list[str] = []
+
+    def add(self, container: Any, key: str | int | None, path: str, message: str) -> None:
+        line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
+        where = f"line {line}: " if line else ""
+        self.problems.append(f"{where}{path}: {message}" if path else f"{where}{message}")
+
+    def run(self, doc: Any) -> MergeConfig:
+        if not isinstance(doc, Mapping):
+            raise ConfigError("expected a mapping of keys (merge_method, models, ...)", self.source)
+        for key in doc:
+            if key not in TOP_KEYS:
+                self.add(doc, key, key, f"unknown key{_suggest(key, TOP_KEYS)}")
+        if "tokenizer" in doc:
+            self._check_tokenizer_block(doc)
+
+        method = self._method(doc)
+        base = self._ref(doc, "base_model", "base_model") if doc.get("base_model") is not None else None
+        dtype = self._dtype(doc, "dtype")
+        out_dtype = self._dtype(doc, "out_dtype")
+        params = self._settings(doc, "parameters", "parameters", method, scope="top")
+        models: list[ModelEntry] = []
+        slices: list[SliceDef] | None = None
+        has_models, has_slices = bool(doc.get("models")), bool(doc.get("slices"))
+        if has_models and has_slices:
+            self.add(doc, "slices", "slices", "give either models or slices, not both")
+        elif has_slices:
+            slices = self._slices(doc, method, base)
+        elif has_models:
+            models = self._models(doc, method, base)
+        elif method is not None:
+            self.add(doc, "merge_method", "", "the config lists no models: add a models: list")
+
+        tokenizer_source = self._tokenizer_source(doc)
+        chat_template = doc.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            self.add(doc, "chat_template", "chat_template", "expected a template name or Jinja text")
+        seed = doc.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            self.add(doc, "seed", "seed", f"expected a whole number >= 0, found {seed!r}")
+            seed = 0
+        if method is not None and not self.problems:
+            self._check_model_counts(doc, method, base, models, slices)
+        if self.problems:
+            raise ConfigError(self.problems, self.source)
+        assert method is not None
+        return MergeConfig(
+            method=method.name,
+            base_model=base,
+            models=tuple(models),
+            slices=tuple(slices) if slices is not None else None,
+            parameters=params,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+            seed=seed,
+            text=self.text,
+            source=self.source,
+        )
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _method(self, doc: Mapping[str, Any]) -> Method[Any, Any] | None:
+        name = doc.get("merge_method")
+        if name is None:
+            self.add(doc, None, "merge_method", f"missing; one of: {', '.join(REGISTRY)}")
+            return None
+        method = get_method(str(name))
+        if method is None:
+            self.add(
+                doc,
+                "merge_method",
+                "merge_method",
+                f"unknown method {name!r}{_suggest(str(name), REGISTRY)}; "
+                f"known methods: {', '.join(REGISTRY)}",
+            )
+        return method
+
+    def _ref(self, container: Any, key: str | int, path: str) -> ModelRef | None:
+        value = container[key]
+        if isinstance(value, Mapping):
+            if "lora" in value:
+                self.add(container, key, path, "LoRA adapters as inputs are not supported yet")
+                return None
+            inner = value.get("model")
+            if isinstance(inner, Mapping):
+                inner = inner.get("path")
+            value = inner
+        if not isinstance(value, str) or not value.strip():
+            self.add(container, key, path, f"expected a model path or Hub id, found {value!r}")
+            return None
+        if "+" in value and not Path(value).exists():
+            self.add(
+                container, key, path, f"{value!r}: base+LoRA inputs are not supported yet"
+            )
+            return None
+        return ModelRef.parse(value.strip())
+
+    def _dtype(self, doc: Mapping[str, Any], key: str) -> str | None:
+        value = doc.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or value.lower() not in DTYPES:
+            self.add(doc, key, key, f"unknown dtype {value!r}; use one of float32, float16, bfloat16")
+            return None
+        return DTYPES[value.lower()]
+
+    def _settings(
+        self, container: Any, key: str, path: str, method: Method[Any, Any] | None, scope: str
+    ) -> dict[str, Any]:
+        value = container.get(key) if isinstance(container, Mapping) else None
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.add(container, key, path, "expected a mapping of parameter names to values")
+            return {}
+        if method is None:
+            return dict(value)
+        shared = {i.key: i for i in method.param_infos}
+        per_model = {i.key: i for i in method.model_param_infos}
+        known = shared | per_model if scope != "model" else per_model
+        for name, setting in value.items():
+            info: ParamInfo | None = known.get(name)
+            where = f"{path}.{name}"
+            if info is None:
+                if scope == "model" and name in shared:
+                    self.add(
+                        value,
+                        name,
+                        where,
+                        f"{name} applies to the whole merge, not to one model: move it to the "
+                        "top-level parameters",
+                    )
+                    continue
+                names = ", ".join(known) or "none"
+                self.add(
+                    value,
+                    name,
+                    where,
+                    f"unknown parameter for {method.name}{_suggest(name, known)}; "
+                    f"its parameters: {names}",
+                )
+                continue
+            for problem in check_setting(info, setting):
+                self.add(value, name, where + problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
+        return dict(value)
+
+    def _models(
+        self, doc: Mapping[str, Any], method: Method[Any, Any] | None, base: ModelRef | None
+    ) -> list[ModelEntry]:
+        items = doc["models"]
+        if not isinstance(items, list):
+            self.add(doc, "models", "models", "expected a list of {model: ..., parameters: ...}")
+            return []
+        out = []
+        for i, item in enumerate(items):
+            path = f"models[{i}]"
+            if isinstance(item, str):
+                item = {"model": item}
+            if not isinstance(item, Mapping) or "model" not in item:
+                self.add(items, i, path, "expected {model: ..., parameters: ...}")
+                continue
+            for key in item:
+                if key not in ("model", "parameters"):
+                    self.add(item, key, f"{path}.{key}", f"unknown key{_suggest(key, ('model', 'parameters'))}")
+            ref = self._ref(item, "model", f"{path}.model")
+            settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="model")
+            if ref is not None:
+                if any(e.ref == ref for e in out):
+                    self.add(items, i, path, f"{ref} is listed twice")
+                out.append(ModelEntry(ref, settings))
+        return out
+
+    def _slices(
+        self, doc: Mapping[str, Any], method: Method[Any, Any] | None, base: ModelRef | None
+    ) -> list[SliceDef]:
+        items = doc["slices"]
+        if not isinstance(items, list):
+            self.add(doc, "slices", "slices", "expected a list of {sources: [...]}")
+            return []
+        out = []
+        for i, item in enumerate(items):
+            path = f"slices[{i}]"
+            if not isinstance(item, Mapping) or not isinstance(item.get("sources"), list):
+                self.add(items, i, path, "expected {sources: [{model: ..., layer_range: [a, b]}]}")
+                continue
+            for key in item:
+                if key not in ("sources", "parameters", "base_model"):
+                    self.add(item, key, f"{path}.{key}", "unknown key")
+            sources = []
+            lengths = set()
+            for j, src in enumerate(item["sources"]):
+                spath = f"{path}.sources[{j}]"
+                if not isinstance(src, Mapping) or "model" not in src:
+                    self.add(item["sources"], j, spath, "expected {model: ..., layer_range: [a, b]}")
+                    continue
+                for key in src:
+                    if key not in ("model", "layer_range", "parameters"):
+                        self.add(src, key, f"{spath}.{key}", "unknown key")
+                ref = self._ref(src, "model", f"{spath}.model")
+                lr = src.get("layer_range")
+                if (
+                    not isinstance(lr, list)
+                    or len(lr) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    or lr[0] < 0
+                    or lr[1] <= lr[0]
+                ):
+                    self.add(src, "layer_range" if "layer_range" in src else None, f"{spath}.layer_range",
+                             f"expected [first, end) with 0 <= first < end, found {lr!r}")
+                    continue
+                lengths.add(lr[1] - lr[0])
+                settings = self._settings(src, "parameters", f"{spath}.parameters", method, scope="model")
+                if ref is not None:
+                    sources.append(SliceSource(ref, (lr[0], lr[1]), settings))
+            if len(lengths) > 1:
+                self.add(items, i, path, f"its sources cover different numbers of layers {sorted(lengths)}; "
+                         "every source of a slice needs a layer_range of the same length")
+            slice_base = self._ref(item, "base_model", f"{path}.base_model") if item.get("base_model") else None
+            settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="slice")
+            out.append(SliceDef(tuple(sources), settings, slice_base))
+        return out
+
+    def _tokenizer_source(self, doc: Mapping[str, Any]) -> str | None:
+        value = doc.get("tokenizer_source")
+        block = doc.get("tokenizer")
+        if value is None and isinstance(block, Mapping):
+            value = block.get("source")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.add(doc, "tokenizer_source", "tokenizer_source", f"expected base or a model, found {value!r}")
+            return None
+        if value == "union":
+            self.add(
+                doc,
+                "tokenizer_source",
+                "tokenizer_source",
+                "union vocabularies are not supported yet; use base or the name of one input model",
+            )
+        return value
+
+    def _check_tokenizer_block(self, doc: Mapping[str, Any]) -> None:
+        block = doc["tokenizer"]
+        if not isinstance(block, Mapping):
+            self.add(doc, "tokenizer", "tokenizer", "expected {source: ...}")
+            return
+        for key in block:
+            if key != "source":
+                self.add(block, key, f"tokenizer.{key}", "only tokenizer.source is supported")
+
+    def _check_model_counts(
+        self,
+        doc: Mapping[str, Any],
+        method: Method[Any, Any],
+        base: ModelRef | None,
+        models: list[ModelEntry],
+        slices: list[SliceDef] | None,
+    ) -> None:
+        groups: list[tuple[str, list[ModelRef], ModelRef | None]] = []
+        if slices is None:
+            groups.append(("models", [m.ref for m in models], base))
+        else:
+            for i, sl in enumerate(slices):
+                groups.append((f"slices[{i}].sources", [s.ref for s in sl.sources], sl.base_model or base))
+        for where, refs, group_base in groups:
+            if method.base == "required":
+                if group_base is None:
+                    self.add(doc, "merge_method", "base_model",
+                             f"{method.name} needs a base_model: add base_model: <the model the others were fine-tuned from>")
+                    return
+                others = [r for r in refs if r != group_base]
+            else:
+                others = refs
+            n = len(others)
+            lo, hi = method.min_models, method.max_models
+            if n < lo or (hi is not None and n > hi):
+                self.add(doc, "slices" if slices is not None else "models", where,
+                         f"{method.name} takes {method.models_text()}; found {n}")
+        if slices is None and method.base == "required" and base is not None:
+            self._check_weights(doc, method, models, base)
+        if slices is None and method.base == "unused":
+            self._check_weights(doc, method, models, None)
+
+    def _check_weights(
+        self, doc: Mapping[str, Any], method: Method[Any, Any], models: list[ModelEntry], base: ModelRef | None
+    ) -> None:
+        """Required per-model parameters must be given somewhere; scalar weights must not sum to 0."""
+        top = doc.get("parameters") if isinstance(doc.get("parameters"), Mapping) else {}
+        normalize_info = next((i for i in method.param_infos if i.key == "normalize"), None)
+        for info in method.model_param_infos:
+            if not info.required:
+                continue
+            for i, entry in enumerate(models):
+                if entry.ref == base:
+                    continue
+                if info.key not in entry.parameters and info.key not in (top or {}):
+                    self.add(doc["models"], i, f"models[{i}].parameters.{info.key}",
+                             f"missing: {method.name} needs a {info.key} for {entry.ref} ({info.doc})")
+        if normalize_info is None or method.base != "unused":
+            return
+        normalize = (top or {}).get("normalize", normalize_info.default)
+        weights = []
+        for entry in models:
+            w = entry.parameters.get("weight", (top or {}).get("weight"))
+            if isinstance(w, (int, float)) and not isinstance(w, bool):
+                weights.append(float(w))
+            else:
+                return
+        if normalize is True and weights and sum(weights) == 0:
+            self.add(doc, "models", "models", "the weights sum to 0 and normalize is true, which divides by "
+                     "zero: change the weights or set normalize: false")
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def is_gradient(setting: Any) -> bool:
+    return isinstance(setting, list) and not is_condition_list(setting)

@@ -1,0 +1,37 @@
+"""Text generated from the method registry: the ``methods`` listing and the README table."""
+
+from __future__ import annotations
+
+from mergesmith.methods import REGISTRY, Method
+from mergesmith.parameters import ParamInfo
+
+
+def _param_line(info: ParamInfo, scope: str) -> str:
+    default = "required" if info.required else repr(info.default).lower() if isinstance(info.default, bool) else repr(info.default)
+    bounds = f" in {info.bounds_text()}" if info.bounds_text() else ""
+    return f"    {info.key:<10} {scope:<9} {info.type.__name__:<5} default {default}{bounds}: {info.doc}"
+
+
+def method_text(method: Method[object, object]) -> str:
+    lines = [f"{method.name}: {method.title}", f"  {method.summary}", f"  takes {method.models_text()}"]
+    lines.append(f"  paper: {method.paper}")
+    params = [(i, "merge") for i in method.param_infos] + [(i, "per-model") for i in method.model_param_infos]
+    if params:
+        lines.append("  parameters:")
+        lines += [_param_line(i, scope) for i, scope in params]
+    return "\n".join(lines)
+
+
+def methods_text() -> str:
+    return "\n\n".join(method_text(m) for m in REGISTRY.values())
+
+
+def methods_table() -> str:
+    """The README's method table, in Markdown."""
+    rows = ["| method | what it does | parameters (per-model in italics) | paper |", "|---|---|---|---|"]
+    for m in REGISTRY.values():
+        params = [f"`{i.key}`" for i in m.param_infos] + [f"*`{i.key}`*" for i in m.model_param_infos]
+        rows.append(
+            f"| [`{m.name}`](docs/methods/{m.name}.md) | {m.summary} | {', '.join(params)} | [link]({m.paper}) |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,190 @@
+"""Run a plan: read the inputs of one tensor, merge, write, free; then the side files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith import card
+from mergesmith.errors import MethodError
+from mergesmith.methods import MergeInputs, get_method
+from mergesmith.plan import COPY, Job, Plan
+from mergesmith._safetensors import ShardWriter
+
+__all__ = ["execute", "merge_job"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+COPIED_FROM_REFERENCE = ("generation_config.json",)
+
+Progress = Callable[[int, int], None]
+
+
+def load_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
+    """Read a job's input tensors (base first) and convert them to the compute dtype."""
+    out = []
+    for ref in job.all_inputs():
+        t = plan.models[ref.model].get(ref.name)
+        if job.method != COPY:
+            if plan.compute_dtype is not None:
+                t = t.to(plan.compute_dtype)
+            t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+        out.append(t)
+    return out
+
+
+def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Merge one tensor; ``tensors`` come from :func:`load_inputs`."""
+    if job.method == COPY:
+        return tensors[0]
+    method = get_method(job.method)
+    if method is None:
+        raise MethodError(f"{job.name}: unknown method {job.method!r}")
+    tensors = [t.to(device) for t in tensors]
+    base = tensors[0] if job.base is not None else None
+    others = tensors[1:] if job.base is not None else tensors
+    inputs: MergeInputs[Any, Any] = MergeInputs(
+        tensor_name=job.name,
+        base=base,
+        tensors=others,
+        params=method.build_params(job.params),
+        model_params=[method.build_model_params(mp) for mp in job.model_params],
+        seed=plan.config.seed,
+    )
+    result = method.merge(inputs)
+    del inputs, tensors, base, others
+    if not bool(torch.isfinite(result).all()):
+        bad = int((~torch.isfinite(result)).sum())
+        raise MethodError(
+            f"{job.name}: {job.method} produced {bad} NaN or infinite values (inputs: "
+            + ", ".join(f"{plan.refs[r.model]}:{r.name}" for r in job.all_inputs())
+            + "); check the inputs for NaN/Inf and the parameters for divisions by zero"
+        )
+    if job.out_dtype == torch.float16 and result.numel():
+        peak = float(result.abs().max())
+        if peak > torch.finfo(torch.float16).max:
+            raise MethodError(
+                f"{job.name}: values up to {peak:.4g} overflow float16 (max 65504); use "
+                "out_dtype: bfloat16 or float32"
+            )
+    return result.to(job.out_dtype)
+
+
+def execute(
+    plan: Plan,
+    stage: Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> None:
+    """Write the merged model described by ``plan`` into the (empty) directory ``stage``."""
+    dev = torch.device(device)
+    names = plan.shard_names()
+    shard_of = {}
+    for s, members in enumerate(plan.shards):
+        for i in members:
+            shard_of[i] = s
+    bar = _progress_bar(plan, progress)
+    digests: dict[Path, str] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher:
+        digest_jobs = {
+            p: hasher.submit(card.file_digest, p) for ckpt in plan.models for p in ckpt.weight_files
+        }
+        pending: Future[list[torch.Tensor]] | None = None
+        writer: ShardWriter | None = None
+        try:
+            for s, members in enumerate(plan.shards):
+                writer = ShardWriter(
+                    stage / names[s],
+                    {plan.jobs[i].name: (plan.jobs[i].out_dtype, plan.jobs[i].shape) for i in members},
+                )
+                for i in members:
+                    job = plan.jobs[i]
+                    if pending is None:
+                        pending = reader.submit(load_inputs, plan, job)
+                    tensors = pending.result()
+                    nxt = i + 1
+                    pending = reader.submit(load_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
+                    result = merge_job(plan, job, tensors, dev)
+                    del tensors
+                    writer.write(job.name, result)
+                    del result
+                    if bar is not None:
+                        bar.update(job.nbytes)
+                writer.close()
+                writer = None
+        finally:
+            if pending is not None:
+                pending.cancel()
+            if writer is not None:
+                writer.f.close()
+            if bar is not None:
+                bar.close()
+        for path, fut in digest_jobs.items():
+            digests[path] = fut.result()
+    _write_side_files(plan, stage, names, digests)
+
+
+def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[Path, str]) -> None:
+    if len(names) > 1:
+        index = {
+            "metadata": {"total_size": plan.write_bytes},
+            "weight_map": {plan.jobs[i].name: names[s] for s, members in enumerate(plan.shards) for i in members},
+        }
+        (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if plan.out_config:
+        (stage / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+    ref_dir = plan.models[plan.reference].dir
+    for name in COPIED_FROM_REFERENCE:
+        if (ref_dir / name).is_file():
+            shutil.copyfile(ref_dir / name, stage / name)
+    if plan.tokenizer_model is not None:
+        tok_dir = plan.models[plan.tokenizer_model].dir
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, stage / name)
+    template = plan.config.chat_template
+    if template and template != "auto":
+        (stage / "chat_template.jinja").write_text(template)
+        tok_cfg = stage / "tokenizer_config.json"
+        if tok_cfg.is_file():
+            data = json.loads(tok_cfg.read_text())
+            data.pop("chat_template", None)
+            tok_cfg.write_text(json.dumps(data, indent=2) + "\n")
+    (stage / "README.md").write_text(card.model_card(plan, digests))
+    (stage / "mergesmith_config.yml").write_text(plan.config.text)
+
+
+class _Bar:
+    def __init__(self, total: int, jobs: int) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(total=total, unit="B", unit_scale=True, desc=f"merging {jobs} tensors", file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.tqdm.update(n)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _progress_bar(plan: Plan, progress: bool | None) -> _Bar | None:
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return _Bar(plan.write_bytes, len(plan.jobs)) if progress else None

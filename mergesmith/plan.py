@@ -1,0 +1,546 @@
+"""From a validated config to a plan: the list of per-tensor jobs a merge will run.
+
+Planning reads only headers and ``config.json`` files. Every problem it finds (missing tensors,
+shape mismatches, different architectures, unresolved parameters) is gathered and reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergesmith import _hub
+from mergesmith.architecture import Architecture, architecture_for, compatibility_keys, layer_count_keys
+from mergesmith.config import MergeConfig, ModelRef, SliceDef
+from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
+from mergesmith.methods import Method
+from mergesmith.parameters import REQUIRED, resolve
+from mergesmith.sources import Checkpoint, TensorInfo
+
+__all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
+
+DEFAULT_SHARD = 5 * 1000**3
+COPY = "copy"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input tensor: which model (index into ``Plan.models``) and its name there."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """How to make one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    method: str
+    base: InputRef | None
+    inputs: tuple[InputRef, ...]
+    params: Mapping[str, Any]
+    model_params: tuple[Mapping[str, Any], ...]
+    layer: int | None
+    t: float
+    out_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.out_dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    def all_inputs(self) -> tuple[InputRef, ...]:
+        return ((self.base,) if self.base is not None else ()) + self.inputs
+
+
+@dataclass
+class Plan:
+    """Everything a merge needs to run, decided from headers alone."""
+
+    config: MergeConfig
+    method: Method[Any, Any]
+    refs: list[ModelRef]
+    models: list[Checkpoint]
+    reference: int
+    tokenizer_model: int | None
+    arch: Architecture
+    jobs: list[Job]
+    out_config: dict[str, Any]
+    compute_dtype: torch.dtype | None
+    shards: list[list[int]] = field(default_factory=list)
+
+    @property
+    def read_bytes(self) -> int:
+        seen: set[tuple[int, str]] = set()
+        total = 0
+        for job in self.jobs:
+            for ref in job.all_inputs():
+                if (ref.model, ref.name) not in seen:
+                    seen.add((ref.model, ref.name))
+                    total += self.models[ref.model].info(ref.name).nbytes
+        return total
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    def shard_names(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def describe(self) -> str:
+        """A human-readable listing of the plan: inputs, then each output tensor."""
+        lines = [f"method: {self.method.name}", "models:"]
+        for i, (ref, ckpt) in enumerate(zip(self.refs, self.models)):
+            role = " (base)" if self.config.base_model == ref else ""
+            lines.append(f"  [{i}] {ref}{role}: {ckpt.dir} ({len(ckpt.keys())} tensors)")
+        lines.append(
+            f"{len(self.jobs)} output tensors in {len(self.shards)} shard(s); "
+            f"reads {_gb(self.read_bytes)}, writes {_gb(self.write_bytes)}"
+        )
+        for job in self.jobs:
+            lines.append("  " + describe_job(job, self.refs))
+        return "\n".join(lines)
+
+
+def describe_job(job: Job, refs: Sequence[ModelRef]) -> str:
+    shape = "x".join(map(str, job.shape)) or "scalar"
+    layer = f" layer {job.layer} (t={job.t:.3g})" if job.layer is not None else ""
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
+    per = []
+    for ref, mp in zip(job.inputs, job.model_params):
+        if mp:
+            per.append(f"{refs[ref.model]}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in mp.items()))
+    parts = [p for p in (params, "; ".join(per)) if p]
+    return f"{job.name} [{shape} {str(job.out_dtype).replace('torch.', '')}] {job.method}{layer}" + (
+        f" ({'; '.join(parts)})" if parts else ""
+    )
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size such as ``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, mult = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return int(value * mult)
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def open_models(refs: Sequence[ModelRef]) -> list[Checkpoint]:
+    """Resolve and open every referenced model, reporting every failure together."""
+    models: list[Checkpoint] = []
+    problems: list[str] = []
+    for ref in refs:
+        try:
+            directory = _hub.resolve(ref.path, ref.revision)
+            models.append(Checkpoint(directory, name=str(ref)))
+        except CheckpointError as exc:
+            problems += exc.problems
+    if problems:
+        raise CheckpointError(problems)
+    return models
+
+
+def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD) -> Plan:
+    """Open the inputs' headers and plan every output tensor, or raise with every problem found."""
+    method = config.merge_method
+    refs = config.referenced_models()
+    models = open_models(refs)
+    reference = 0
+    arch = architecture_for(models[reference].config)
+    planner = _Planner(config, method, refs, models, reference, arch)
+    plan = planner.build()
+    plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
+    return plan
+
+
+class _Planner:
+    def __init__(
+        self,
+        config: MergeConfig,
+        method: Method[Any, Any],
+        refs: list[ModelRef],
+        models: list[Checkpoint],
+        reference: int,
+        arch: Architecture,
+    ) -> None:
+        self.config = config
+        self.method = method
+        self.refs = refs
+        self.models = models
+        self.reference = reference
+        self.arch = arch
+        self.problems: list[str] = []
+        self._seen_problems: set[str] = set()
+        self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
+        self.out_dtype = getattr(torch, config.out_dtype or config.dtype) if (config.out_dtype or config.dtype) else None
+
+    def problem(self, text: str, key: str | None = None) -> None:
+        key = key or text
+        if key not in self._seen_problems:
+            self._seen_problems.add(key)
+            self.problems.append(text)
+
+    def index(self, ref: ModelRef) -> int:
+        return self.refs.index(ref)
+
+    def build(self) -> Plan:
+        self.check_configs()
+        out_config = json.loads(json.dumps(self.models[self.reference].config))
+        if self.config.slices is None:
+            jobs = self.plan_models()
+        else:
+            jobs, layers = self.plan_slices(self.config.slices)
+            for key in layer_count_keys():
+                if key in out_config:
+                    out_config[key] = layers
+        if self.problems:
+            raise CompatibilityError(self.problems)
+        dtypes = {j.out_dtype for j in jobs if j.out_dtype.is_floating_point}
+        if len(dtypes) == 1:
+            name = str(dtypes.pop()).replace("torch.", "")
+            for key in ("torch_dtype", "dtype"):
+                if key in out_config or key == "torch_dtype":
+                    out_config[key] = name
+        return Plan(
+            config=self.config,
+            method=self.method,
+            refs=self.refs,
+            models=self.models,
+            reference=self.reference,
+            tokenizer_model=self.tokenizer_model(),
+            arch=self.arch,
+            jobs=jobs,
+            out_config=out_config,
+            compute_dtype=self.compute_dtype,
+        )
+
+    def tokenizer_model(self) -> int | None:
+        source = self.config.tokenizer_source
+        if source is None or source == "base":
+            return self.reference
+        for i, ref in enumerate(self.refs):
+            if source in (str(ref), ref.path):
+                return i
+        raise ConfigError(
+            f"tokenizer_source {source!r} is not one of the input models ({', '.join(map(str, self.refs))}); "
+            "use base or one of them",
+            self.config.source,
+        )
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_configs(self) -> None:
+        ref_model = self.models[self.reference]
+        ref_cfg = ref_model.config
+        keys = list(compatibility_keys())
+        if self.config.slices is None:
+            keys += layer_count_keys()
+        for i, model in enumerate(self.models):
+            if i == self.reference or not model.config or not ref_cfg:
+                continue
+            for key in keys:
+                a, b = ref_cfg.get(key), model.config.get(key)
+                if a is not None and b is not None and a != b:
+                    what = "architectures" if key == "model_type" else "sizes"
+                    self.problem(
+                        f"{key}: {self.refs[i]} ({model.dir / 'config.json'}) has {b!r}, but "
+                        f"{self.refs[self.reference]} has {a!r}: these models have different {what} and "
+                        "cannot be merged tensor by tensor; merge only fine-tunes of one base model"
+                    )
+            a, b = ref_cfg.get("vocab_size"), model.config.get("vocab_size")
+            if a is not None and b is not None and a != b:
+                self.problem(
+                    f"vocab_size: {self.refs[i]} has {b}, but {self.refs[self.reference]} has {a}: the "
+                    "vocabularies differ (added tokens?); merging embeddings row by row would mix "
+                    "unrelated tokens. Merge models with the same tokenizer"
+                )
+
+    def lookup(self, model: int, name: str) -> str | None:
+        """The name under which ``model`` stores tensor ``name`` (tied weights resolved), or None."""
+        ckpt = self.models[model]
+        keys = self._keys(model)
+        if name in keys:
+            return name
+        alias = self.arch.tied.get(name)
+        if alias is not None and alias in keys:
+            return alias
+        return None
+
+    def _keys(self, model: int) -> set[str]:
+        if not hasattr(self, "_key_cache"):
+            self._key_cache: dict[int, set[str]] = {}
+        if model not in self._key_cache:
+            self._key_cache[model] = set(self.models[model].keys())
+        return self._key_cache[model]
+
+    def input_ref(self, model: int, name: str, ref_info: TensorInfo, out_name: str) -> InputRef | None:
+        found = self.lookup(model, name)
+        ckpt = self.models[model]
+        if found is None:
+            self.problem(
+                f"{name}: missing from {self.refs[model]} ({ckpt.dir}), which has the other models' "
+                f"layout otherwise; the models are not the same architecture, or {self.refs[model]} is "
+                "incomplete",
+                key=f"missing:{model}:{name}",
+            )
+            return None
+        info = ckpt.info(found)
+        if info.shape != ref_info.shape:
+            vocab = name in self.arch.vocab_weights
+            hint = (
+                "the vocabularies differ in size; merge models with the same tokenizer"
+                if vocab
+                else "these models have different sizes and cannot be merged tensor by tensor"
+            )
+            self.problem(
+                f"{out_name}: shape {info.shape} in {self.refs[model]} ({info.file}), but "
+                f"{ref_info.shape} in {self.refs[self.reference]}: {hint}"
+            )
+            return None
+        if not info.dtype.is_floating_point and ref_info.dtype.is_floating_point:
+            self.problem(
+                f"{name}: {self.refs[model]} stores it as {info.dtype} ({info.file}); expected a floating "
+                "point tensor. Quantized checkpoints cannot be merged: use the full-precision weights"
+            )
+            return None
+        return InputRef(model, found)
+
+    # -- models mode ----------------------------------------------------------------------------
+
+    def plan_models(self) -> list[Job]:
+        cfg = self.config
+        method = self.method
+        base = self.index(cfg.base_model) if cfg.base_model is not None and method.base == "required" else None
+        entries = [e for e in cfg.models if method.base != "required" or e.ref != cfg.base_model]
+        inputs = [self.index(e.ref) for e in entries]
+        model_scopes = [[e.parameters, cfg.parameters] for e in entries]
+        ref_idx = base if base is not None else inputs[0]
+        self.reference = ref_idx
+        names = self.models[ref_idx].keys()
+        n_layers = self.arch.num_layers(self.models[ref_idx].config) or (
+            max((self.arch.layer_of(n) or 0) for n in names) + 1
+        )
+        jobs = []
+        for name in _natural(names, self.arch):
+            layer = self.arch.layer_of(name)
+            t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
+            job = self.make_job(
+                out_name=name,
+                base=(base, name) if base is not None else None,
+                inputs=[(m, name) for m in inputs],
+                model_scopes=model_scopes,
+                shared_scopes=[cfg.parameters],
+                layer=layer,
+                t=t,
+                ref_model=ref_idx,
+            )
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    # -- slices mode ----------------------------------------------------------------------------
+
+    def plan_slices(self, slices: Sequence[SliceDef]) -> tuple[list[Job], int]:
+        cfg = self.config
+        out_layers = 0
+        layer_jobs: list[Job] = []
+        edge_jobs: dict[str, list[Job]] = {"pre": [], "post": []}
+        for si, sl in enumerate(slices):
+            group_base = sl.base_model or cfg.base_model
+            base_src = next((s for s in sl.sources if s.ref == group_base), None) if self.method.base == "required" else None
+            others = [s for s in sl.sources if s is not base_src]
+            ref_src = base_src or others[0]
+            ref_idx = self.index(ref_src.ref)
+            if si == 0:
+                self.reference = ref_idx if self.method.base != "required" else self.reference
+            ref_cfg_layers = self.arch.num_layers(self.models[ref_idx].config)
+            for s in sl.sources:
+                limit = self.arch.num_layers(self.models[self.index(s.ref)].config)
+                if limit is not None and s.layer_range[1] > limit:
+                    self.problem(
+                        f"slices[{si}]: layer_range {list(s.layer_range)} of {s.ref} goes past its "
+                        f"{limit} layers"
+                    )
+            n = ref_src.layer_range[1] - ref_src.layer_range[0]
+            model_scopes = [[s.parameters, sl.parameters, cfg.parameters] for s in others]
+            shared = [sl.parameters, cfg.parameters]
+            names = self.models[ref_idx].keys()
+            by_layer: dict[int, list[str]] = {}
+            for name in _natural(names, self.arch):
+                layer = self.arch.layer_of(name)
+                if layer is not None:
+                    by_layer.setdefault(layer, []).append(name)
+            for offset in range(n):
+                t = offset / (n - 1) if n > 1 else 1.0
+                src_layer = ref_src.layer_range[0] + offset
+                if src_layer not in by_layer and (ref_cfg_layers is None or src_layer < ref_cfg_layers):
+                    self.problem(f"slices[{si}]: {ref_src.ref} has no layer {src_layer}")
+                for name in by_layer.get(src_layer, []):
+                    job = self.make_job(
+                        out_name=self.arch.with_layer(name, out_layers + offset),
+                        base=(self.index(base_src.ref), self.arch.with_layer(name, base_src.layer_range[0] + offset))
+                        if base_src is not None
+                        else None,
+                        inputs=[
+                            (self.index(s.ref), self.arch.with_layer(name, s.layer_range[0] + offset))
+                            for s in others
+                        ],
+                        model_scopes=model_scopes,
+                        shared_scopes=shared,
+                        layer=out_layers + offset,
+                        t=t,
+                        ref_model=ref_idx,
+                    )
+                    if job is not None:
+                        layer_jobs.append(job)
+            if si in (0, len(slices) - 1):
+                for name in _natural(names, self.arch):
+                    if self.arch.layer_of(name) is not None:
+                        continue
+                    edge = "pre" if self.arch.is_pre(name) else "post"
+                    if (edge == "pre" and si != 0) or (edge == "post" and si != len(slices) - 1):
+                        continue
+                    job = self.make_job(
+                        out_name=name,
+                        base=(self.index(base_src.ref), name) if base_src is not None else None,
+                        inputs=[(self.index(s.ref), name) for s in others],
+                        model_scopes=model_scopes,
+                        shared_scopes=shared,
+                        layer=None,
+                        t=0.0,
+                        ref_model=ref_idx,
+                    )
+                    if job is not None:
+                        edge_jobs[edge].append(job)
+            out_layers += n
+        return edge_jobs["pre"] + layer_jobs + edge_jobs["post"], out_layers
+
+    # -- one job --------------------------------------------------------------------------------
+
+    def make_job(
+        self,
+        *,
+        out_name: str,
+        base: tuple[int, str] | None,
+        inputs: list[tuple[int, str]],
+        model_scopes: list[list[Mapping[str, Any]]],
+        shared_scopes: list[Mapping[str, Any]],
+        layer: int | None,
+        t: float,
+        ref_model: int,
+    ) -> Job | None:
+        ref_model_idx, ref_name = base if base is not None else inputs[0]
+        ref_found = self.lookup(ref_model_idx, ref_name)
+        if ref_found is None:
+            self.problem(f"{ref_name}: missing from {self.refs[ref_model_idx]} ({self.models[ref_model_idx].dir})")
+            return None
+        ref_info = self.models[ref_model_idx].info(ref_found)
+        out_dtype = self.out_dtype if (self.out_dtype and ref_info.dtype.is_floating_point) else ref_info.dtype
+        if not ref_info.dtype.is_floating_point:
+            return Job(out_name, ref_info.shape, COPY, None, (InputRef(ref_model_idx, ref_found),), {}, ({},), layer, t, ref_info.dtype)
+        base_ref = InputRef(ref_model_idx, ref_found) if base is not None else None
+        in_refs: list[InputRef] = []
+        for m, name in inputs:
+            r = self.input_ref(m, name, ref_info, out_name)
+            if r is not None:
+                in_refs.append(r)
+        if len(in_refs) != len(inputs):
+            return None
+        shared = {}
+        for info in self.method.param_infos:
+            value = resolve(info, shared_scopes, out_name, t)
+            shared[info.key] = value
+        per_model: list[dict[str, Any]] = []
+        for (m, name), scopes in zip(inputs, model_scopes):
+            values = {}
+            for info in self.method.model_param_infos:
+                value = resolve(info, scopes, name, t)
+                if value is REQUIRED:
+                    self.problem(
+                        f"{self.refs[m]}: no {info.key} for tensor {name} ({self.method.name} needs "
+                        f"{info.key}: {info.doc}); give it under the model's parameters or a filter that "
+                        "matches this tensor",
+                        key=f"required:{m}:{info.key}",
+                    )
+                values[info.key] = value
+            per_model.append(values)
+        if self.method.name == "linear" and shared.get("normalize"):
+            if per_model and all(not isinstance(v["weight"], type(REQUIRED)) for v in per_model):
+                if sum(v["weight"] for v in per_model) == 0:
+                    self.problem(
+                        f"{out_name}: the linear weights sum to 0 here and normalize is true, which "
+                        "divides by zero; change the weights or set normalize: false",
+                        key="linear-zero",
+                    )
+        return Job(
+            name=out_name,
+            shape=ref_info.shape,
+            method=self.method.name,
+            base=base_ref,
+            inputs=tuple(in_refs),
+            params=shared,
+            model_params=tuple(per_model),
+            layer=layer,
+            t=t,
+            out_dtype=out_dtype,
+        )
+
+
+def _natural(names: Sequence[str], arch: Architecture) -> list[str]:
+    """Embeddings first, then layers in numeric order, then everything else."""
+
+    def key(name: str) -> tuple[int, int, str]:
+        layer = arch.layer_of(name)
+        if layer is not None:
+            return (1, layer, name)
+        return (0 if arch.is_pre(name) else 2, 0, name)
+
+    return sorted(names, key=key)
+
+
+def _pack(jobs: Sequence[Job], limit: int) -> list[list[int]]:
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, job in enumerate(jobs):
+        if shards[-1] and size + job.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += job.nbytes
+    return shards
+
+
