@@ -328,7 +328,7 @@ class _Planner:
             )
             self.problem(
                 f"{out_name}: shape {info.shape} in {self.refs[model]} ({info.file}), but "
-                f"{ref_info.shape} in {self.refs[self.reference]}: {hint}"
+                f"{ref_info.shape} in {self.refs[self.reference]} ({ref_info.file}): {hint}"
             )
             return None
         if not info.dtype.is_floating_point and ref_info.dtype.is_floating_point:

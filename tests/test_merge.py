@@ -1,0 +1,230 @@
+"""End to end: tiny Llama checkpoints in every layout, merged with every method, loaded by transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import CheckpointError, CompatibilityError, OutputError
+from mergesmith.cli import main
+from mergesmith.methods import REGISTRY
+from tests import tiny
+from tests.test_methods import numpy_slerp, numpy_ties
+
+ALL = ["base", "a", "b", "c", "d"]
+
+
+def states(zoo: dict[str, Path], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for n in names:
+        d = zoo[n]
+        if (d / "model.safetensors").exists() or list(d.glob("*.safetensors")):
+            out[n] = tiny.load_state(d)
+        else:
+            out[n] = {}
+            for f in sorted(d.glob("*.bin")):
+                out[n].update(torch.load(f, weights_only=True))
+    return out
+
+
+def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
+    models = ["a", "b", "c", "d"] if method != "slerp" else ["base", "b"]
+    weights = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
+    lines = [f"merge_method: {method}", f"base_model: {zoo['base']}", "models:"]
+    per_model = {i.key for i in REGISTRY[method].model_param_infos}
+    for m in models:
+        params = []
+        if "weight" in per_model:
+            params.append(f"weight: {weights.get(m, 0.5)}")
+        if "density" in per_model:
+            params.append("density: 0.6")
+        lines.append(f"  - model: {zoo[m]}")
+        if params:
+            lines.append(f"    parameters: {{{', '.join(params)}}}")
+    if method == "slerp":
+        lines.append("parameters: {t: [0.2, 0.8]}")
+    lines.append("dtype: float32")
+    return "\n".join(lines) + "\n" + extra
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_every_method_merges_every_layout_and_transformers_loads_it(
+    method: str, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    mergesmith.merge(config_for(method, zoo), out, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.tensor([[1, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, len(tiny.VOCAB)) and bool(torch.isfinite(logits).all())
+    merged = tiny.load_state(out)
+    src = states(zoo, ALL)
+    assert set(merged) == set(src["base"])
+    name = "model.layers.1.mlp.up_proj.weight"
+    base = src["base"][name].numpy()
+    if method == "linear":
+        expected = sum(w * src[m][name].numpy() for m, w in zip("abcd", [0.4, 0.3, 0.2, 0.1])) / 1.0
+    elif method == "task_arithmetic":
+        expected = base + sum(w * (src[m][name].numpy() - base) for m, w in zip("abcd", [0.4, 0.3, 0.2, 0.1]))
+    elif method == "ties":
+        expected = numpy_ties(base, [src[m][name].numpy() for m in "abcd"], [0.4, 0.3, 0.2, 0.1], [0.6] * 4)
+    elif method == "slerp":
+        # layer 1 of 3: t is halfway along the gradient [0.2, 0.8]
+        expected = numpy_slerp(0.5, base, src["b"][name].numpy())
+    else:
+        # random methods: entries either keep the base or move; the survivors' share is about density
+        changed = (merged[name].numpy() != base).mean()
+        assert 0.6 <= changed <= 1.0
+        return
+    torch.testing.assert_close(merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_gives_each_layer_its_value(zoo: dict[str, Path], tmp_path: Path) -> None:
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {zoo['base']}\nmodels:\n  - model: {zoo['a']}\n"
+        "    parameters:\n      weight:\n        - filter: mlp\n          value: [0, 1]\n        - value: 0.5\n"
+    )
+    out = tmp_path / "out"
+    plan = mergesmith.merge(text, out)
+    merged = tiny.load_state(out)
+    src = states(zoo, ["base", "a"])
+    for layer, w in [(0, 0.0), (1, 0.5), (2, 1.0)]:
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        expected = src["base"][name] + w * (src["a"][name] - src["base"][name])
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7)
+        attn = f"model.layers.{layer}.self_attn.q_proj.weight"
+        torch.testing.assert_close(
+            merged[attn], src["base"][attn] + 0.5 * (src["a"][attn] - src["base"][attn]), rtol=1e-6, atol=1e-7
+        )
+    weights = {j.name: j.model_params[0]["weight"] for j in plan.jobs}
+    assert weights["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.5)
+    assert weights["model.embed_tokens.weight"] == pytest.approx(0.5)
+
+
+def test_bf16_inputs_and_out_dtype(zoo: dict[str, Path], tmp_path: Path) -> None:
+    state, cfg = tiny.llama_state(0)
+    base = tiny.save(tmp_path / "bbase", state, cfg, dtype=torch.bfloat16)
+    other = tiny.save(tmp_path / "bother", tiny.finetune(state, 9), cfg, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    mergesmith.merge(
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {other}\n    parameters: {{weight: 1}}\nout_dtype: float16\n",
+        out,
+    )
+    merged = tiny.load_state(out)
+    assert all(t.dtype == torch.float16 for t in merged.values())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    a, b = tiny.load_state(base), tiny.load_state(other)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = ((a[name].float() + b[name].float()) / 2).half()
+    torch.testing.assert_close(merged[name], expected, rtol=0, atol=0)
+
+
+def test_different_hidden_size_is_refused_before_reading_weights(zoo: dict[str, Path]) -> None:
+    with pytest.raises(CompatibilityError) as info:
+        mergesmith.validate(config_for("task_arithmetic", {**zoo, "d": zoo["wide"]}))
+    text = str(info.value)
+    assert f"hidden_size: {zoo['wide']} ({zoo['wide'] / 'config.json'}) has 48, but {zoo['base']} has 32" in text
+    assert "cannot be merged tensor by tensor" in text
+
+
+def test_tensor_missing_from_one_model(zoo: dict[str, Path], tmp_path: Path) -> None:
+    state = tiny.load_state(zoo["a"])
+    del state["model.layers.2.mlp.gate_proj.weight"]
+    broken = tiny.save(tmp_path / "broken", state, json.loads((zoo["a"] / "config.json").read_text()))
+    with pytest.raises(CompatibilityError) as info:
+        mergesmith.validate(config_for("ties", {**zoo, "c": broken}))
+    assert f"model.layers.2.mlp.gate_proj.weight: missing from {broken}" in str(info.value)
+
+
+def test_shape_mismatch_names_both_files(zoo: dict[str, Path], tmp_path: Path) -> None:
+    state = tiny.load_state(zoo["a"])
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(65, 32)
+    cfg = json.loads((zoo["a"] / "config.json").read_text())
+    broken = tiny.save(tmp_path / "broken", state, cfg)
+    with pytest.raises(CompatibilityError) as info:
+        mergesmith.validate(config_for("ties", {**zoo, "a": broken}))
+    assert str(info.value) == (
+        f"model.layers.0.mlp.up_proj.weight: shape (65, 32) in {broken} (model.safetensors), "
+        f"but (64, 32) in {zoo['base']} (model.safetensors): these models have different sizes and "
+        "cannot be merged tensor by tensor"
+    )
+
+
+def test_missing_model_path(zoo: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as info:
+        mergesmith.validate(config_for("linear", {**zoo, "b": tmp_path / "nope"}))
+    assert f"{tmp_path / 'nope'}: no such directory" in str(info.value)
+
+
+def test_output_inside_an_input_is_refused(zoo: dict[str, Path]) -> None:
+    with pytest.raises(OutputError, match="is inside input model"):
+        mergesmith.merge(config_for("linear", zoo), zoo["a"] / "merged")
+    assert not (zoo["a"] / "merged").exists()
+
+
+def test_cli_validate_merge_and_methods(
+    zoo: dict[str, Path], tmp_path: Path, write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(config_for("ties", zoo))
+    assert main(["validate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "method: ties" in out
+    assert "model.layers.2.mlp.up_proj.weight [64x32 float32] ties layer 2 (t=1)" in out
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "merged 30 tensors with ties" in capsys.readouterr().out
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in REGISTRY:
+        assert f"{name}: " in listing
+    bad = write_config("merge_method: nope\n")
+    assert main(["validate", str(bad)]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_slices_form_with_layer_ranges(zoo: dict[str, Path], tmp_path: Path) -> None:
+    text = f"""
+slices:
+  - sources:
+      - model: {zoo['base']}
+        layer_range: [0, 3]
+      - model: {zoo['a']}
+        layer_range: [0, 3]
+merge_method: slerp
+base_model: {zoo['base']}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 1]
+    - value: 0.5
+dtype: float32
+"""
+    out = tmp_path / "out"
+    mergesmith.merge(text, out)
+    merged = tiny.load_state(out)
+    src = states(zoo, ["base", "a"])
+    assert set(merged) == set(src["base"])
+    for layer, t in [(0, 0.0), (1, 0.5), (2, 1.0)]:
+        name = f"model.layers.{layer}.self_attn.k_proj.weight"
+        expected = numpy_slerp(t, src["base"][name].numpy(), src["a"][name].numpy())
+        torch.testing.assert_close(merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_output_never_overwrites_inputs_with_force(zoo: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(zoo["a"], copy)
+    with pytest.raises(OutputError):
+        mergesmith.merge(config_for("linear", {**zoo, "a": copy}), copy, force=True)
+    assert (copy / "model.safetensors").read_bytes() == (zoo["a"] / "model.safetensors").read_bytes()
