@@ -27,17 +27,17 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from mergesmith.api import merge, validate
-    from mergesmith.config import MergeConfig, load_config
-    from mergesmith.errors import (
-        CheckpointError,
-        CompatibilityError,
-        ConfigError,
-        MergesmithError,
-        MethodError,
-        OutputError,
-    )
-    from mergesmith.plan import Plan
+    from mergesmith.api import merge as merge
+    from mergesmith.api import validate as validate
+    from mergesmith.config import MergeConfig as MergeConfig
+    from mergesmith.config import load_config as load_config
+    from mergesmith.errors import CheckpointError as CheckpointError
+    from mergesmith.errors import CompatibilityError as CompatibilityError
+    from mergesmith.errors import ConfigError as ConfigError
+    from mergesmith.errors import MergesmithError as MergesmithError
+    from mergesmith.errors import MethodError as MethodError
+    from mergesmith.errors import OutputError as OutputError
+    from mergesmith.plan import Plan as Plan
 
 
 def __getattr__(name: str) -> Any:

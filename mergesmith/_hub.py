@@ -41,14 +41,14 @@ def resolve(path: str, revision: str | None = None) -> Path:
             RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"{path}: not a local directory, and huggingface_hub is not installed") from None
+        raise CheckpointError(
+            f"{path}: not a local directory, and huggingface_hub is not installed"
+        ) from None
     where = f"{path}@{revision}" if revision else path
     try:
         snap = Path(snapshot_download(path, revision=revision, allow_patterns=PATTERNS))
         if not any(snap.glob("*.safetensors")):
-            snap = Path(
-                snapshot_download(path, revision=revision, allow_patterns=[*PATTERNS, "*.bin"])
-            )
+            snap = Path(snapshot_download(path, revision=revision, allow_patterns=[*PATTERNS, "*.bin"]))
         return snap
     except LocalEntryNotFoundError:
         raise CheckpointError(
@@ -58,6 +58,8 @@ def resolve(path: str, revision: str | None = None) -> Path:
     except RevisionNotFoundError:
         raise CheckpointError(f"{where}: the Hub repository has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{where}: no such Hub repository (or it is private: log in with `hf auth login`)") from None
+        raise CheckpointError(
+            f"{where}: no such Hub repository (or it is private: log in with `hf auth login`)"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: cannot fetch from the Hub: {exc}") from None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -84,7 +86,7 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
         entries[name] = entry
         spans.append((entry.start, entry.end, name))
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in itertools.pairwise(spans):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
     return entries, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -120,14 +122,14 @@ def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) ->
     return Entry(path, dtype, tuple(shape), data_start + start, data_start + end)
 
 
-def read_tensor(entry: Entry, handle: BinaryIO | None = None) -> torch.Tensor:
+def read_tensor(entry: Entry, handle: io.RawIOBase | None = None) -> torch.Tensor:
     """Read one tensor's bytes straight into a new CPU tensor."""
     out = torch.empty(entry.shape, dtype=entry.dtype)
     if entry.nbytes == 0:
         return out
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     own = handle is None
-    f = handle if handle is not None else open(entry.file, "rb", buffering=0)
+    f = handle if handle is not None else open(entry.file, "rb", buffering=0)  # noqa: SIM115
     try:
         f.seek(entry.start)
         got = 0
@@ -142,7 +144,9 @@ def read_tensor(entry: Entry, handle: BinaryIO | None = None) -> torch.Tensor:
     return out
 
 
-def header_bytes(tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def header_bytes(
+    tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The header of a safetensors file holding ``tensors`` in order; returns it and each span."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     spans: dict[str, tuple[int, int]] = {}
@@ -152,7 +156,11 @@ def header_bytes(tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], met
         for s in shape:
             numel *= s
         nbytes = numel * dtype.itemsize
-        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         spans[name] = (offset, offset + nbytes)
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -170,10 +178,12 @@ class ShardWriter:
         head, self.spans = header_bytes(tensors, {"format": "pt"})
         self.next = 0
         try:
-            self.f = open(path, "wb")
+            self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
             self.f.write(head)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot write: {os.strerror(exc.errno or 0)} (errno {exc.errno})") from None
+            raise OutputError(
+                f"{path}: cannot write: {os.strerror(exc.errno or 0)} (errno {exc.errno})"
+            ) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self.next]
@@ -185,7 +195,7 @@ class ShardWriter:
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         try:
-            self.f.write(memoryview(data))
+            self.f.write(memoryview(data))  # type: ignore[arg-type]
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: writing {name} failed: {os.strerror(exc.errno or 0)} (errno {exc.errno})"

@@ -52,7 +52,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 def load(text: str) -> Any:
     """Parse YAML with safe constructors only; mappings and lists carry line numbers."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    return yaml.load(text, Loader=_Loader)
 
 
 def line_of(container: Any, key: str | int) -> int | None:

@@ -20,7 +20,9 @@ def _config(config: MergeConfig | str | Path | Mapping[str, Any]) -> MergeConfig
     return config if isinstance(config, MergeConfig) else load_config(config)
 
 
-def validate(config: MergeConfig | str | Path | Mapping[str, Any], *, max_shard_size: int | str = DEFAULT_SHARD) -> Plan:
+def validate(
+    config: MergeConfig | str | Path | Mapping[str, Any], *, max_shard_size: int | str = DEFAULT_SHARD
+) -> Plan:
     """Check a config and its inputs from headers alone; return the plan or raise every problem."""
     return build_plan(_config(config), max_shard_size=max_shard_size)
 

@@ -48,8 +48,7 @@ def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
         lines.append(f"| {ref} | {role} | {files} |")
     lines += ["", "## Configuration", "", "```yaml", cfg.text.strip(), "```", ""]
     lines += [
-        f"Output: {len(plan.jobs)} tensors in {len(plan.shards)} shard(s), "
-        f"{plan.write_bytes / 1e6:.1f} MB.",
+        f"Output: {len(plan.jobs)} tensors in {len(plan.shards)} shard(s), {plan.write_bytes / 1e6:.1f} MB.",
         "",
     ]
     return "\n".join(lines)

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
-    m.add_argument("--seed", type=int, default=None, help="seed for random methods (default: config's seed or 0)")
+    m.add_argument(
+        "--seed", type=int, default=None, help="seed for random methods (default: config's seed or 0)"
+    )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
 

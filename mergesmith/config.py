@@ -253,9 +253,7 @@ class _Validator:
             self.add(container, key, path, f"expected a model path or Hub id, found {value!r}")
             return None
         if "+" in value and not Path(value).exists():
-            self.add(
-                container, key, path, f"{value!r}: base+LoRA inputs are not supported yet"
-            )
+            self.add(container, key, path, f"{value!r}: base+LoRA inputs are not supported yet")
             return None
         return ModelRef.parse(value.strip())
 
@@ -300,8 +298,7 @@ class _Validator:
                     value,
                     name,
                     where,
-                    f"unknown parameter for {method.name}{_suggest(name, known)}; "
-                    f"its parameters: {names}",
+                    f"unknown parameter for {method.name}{_suggest(name, known)}; its parameters: {names}",
                 )
                 continue
             for problem in check_setting(info, setting):
@@ -315,7 +312,7 @@ class _Validator:
         if not isinstance(items, list):
             self.add(doc, "models", "models", "expected a list of {model: ..., parameters: ...}")
             return []
-        out = []
+        out: list[ModelEntry] = []
         for i, item in enumerate(items):
             path = f"models[{i}]"
             if isinstance(item, str):
@@ -325,7 +322,9 @@ class _Validator:
                 continue
             for key in item:
                 if key not in ("model", "parameters"):
-                    self.add(item, key, f"{path}.{key}", f"unknown key{_suggest(key, ('model', 'parameters'))}")
+                    self.add(
+                        item, key, f"{path}.{key}", f"unknown key{_suggest(key, ('model', 'parameters'))}"
+                    )
             ref = self._ref(item, "model", f"{path}.model")
             settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="model")
             if ref is not None:
@@ -341,7 +340,7 @@ class _Validator:
         if not isinstance(items, list):
             self.add(doc, "slices", "slices", "expected a list of {sources: [...]}")
             return []
-        out = []
+        out: list[SliceDef] = []
         for i, item in enumerate(items):
             path = f"slices[{i}]"
             if not isinstance(item, Mapping) or not isinstance(item.get("sources"), list):
@@ -369,17 +368,28 @@ class _Validator:
                     or lr[0] < 0
                     or lr[1] <= lr[0]
                 ):
-                    self.add(src, "layer_range" if "layer_range" in src else None, f"{spath}.layer_range",
-                             f"expected [first, end) with 0 <= first < end, found {lr!r}")
+                    self.add(
+                        src,
+                        "layer_range" if "layer_range" in src else None,
+                        f"{spath}.layer_range",
+                        f"expected [first, end) with 0 <= first < end, found {lr!r}",
+                    )
                     continue
                 lengths.add(lr[1] - lr[0])
                 settings = self._settings(src, "parameters", f"{spath}.parameters", method, scope="model")
                 if ref is not None:
                     sources.append(SliceSource(ref, (lr[0], lr[1]), settings))
             if len(lengths) > 1:
-                self.add(items, i, path, f"its sources cover different numbers of layers {sorted(lengths)}; "
-                         "every source of a slice needs a layer_range of the same length")
-            slice_base = self._ref(item, "base_model", f"{path}.base_model") if item.get("base_model") else None
+                self.add(
+                    items,
+                    i,
+                    path,
+                    f"its sources cover different numbers of layers {sorted(lengths)}; "
+                    "every source of a slice needs a layer_range of the same length",
+                )
+            slice_base = (
+                self._ref(item, "base_model", f"{path}.base_model") if item.get("base_model") else None
+            )
             settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="slice")
             out.append(SliceDef(tuple(sources), settings, slice_base))
         return out
@@ -392,7 +402,9 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, str):
-            self.add(doc, "tokenizer_source", "tokenizer_source", f"expected base or a model, found {value!r}")
+            self.add(
+                doc, "tokenizer_source", "tokenizer_source", f"expected base or a model, found {value!r}"
+            )
             return None
         if value == "union":
             self.add(
@@ -429,8 +441,12 @@ class _Validator:
         for where, refs, group_base in groups:
             if method.base == "required":
                 if group_base is None:
-                    self.add(doc, "merge_method", "base_model",
-                             f"{method.name} needs a base_model: add base_model: <the model the others were fine-tuned from>")
+                    self.add(
+                        doc,
+                        "merge_method",
+                        "base_model",
+                        f"{method.name} needs a base_model: add base_model: <the model the others were fine-tuned from>",
+                    )
                     return
                 others = [r for r in refs if r != group_base]
             else:
@@ -438,15 +454,23 @@ class _Validator:
             n = len(others)
             lo, hi = method.min_models, method.max_models
             if n < lo or (hi is not None and n > hi):
-                self.add(doc, "slices" if slices is not None else "models", where,
-                         f"{method.name} takes {method.models_text()}; found {n}")
+                self.add(
+                    doc,
+                    "slices" if slices is not None else "models",
+                    where,
+                    f"{method.name} takes {method.models_text()}; found {n}",
+                )
         if slices is None and method.base == "required" and base is not None:
             self._check_weights(doc, method, models, base)
         if slices is None and method.base == "unused":
             self._check_weights(doc, method, models, None)
 
     def _check_weights(
-        self, doc: Mapping[str, Any], method: Method[Any, Any], models: list[ModelEntry], base: ModelRef | None
+        self,
+        doc: Mapping[str, Any],
+        method: Method[Any, Any],
+        models: list[ModelEntry],
+        base: ModelRef | None,
     ) -> None:
         """Required per-model parameters must be given somewhere; scalar weights must not sum to 0."""
         top = doc.get("parameters") if isinstance(doc.get("parameters"), Mapping) else {}
@@ -458,8 +482,12 @@ class _Validator:
                 if entry.ref == base:
                     continue
                 if info.key not in entry.parameters and info.key not in (top or {}):
-                    self.add(doc["models"], i, f"models[{i}].parameters.{info.key}",
-                             f"missing: {method.name} needs a {info.key} for {entry.ref} ({info.doc})")
+                    self.add(
+                        doc["models"],
+                        i,
+                        f"models[{i}].parameters.{info.key}",
+                        f"missing: {method.name} needs a {info.key} for {entry.ref} ({info.doc})",
+                    )
         if normalize_info is None or method.base != "unused":
             return
         normalize = (top or {}).get("normalize", normalize_info.default)
@@ -471,8 +499,13 @@ class _Validator:
             else:
                 return
         if normalize is True and weights and sum(weights) == 0:
-            self.add(doc, "models", "models", "the weights sum to 0 and normalize is true, which divides by "
-                     "zero: change the weights or set normalize: false")
+            self.add(
+                doc,
+                "models",
+                "models",
+                "the weights sum to 0 and normalize is true, which divides by "
+                "zero: change the weights or set normalize: false",
+            )
 
 
 def _suggest(word: str, options: Any) -> str:

@@ -7,7 +7,13 @@ from mergesmith.parameters import ParamInfo
 
 
 def _param_line(info: ParamInfo, scope: str) -> str:
-    default = "required" if info.required else repr(info.default).lower() if isinstance(info.default, bool) else repr(info.default)
+    default = (
+        "required"
+        if info.required
+        else repr(info.default).lower()
+        if isinstance(info.default, bool)
+        else repr(info.default)
+    )
     bounds = f" in {info.bounds_text()}" if info.bounds_text() else ""
     return f"    {info.key:<10} {scope:<9} {info.type.__name__:<5} default {default}{bounds}: {info.doc}"
 

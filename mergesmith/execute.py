@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from mergesmith import card
+from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
-from mergesmith._safetensors import ShardWriter
 
 __all__ = ["execute", "merge_job"]
 
@@ -101,8 +101,10 @@ def execute(
             shard_of[i] = s
     bar = _progress_bar(plan, progress)
     digests: dict[Path, str] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read") as reader, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher,
+    ):
         digest_jobs = {
             p: hasher.submit(card.file_digest, p) for ckpt in plan.models for p in ckpt.weight_files
         }
@@ -120,7 +122,9 @@ def execute(
                         pending = reader.submit(load_inputs, plan, job)
                     tensors = pending.result()
                     nxt = i + 1
-                    pending = reader.submit(load_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
+                    pending = (
+                        reader.submit(load_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
+                    )
                     result = merge_job(plan, job, tensors, dev)
                     del tensors
                     writer.write(job.name, result)
@@ -145,7 +149,9 @@ def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[P
     if len(names) > 1:
         index = {
             "metadata": {"total_size": plan.write_bytes},
-            "weight_map": {plan.jobs[i].name: names[s] for s, members in enumerate(plan.shards) for i in members},
+            "weight_map": {
+                plan.jobs[i].name: names[s] for s, members in enumerate(plan.shards) for i in members
+            },
         }
         (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if plan.out_config:
@@ -175,7 +181,9 @@ class _Bar:
     def __init__(self, total: int, jobs: int) -> None:
         from tqdm import tqdm
 
-        self.tqdm = tqdm(total=total, unit="B", unit_scale=True, desc=f"merging {jobs} tensors", file=sys.stderr)
+        self.tqdm = tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"merging {jobs} tensors", file=sys.stderr
+        )
 
     def update(self, n: int) -> None:
         self.tqdm.update(n)

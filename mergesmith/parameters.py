@@ -205,13 +205,11 @@ def evaluate(info: ParamInfo, setting: Any, tensor_name: str, t: float) -> Any:
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
         result = (1 - frac) * values[i0] + frac * values[i1]
-        return int(round(result)) if info.type is int else result
+        return round(result) if info.type is int else result
     return info.check_scalar(setting)[0]
 
 
-def resolve(
-    info: ParamInfo, scopes: Sequence[Mapping[str, Any] | None], tensor_name: str, t: float
-) -> Any:
+def resolve(info: ParamInfo, scopes: Sequence[Mapping[str, Any] | None], tensor_name: str, t: float) -> Any:
     """The value of a parameter for one tensor, from the first scope that gives one, or its default."""
     for scope in scopes:
         if scope is not None and info.key in scope:

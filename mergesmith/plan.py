@@ -141,12 +141,11 @@ def parse_size(text: str | int) -> int:
         return text
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
-    for unit, mult in units.items():
+    number, mult = s, 1
+    for unit, size in units.items():
         if s.endswith(unit):
-            number = s[: -len(unit)]
+            number, mult = s[: -len(unit)], size
             break
-    else:
-        number, mult = s, 1
     try:
         value = float(number)
     except ValueError:
@@ -204,15 +203,18 @@ class _Planner:
         self.reference = reference
         self.arch = arch
         self.problems: list[str] = []
+        self.config_problems: list[str] = []
         self._seen_problems: set[str] = set()
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
-        self.out_dtype = getattr(torch, config.out_dtype or config.dtype) if (config.out_dtype or config.dtype) else None
+        out_name = config.out_dtype or config.dtype
+        self.out_dtype: torch.dtype | None = getattr(torch, out_name) if out_name else None
 
-    def problem(self, text: str, key: str | None = None) -> None:
+    def problem(self, text: str, key: str | None = None, *, config: bool = False) -> None:
+        """Record a problem once; ``config`` marks one that the config, not the models, must fix."""
         key = key or text
         if key not in self._seen_problems:
             self._seen_problems.add(key)
-            self.problems.append(text)
+            (self.config_problems if config else self.problems).append(text)
 
     def index(self, ref: ModelRef) -> int:
         return self.refs.index(ref)
@@ -228,7 +230,9 @@ class _Planner:
                 if key in out_config:
                     out_config[key] = layers
         if self.problems:
-            raise CompatibilityError(self.problems)
+            raise CompatibilityError(self.problems + self.config_problems)
+        if self.config_problems:
+            raise ConfigError(self.config_problems, self.config.source)
         dtypes = {j.out_dtype for j in jobs if j.out_dtype.is_floating_point}
         if len(dtypes) == 1:
             name = str(dtypes.pop()).replace("torch.", "")
@@ -291,7 +295,6 @@ class _Planner:
 
     def lookup(self, model: int, name: str) -> str | None:
         """The name under which ``model`` stores tensor ``name`` (tied weights resolved), or None."""
-        ckpt = self.models[model]
         keys = self._keys(model)
         if name in keys:
             return name
@@ -309,16 +312,15 @@ class _Planner:
 
     def input_ref(self, model: int, name: str, ref_info: TensorInfo, out_name: str) -> InputRef | None:
         found = self.lookup(model, name)
-        ckpt = self.models[model]
         if found is None:
             self.problem(
-                f"{name}: missing from {self.refs[model]} ({ckpt.dir}), which has the other models' "
+                f"{name}: missing from {self.refs[model]} ({self.models[model].dir}), which has the other models' "
                 f"layout otherwise; the models are not the same architecture, or {self.refs[model]} is "
                 "incomplete",
                 key=f"missing:{model}:{name}",
             )
             return None
-        info = ckpt.info(found)
+        info = self.models[model].info(found)
         if info.shape != ref_info.shape:
             vocab = name in self.arch.vocab_weights
             hint = (
@@ -344,7 +346,9 @@ class _Planner:
     def plan_models(self) -> list[Job]:
         cfg = self.config
         method = self.method
-        base = self.index(cfg.base_model) if cfg.base_model is not None and method.base == "required" else None
+        base = (
+            self.index(cfg.base_model) if cfg.base_model is not None and method.base == "required" else None
+        )
         entries = [e for e in cfg.models if method.base != "required" or e.ref != cfg.base_model]
         inputs = [self.index(e.ref) for e in entries]
         model_scopes = [[e.parameters, cfg.parameters] for e in entries]
@@ -381,7 +385,11 @@ class _Planner:
         edge_jobs: dict[str, list[Job]] = {"pre": [], "post": []}
         for si, sl in enumerate(slices):
             group_base = sl.base_model or cfg.base_model
-            base_src = next((s for s in sl.sources if s.ref == group_base), None) if self.method.base == "required" else None
+            base_src = (
+                next((s for s in sl.sources if s.ref == group_base), None)
+                if self.method.base == "required"
+                else None
+            )
             others = [s for s in sl.sources if s is not base_src]
             ref_src = base_src or others[0]
             ref_idx = self.index(ref_src.ref)
@@ -412,7 +420,10 @@ class _Planner:
                 for name in by_layer.get(src_layer, []):
                     job = self.make_job(
                         out_name=self.arch.with_layer(name, out_layers + offset),
-                        base=(self.index(base_src.ref), self.arch.with_layer(name, base_src.layer_range[0] + offset))
+                        base=(
+                            self.index(base_src.ref),
+                            self.arch.with_layer(name, base_src.layer_range[0] + offset),
+                        )
                         if base_src is not None
                         else None,
                         inputs=[
@@ -466,12 +477,27 @@ class _Planner:
         ref_model_idx, ref_name = base if base is not None else inputs[0]
         ref_found = self.lookup(ref_model_idx, ref_name)
         if ref_found is None:
-            self.problem(f"{ref_name}: missing from {self.refs[ref_model_idx]} ({self.models[ref_model_idx].dir})")
+            self.problem(
+                f"{ref_name}: missing from {self.refs[ref_model_idx]} ({self.models[ref_model_idx].dir})"
+            )
             return None
         ref_info = self.models[ref_model_idx].info(ref_found)
-        out_dtype = self.out_dtype if (self.out_dtype and ref_info.dtype.is_floating_point) else ref_info.dtype
+        out_dtype = (
+            self.out_dtype if (self.out_dtype and ref_info.dtype.is_floating_point) else ref_info.dtype
+        )
         if not ref_info.dtype.is_floating_point:
-            return Job(out_name, ref_info.shape, COPY, None, (InputRef(ref_model_idx, ref_found),), {}, ({},), layer, t, ref_info.dtype)
+            return Job(
+                out_name,
+                ref_info.shape,
+                COPY,
+                None,
+                (InputRef(ref_model_idx, ref_found),),
+                {},
+                ({},),
+                layer,
+                t,
+                ref_info.dtype,
+            )
         base_ref = InputRef(ref_model_idx, ref_found) if base is not None else None
         in_refs: list[InputRef] = []
         for m, name in inputs:
@@ -495,17 +521,17 @@ class _Planner:
                         f"{info.key}: {info.doc}); give it under the model's parameters or a filter that "
                         "matches this tensor",
                         key=f"required:{m}:{info.key}",
+                        config=True,
                     )
                 values[info.key] = value
             per_model.append(values)
-        if self.method.name == "linear" and shared.get("normalize"):
-            if per_model and all(not isinstance(v["weight"], type(REQUIRED)) for v in per_model):
-                if sum(v["weight"] for v in per_model) == 0:
-                    self.problem(
-                        f"{out_name}: the linear weights sum to 0 here and normalize is true, which "
-                        "divides by zero; change the weights or set normalize: false",
-                        key="linear-zero",
-                    )
+        check = self.method.check
+        if check is not None and all(v is not REQUIRED for mp in per_model for v in mp.values()):
+            trouble = check(
+                self.method.build_params(shared), [self.method.build_model_params(mp) for mp in per_model]
+            )
+            if trouble:
+                self.problem(f"{out_name}: {trouble}", key=f"check:{trouble}", config=True)
         return Job(
             name=out_name,
             shape=ref_info.shape,
@@ -542,5 +568,3 @@ def _pack(jobs: Sequence[Job], limit: int) -> list[list[int]]:
         shards[-1].append(i)
         size += job.nbytes
     return shards
-
-

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mergesmith import ConfigError, load_config
-from mergesmith.parameters import evaluate, param_infos
 from mergesmith.methods.slerp import SlerpParams
+from mergesmith.parameters import evaluate, param_infos
 
 
 def problems(text: str) -> list[str]:
@@ -29,8 +29,12 @@ def test_misspelled_keys_are_rejected_with_a_suggestion() -> None:
         "      weight: 1\n      densty: 0.5\nout_dtyp: bfloat16\n"
     )
     assert any(p.startswith("line 8: out_dtyp: unknown key (did you mean 'out_dtype'?)") for p in found)
-    assert any(p.startswith("line 7: models[0].parameters.densty: unknown parameter for ties (did you mean 'density'?)")
-               for p in found)
+    assert any(
+        p.startswith(
+            "line 7: models[0].parameters.densty: unknown parameter for ties (did you mean 'density'?)"
+        )
+        for p in found
+    )
     assert len(found) == 2
 
 
@@ -64,8 +68,12 @@ def test_missing_required_weight_and_base() -> None:
         "line 1: base_model: task_arithmetic needs a base_model: add base_model: <the model the others were "
         "fine-tuned from>"
     ]
-    found = problems("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n    parameters: {weight: 1}\n")
-    assert found == ["line 3: models[0].parameters.weight: missing: linear needs a weight for a (this model's coefficient)"]
+    found = problems(
+        "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n    parameters: {weight: 1}\n"
+    )
+    assert found == [
+        "line 3: models[0].parameters.weight: missing: linear needs a weight for a (this model's coefficient)"
+    ]
 
 
 def test_linear_weights_summing_to_zero_with_normalize() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mergesmith
-from mergesmith import CheckpointError, CompatibilityError, OutputError
+from mergesmith import CheckpointError, CompatibilityError, ConfigError, OutputError
 from mergesmith.cli import main
 from mergesmith.methods import REGISTRY
 from tests import tiny
@@ -86,7 +86,9 @@ def test_every_method_merges_every_layout_and_transformers_loads_it(
         changed = (merged[name].numpy() != base).mean()
         assert 0.6 <= changed <= 1.0
         return
-    torch.testing.assert_close(merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_gradient_gives_each_layer_its_value(zoo: dict[str, Path], tmp_path: Path) -> None:
@@ -134,7 +136,9 @@ def test_different_hidden_size_is_refused_before_reading_weights(zoo: dict[str, 
     with pytest.raises(CompatibilityError) as info:
         mergesmith.validate(config_for("task_arithmetic", {**zoo, "d": zoo["wide"]}))
     text = str(info.value)
-    assert f"hidden_size: {zoo['wide']} ({zoo['wide'] / 'config.json'}) has 48, but {zoo['base']} has 32" in text
+    assert (
+        f"hidden_size: {zoo['wide']} ({zoo['wide'] / 'config.json'}) has 48, but {zoo['base']} has 32" in text
+    )
     assert "cannot be merged tensor by tensor" in text
 
 
@@ -174,7 +178,10 @@ def test_output_inside_an_input_is_refused(zoo: dict[str, Path]) -> None:
 
 
 def test_cli_validate_merge_and_methods(
-    zoo: dict[str, Path], tmp_path: Path, write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+    zoo: dict[str, Path],
+    tmp_path: Path,
+    write_config: Callable[[str], Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = write_config(config_for("ties", zoo))
     assert main(["validate", str(cfg)]) == 0
@@ -198,12 +205,12 @@ def test_slices_form_with_layer_ranges(zoo: dict[str, Path], tmp_path: Path) -> 
     text = f"""
 slices:
   - sources:
-      - model: {zoo['base']}
+      - model: {zoo["base"]}
         layer_range: [0, 3]
-      - model: {zoo['a']}
+      - model: {zoo["a"]}
         layer_range: [0, 3]
 merge_method: slerp
-base_model: {zoo['base']}
+base_model: {zoo["base"]}
 parameters:
   t:
     - filter: self_attn
@@ -219,7 +226,9 @@ dtype: float32
     for layer, t in [(0, 0.0), (1, 0.5), (2, 1.0)]:
         name = f"model.layers.{layer}.self_attn.k_proj.weight"
         expected = numpy_slerp(t, src["base"][name].numpy(), src["a"][name].numpy())
-        torch.testing.assert_close(merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_merged_output_never_overwrites_inputs_with_force(zoo: dict[str, Path], tmp_path: Path) -> None:
@@ -228,3 +237,19 @@ def test_merged_output_never_overwrites_inputs_with_force(zoo: dict[str, Path], 
     with pytest.raises(OutputError):
         mergesmith.merge(config_for("linear", {**zoo, "a": copy}), copy, force=True)
     assert (copy / "model.safetensors").read_bytes() == (zoo["a"] / "model.safetensors").read_bytes()
+
+
+def test_linear_weights_summing_to_zero_on_some_tensors_are_refused_at_plan_time(
+    zoo: dict[str, Path],
+) -> None:
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {zoo['a']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {zoo['b']}\n    parameters:\n      weight:\n        - filter: mlp\n          value: -1\n"
+        "        - value: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        mergesmith.validate(text)
+    assert str(info.value) == (
+        "<config>: model.layers.0.mlp.down_proj.weight: the linear weights sum to 0 here and normalize is true, which "
+        "divides by zero; change the weights or set normalize: false"
+    )

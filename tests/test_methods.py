@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith.methods import REGISTRY, MergeInputs
-from mergesmith.methods import _steps
+from mergesmith.methods import REGISTRY, MergeInputs, _steps
 
 
-def run(method: str, tensors: list[np.ndarray], params: dict[str, Any], model_params: list[dict[str, Any]],
-        base: np.ndarray | None = None, name: str = "model.layers.0.mlp.up_proj.weight", seed: int = 0) -> np.ndarray:
+def run(
+    method: str,
+    tensors: list[np.ndarray],
+    params: dict[str, Any],
+    model_params: list[dict[str, Any]],
+    base: np.ndarray | None = None,
+    name: str = "model.layers.0.mlp.up_proj.weight",
+    seed: int = 0,
+) -> np.ndarray:
     m = REGISTRY[method]
     shared = {i.key: params.get(i.key, i.default) for i in m.param_infos}
     per = [{i.key: mp.get(i.key, i.default) for i in m.model_param_infos} for mp in model_params]
@@ -51,7 +57,9 @@ def test_linear_without_normalize_is_the_weighted_sum() -> None:
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
 def test_identical_inputs_merge_to_themselves(method: str) -> None:
     mp = [{"weight": 0.4, "density": 0.5}, {"weight": 0.6, "density": 0.5}]
-    mp = [{k: v for k, v in p.items() if k in {i.key for i in REGISTRY[method].model_param_infos}} for p in mp]
+    mp = [
+        {k: v for k, v in p.items() if k in {i.key for i in REGISTRY[method].model_param_infos}} for p in mp
+    ]
     base = A if REGISTRY[method].base == "required" else None
     out = run(method, [A, A], {}, mp, base=base)
     np.testing.assert_allclose(out, A, rtol=1e-6, atol=1e-6)
@@ -118,8 +126,14 @@ def test_task_arithmetic_normalize_divides_by_the_weight_sum() -> None:
 # -- TIES -----------------------------------------------------------------------------------------
 
 
-def numpy_ties(base: np.ndarray, models: list[np.ndarray], weights: list[float], densities: list[float],
-               normalize: bool = True, lam: float = 1.0) -> np.ndarray:
+def numpy_ties(
+    base: np.ndarray,
+    models: list[np.ndarray],
+    weights: list[float],
+    densities: list[float],
+    normalize: bool = True,
+    lam: float = 1.0,
+) -> np.ndarray:
     deltas = []
     for m, d in zip(models, densities):
         delta = (m - base).astype(np.float64).ravel()
@@ -158,8 +172,13 @@ def test_ties_matches_numpy_with_trimming_and_weights() -> None:
 
 
 def test_ties_without_normalize_and_with_lambda() -> None:
-    out = run("ties", [B, C], {"normalize": False, "lambda": 0.5},
-              [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}], base=A)
+    out = run(
+        "ties",
+        [B, C],
+        {"normalize": False, "lambda": 0.5},
+        [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}],
+        base=A,
+    )
     expected = numpy_ties(A, [B, C], [1.0, 1.0], [0.5, 0.5], normalize=False, lam=0.5)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -177,7 +196,9 @@ def test_magnitude_mask_keeps_exactly_k_even_with_ties() -> None:
 
 def test_dare_with_density_one_is_task_arithmetic() -> None:
     for method in ("dare_linear", "dare_ties"):
-        out = run(method, [B, C], {}, [{"weight": 0.6, "density": 1.0}, {"weight": 0.4, "density": 1.0}], base=A)
+        out = run(
+            method, [B, C], {}, [{"weight": 0.6, "density": 1.0}, {"weight": 0.4, "density": 1.0}], base=A
+        )
         if method == "dare_linear":
             expected = A + 0.6 * (B - A) + 0.4 * (C - A)
         else:
@@ -195,9 +216,20 @@ def test_dare_paper_mode_divides_survivors_by_density_and_keeps_the_mean() -> No
     np.testing.assert_allclose(out[kept], BIG_DELTA[kept] / 0.3, rtol=1e-6)
     assert abs(kept.mean() - 0.3) < 0.01
     # In expectation the sparse task vector equals the dense one: average over many seeds.
-    mean = np.mean([run("dare_linear", [BIG_DELTA[:20, :20]], {"mode": "paper"},
-                        [{"weight": 1.0, "density": 0.5}], base=BIG_BASE[:20, :20], seed=s)
-                    for s in range(400)], axis=0)
+    mean = np.mean(
+        [
+            run(
+                "dare_linear",
+                [BIG_DELTA[:20, :20]],
+                {"mode": "paper"},
+                [{"weight": 1.0, "density": 0.5}],
+                base=BIG_BASE[:20, :20],
+                seed=s,
+            )
+            for s in range(400)
+        ],
+        axis=0,
+    )
     assert np.abs(mean - BIG_DELTA[:20, :20]).mean() < 0.06
 
 
@@ -211,7 +243,9 @@ def test_dare_mergekit_mode_keeps_the_l1_norm() -> None:
 
 
 def test_dare_without_rescale_only_drops() -> None:
-    out = run("dare_linear", [BIG_DELTA], {"rescale": False}, [{"weight": 1.0, "density": 0.5}], base=BIG_BASE)
+    out = run(
+        "dare_linear", [BIG_DELTA], {"rescale": False}, [{"weight": 1.0, "density": 0.5}], base=BIG_BASE
+    )
     kept = out != 0
     np.testing.assert_array_equal(out[kept], BIG_DELTA[kept])
 
@@ -232,5 +266,7 @@ def test_dare_mask_depends_on_seed_and_tensor_name_only() -> None:
 def test_random_mask_is_the_same_whatever_the_chunking() -> None:
     gen = torch.Generator().manual_seed(3)
     whole = torch.rand(5_000_000, generator=gen) < 0.5
-    chunked = _steps.random_mask(torch.Size([5_000_000]), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    chunked = _steps.random_mask(
+        torch.Size([5_000_000]), 0.5, torch.Generator().manual_seed(3), torch.device("cpu")
+    )
     assert torch.equal(whole, chunked)

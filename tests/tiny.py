@@ -34,7 +34,9 @@ def llama_state(seed: int, **overrides: object) -> tuple[dict[str, torch.Tensor]
 
     cfg = llama_config(**overrides)
     torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")})
+    hf_cfg = LlamaConfig(
+        **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    )
     model = LlamaForCausalLM(hf_cfg)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return state, cfg

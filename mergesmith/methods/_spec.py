@@ -60,6 +60,7 @@ class Method(Generic[P, M]):
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    check: Callable[[P, Sequence[M]], str | None] | None = None
     aliases: tuple[str, ...] = field(default=())
 
     @property

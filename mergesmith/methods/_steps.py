@@ -62,9 +62,7 @@ def random_mask(
     return keep.reshape(shape).to(device)
 
 
-def apply_mask(
-    delta: torch.Tensor, keep: torch.Tensor, rescale: RescaleMode, density: float
-) -> torch.Tensor:
+def apply_mask(delta: torch.Tensor, keep: torch.Tensor, rescale: RescaleMode, density: float) -> torch.Tensor:
     """Zero the dropped entries of ``delta`` (in place) and rescale the survivors.
 
     ``l1`` scales the survivors so the task vector keeps its L1 norm; ``inverse`` divides them by

@@ -31,9 +31,7 @@ class DareParams:
 @dataclass(frozen=True)
 class DareModelParams:
     weight: float = param(doc="coefficient of this model's task vector")
-    density: float = param(
-        1.0, doc="probability of keeping each task-vector entry", lo=0, hi=1, lo_open=True
-    )
+    density: float = param(1.0, doc="probability of keeping each task-vector entry", lo=0, hi=1, lo_open=True)
 
 
 def _sparse_deltas(inputs: MergeInputs[DareParams, DareModelParams]) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +22,23 @@ class LinearModelParams:
     weight: float = param(doc="this model's coefficient")
 
 
+def check(params: LinearParams, model_params: Sequence[LinearModelParams]) -> str | None:
+    """Refuse, at plan time, weights that normalize would divide by zero."""
+    if params.normalize and sum(m.weight for m in model_params) == 0:
+        return "the linear weights sum to 0 here and normalize is true, which divides by zero; change the weights or set normalize: false"
+    return None
+
+
 def merge(inputs: MergeInputs[LinearParams, LinearModelParams]) -> torch.Tensor:
     weights = [m.weight for m in inputs.model_params]
     out = torch.zeros_like(inputs.tensors[0])
     for tensor, w in zip(inputs.tensors, weights):
         out.add_(tensor, alpha=w)
     if inputs.params.normalize:
-        total = sum(weights)
-        if total == 0:
-            raise MethodError(
-                f"{inputs.tensor_name}: the linear weights sum to 0, so normalize would divide by "
-                "zero; change the weights or set normalize: false"
-            )
-        out.div_(total)
+        trouble = check(inputs.params, inputs.model_params)
+        if trouble:
+            raise MethodError(f"{inputs.tensor_name}: {trouble}")
+        out.div_(sum(weights))
     return out
 
 
@@ -47,4 +52,5 @@ METHOD = Method(
     merge=merge,
     base="unused",
     min_models=1,
+    check=check,
 )
