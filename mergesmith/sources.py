@@ -76,7 +76,7 @@ class DictSource:
         return TensorInfo(tuple(t.shape), t.dtype, self.name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name)
+        return self._tensor(name).clone()
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self.tensors:

@@ -27,7 +27,9 @@ class MergeInputs(Generic[P, M]):
     """The tensors and resolved parameters of one output tensor.
 
     ``tensors`` are the non-base inputs in config order (all inputs when the method takes no base),
-    converted to a floating compute dtype; ``model_params`` lines up with them.
+    converted to a floating compute dtype; ``model_params`` lines up with them. The method owns
+    ``base`` and ``tensors``: it may overwrite them in place (and return one of them), which keeps
+    a merge's memory to the inputs of one tensor.
     """
 
     tensor_name: str

@@ -1,7 +1,8 @@
 """Shared steps that task-vector methods compose: trim, drop, rescale, elect signs, combine.
 
-Each step is a function of plain tensors. Steps may work in place on the task vectors they are
-given, which the callers own; this keeps the peak memory of a merge to a few copies of one tensor.
+Each step is a function of plain tensors. Steps work in place on the tensors they are given, which
+a merge method owns (see MergeInputs); this keeps the peak memory of a merge to the inputs of one
+tensor plus fixed-size scratch.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ _CHUNK = 1 << 22
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """delta_i = theta_i - theta_base for each model."""
-    return [t - base for t in tensors]
+    """delta_i = theta_i - theta_base for each model, computed in place in the given tensors."""
+    return [t.sub_(base) for t in tensors]
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -100,36 +101,41 @@ def combine(
     normalize: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """base + lambda * merged task vector, consuming ``deltas``.
+    """base + lambda * merged task vector, computed in place in ``base`` and ``deltas``.
 
     Without consensus the merged vector is ``sum_i w_i delta_i``, divided by ``sum_i w_i`` when
     ``normalize``. With consensus, only entries whose sign agrees with the elected sign count, and
     ``normalize`` divides each entry by the sum of the weights of the models that agree there
-    (the disjoint mean).
+    (the disjoint mean). The work runs over fixed-size chunks, so it needs no full-size scratch.
     """
-    for d, w in zip(deltas, weights):
-        d.mul_(w)
-    if consensus is None:
-        mixed = deltas[0]
-        for d in deltas[1:]:
-            mixed.add_(d)
-        total = float(sum(weights))
-        if normalize and abs(total) >= 1e-8:
-            mixed.div_(total)
-    else:
-        positive = elect_sign(deltas, consensus)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if normalize else None
-        for d, w in zip(deltas, weights):
-            agree = torch.where(positive, d > 0, d < 0)
-            mixed.add_(d.mul_(agree))
+    total = float(sum(weights))
+    divide_all = consensus is None and normalize and abs(total) >= 1e-8
+    flat_base = base.reshape(-1)
+    flat = [d.reshape(-1) for d in deltas]
+    for start in range(0, flat_base.numel(), _CHUNK):
+        part = [d[start : start + _CHUNK] for d in flat]
+        for d, w in zip(part, weights):
+            d.mul_(w)
+        if consensus is None:
+            mixed = part[0].clone()
+            for d in part[1:]:
+                mixed.add_(d)
+            if divide_all:
+                mixed.div_(total)
+        else:
+            positive = elect_sign(part, consensus)
+            mixed = torch.zeros_like(part[0])
+            divisor = torch.zeros_like(part[0]) if normalize else None
+            for d, w in zip(part, weights):
+                agree = torch.where(positive, d > 0, d < 0)
+                mixed.add_(d.mul_(agree))
+                if divisor is not None:
+                    divisor.add_(agree.to(divisor.dtype), alpha=w)
             if divisor is not None:
-                divisor.add_(agree.to(divisor.dtype), alpha=w)
-        del positive
-        if divisor is not None:
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
+                divisor[divisor == 0] = 1
+                mixed.div_(divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        flat_base[start : start + _CHUNK].add_(mixed)
     deltas.clear()
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base)
+    return base

@@ -40,14 +40,12 @@ def _sparse_deltas(inputs: MergeInputs[DareParams, DareModelParams]) -> list[tor
     rescale: _steps.RescaleMode = "none"
     if params.rescale:
         rescale = "inverse" if params.mode == "paper" else "l1"
-    deltas = []
-    for i, (tensor, mp) in enumerate(zip(inputs.tensors, inputs.model_params)):
-        delta = tensor - base
+    deltas = _steps.task_vectors(base, inputs.tensors)
+    for i, (delta, mp) in enumerate(zip(deltas, inputs.model_params)):
         if mp.density < 1:
             keep = _steps.random_mask(delta.shape, mp.density, inputs.generator(i), delta.device)
             _steps.apply_mask(delta, keep, rescale, mp.density)
             del keep
-        deltas.append(delta)
     return deltas
 
 

@@ -31,8 +31,8 @@ def check(params: LinearParams, model_params: Sequence[LinearModelParams]) -> st
 
 def merge(inputs: MergeInputs[LinearParams, LinearModelParams]) -> torch.Tensor:
     weights = [m.weight for m in inputs.model_params]
-    out = torch.zeros_like(inputs.tensors[0])
-    for tensor, w in zip(inputs.tensors, weights):
+    out = inputs.tensors[0].mul_(weights[0])
+    for tensor, w in zip(inputs.tensors[1:], weights[1:]):
         out.add_(tensor, alpha=w)
     if inputs.params.normalize:
         trouble = check(inputs.params, inputs.model_params)

@@ -30,14 +30,12 @@ class TiesModelParams:
 def merge(inputs: MergeInputs[TiesParams, TiesModelParams]) -> torch.Tensor:
     base = base_of(inputs)
     rescale: _steps.RescaleMode = "l1" if inputs.params.rescale else "none"
-    deltas = []
-    for tensor, mp in zip(inputs.tensors, inputs.model_params):
-        delta = tensor - base
+    deltas = _steps.task_vectors(base, inputs.tensors)
+    for delta, mp in zip(deltas, inputs.model_params):
         if mp.density < 1:
             keep = _steps.magnitude_mask(delta, mp.density)
             _steps.apply_mask(delta, keep, rescale, mp.density)
             del keep
-        deltas.append(delta)
     return _steps.combine(
         base,
         deltas,
