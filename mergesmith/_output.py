@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -78,7 +79,7 @@ def _replace(stage: Path, out: Path) -> None:
 
 def _clean_stale(parent: Path, name: str) -> None:
     """Remove staging directories of earlier runs into the same output whose process is gone."""
-    for p in parent.glob(f".{name}{PARTIAL}-*"):
+    for p in parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)

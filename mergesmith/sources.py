@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,11 @@ class DictSource:
         if name not in self.tensors:
             raise CheckpointError(f"{self.name}: no tensor named {name!r}")
         return self.tensors[name]
+
+
+def _plain(exc: BaseException) -> str:
+    """An exception's text without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
 
 
 class Checkpoint:
@@ -173,12 +179,13 @@ class Checkpoint:
                 raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
-        root = self.dir.resolve()
+        # Checked as written, not through symlinks: the Hub cache links every file to a blob.
+        root = Path(os.path.abspath(self.dir))
         files: list[Path] = []
         for tensor, rel in weight_map.items():
             if not isinstance(rel, str):
                 raise CheckpointError(f"{index}: tensor {tensor!r} maps to {rel!r}, expected a file name")
-            path = (self.dir / rel).resolve()
+            path = Path(os.path.normpath(root / rel))
             if os.path.isabs(rel) or root not in path.parents:
                 raise CheckpointError(
                     f"{index}: tensor {tensor!r} points at {rel!r}, outside the model directory; refusing"
@@ -217,11 +224,11 @@ class Checkpoint:
             except pickle.UnpicklingError as exc:
                 raise CheckpointError(
                     f"{path}: refused to load: the file holds Python objects other than tensors "
-                    f"({str(exc).splitlines()[0]}). Only plain state dicts are read; convert the "
+                    f"({_plain(exc).splitlines()[0]}). Only plain state dicts are read; convert the "
                     "checkpoint to safetensors"
                 ) from None
-            except (OSError, RuntimeError, EOFError) as exc:
-                raise CheckpointError(f"{path}: cannot load: {exc}") from None
+            except Exception as exc:  # a corrupt file can fail anywhere inside torch.load
+                raise CheckpointError(f"{path}: cannot load: {type(exc).__name__}: {_plain(exc)}") from None
             if not isinstance(obj, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
             ):
