@@ -45,6 +45,7 @@ def resolve(path: str, revision: str | None = None) -> Path:
             f"{path}: not a local directory, and huggingface_hub is not installed"
         ) from None
     where = f"{path}@{revision}" if revision else path
+    local_hint = f" There is no directory {local.resolve()} either." if "/" in path else ""
     try:
         snap = Path(snapshot_download(path, revision=revision, allow_patterns=PATTERNS))
         if not any(snap.glob("*.safetensors")):
@@ -53,13 +54,14 @@ def resolve(path: str, revision: str | None = None) -> Path:
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{where}: not a local directory, and not in the Hugging Face cache while offline "
-            "(HF_HUB_OFFLINE is set or the Hub cannot be reached); download it first or give a local path"
+            "(HF_HUB_OFFLINE is set or the Hub cannot be reached); download it first or give a local path."
+            + local_hint
         ) from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{where}: the Hub repository has no revision {revision!r}") from None
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"{where}: no such Hub repository (or it is private: log in with `hf auth login`)"
+            f"{where}: no such Hub repository (or it is private: log in with `hf auth login`)." + local_hint
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: cannot fetch from the Hub: {exc}") from None

@@ -10,10 +10,27 @@ import torch
 
 from mergesmith import _output
 from mergesmith.config import MergeConfig, load_config
+from mergesmith.errors import ConfigError
 from mergesmith.execute import execute
 from mergesmith.plan import DEFAULT_SHARD, Plan, build_plan
 
 __all__ = ["merge", "validate"]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device to compute on, refused early when it does not exist here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r}: no CUDA device is available here (torch.cuda.is_available() is False); "
+            "use --device cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 def _config(config: MergeConfig | str | Path | Mapping[str, Any]) -> MergeConfig:
@@ -43,6 +60,7 @@ def merge(
     appears only once it is complete; an existing non-empty ``out_dir`` is replaced only with
     ``force``. Nothing is written inside an input model's directory.
     """
+    dev = check_device(device)
     cfg = _config(config)
     if seed is not None:
         from dataclasses import replace
@@ -52,5 +70,5 @@ def merge(
     out = Path(out_dir)
     _output.check_output(out, [m.dir for m in plan.models], force)
     with _output.staged_output(out) as stage:
-        execute(plan, stage, device=device, progress=progress)
+        execute(plan, stage, device=dev, progress=progress)
     return plan

@@ -31,7 +31,12 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
     v.add_argument("config")
-    v.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
+    v.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print the method, the models and the summary, not every tensor",
+    )
 
     sub.add_parser("methods", help="list every merge method with its parameters")
     return p
@@ -66,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `mergesmith methods | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 

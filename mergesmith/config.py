@@ -30,6 +30,8 @@ DTYPES = {
     "fp64": "float64",
 }
 
+CHAT_TEMPLATES = ("auto", "chatml")
+
 TOP_KEYS = (
     "merge_method",
     "base_model",
@@ -195,8 +197,16 @@ class _Validator:
 
         tokenizer_source = self._tokenizer_source(doc)
         chat_template = doc.get("chat_template")
-        if chat_template is not None and not isinstance(chat_template, str):
-            self.add(doc, "chat_template", "chat_template", "expected a template name or Jinja text")
+        if chat_template is not None and (
+            not isinstance(chat_template, str)
+            or (chat_template not in CHAT_TEMPLATES and "{" not in chat_template)
+        ):
+            self.add(
+                doc,
+                "chat_template",
+                "chat_template",
+                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text, found {chat_template!r}",
+            )
         seed = doc.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             self.add(doc, "seed", "seed", f"expected a whole number >= 0, found {seed!r}")
@@ -204,8 +214,9 @@ class _Validator:
         if method is not None and not self.problems:
             self._check_model_counts(doc, method, base, models, slices)
         if self.problems:
-            raise ConfigError(self.problems, self.source)
-        assert method is not None
+            raise ConfigError(sorted(self.problems, key=_line_key), self.source)
+        if method is None:  # _method() has recorded why
+            raise ConfigError("merge_method is missing or unknown", self.source)
         return MergeConfig(
             method=method.name,
             base_model=base,
@@ -247,7 +258,10 @@ class _Validator:
                 return None
             inner = value.get("model")
             if isinstance(inner, Mapping):
-                inner = inner.get("path")
+                where, revision = inner.get("path"), inner.get("revision")
+                if isinstance(where, str) and where.strip():
+                    return ModelRef(where.strip(), str(revision) if revision else None)
+                inner = where
             value = inner
         if not isinstance(value, str) or not value.strip():
             self.add(container, key, path, f"expected a model path or Hub id, found {value!r}")
@@ -262,7 +276,9 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, str) or value.lower() not in DTYPES:
-            self.add(doc, key, key, f"unknown dtype {value!r}; use one of float32, float16, bfloat16")
+            self.add(
+                doc, key, key, f"unknown dtype {value!r}; use one of float32, float16, bfloat16, float64"
+            )
             return None
         return DTYPES[value.lower()]
 
@@ -439,6 +455,16 @@ class _Validator:
             for i, sl in enumerate(slices):
                 groups.append((f"slices[{i}].sources", [s.ref for s in sl.sources], sl.base_model or base))
         for where, refs, group_base in groups:
+            base_missing = group_base is not None and group_base not in refs
+            if method.base == "required" and slices is not None and base_missing:
+                self.add(
+                    doc,
+                    "slices",
+                    where,
+                    f"{method.name} needs the base model {group_base} among the slice's sources, "
+                    "with the same layer_range as the others",
+                )
+                continue
             if method.base == "required":
                 if group_base is None:
                     self.add(
@@ -460,6 +486,18 @@ class _Validator:
                     where,
                     f"{method.name} takes {method.models_text()}; found {n}",
                 )
+        top = doc.get("parameters") if isinstance(doc.get("parameters"), Mapping) else {}
+        for info in method.param_infos:
+            if not info.required or info.key in (top or {}):
+                continue
+            if slices and all(info.key in sl.parameters for sl in slices):
+                continue
+            self.add(
+                doc,
+                "merge_method",
+                f"parameters.{info.key}",
+                f"missing: {method.name} needs {info.key} ({info.doc}); add it under parameters:",
+            )
         if slices is None and method.base == "required" and base is not None:
             self._check_weights(doc, method, models, base)
         if slices is None and method.base == "unused":
@@ -506,6 +544,14 @@ class _Validator:
                 "the weights sum to 0 and normalize is true, which divides by "
                 "zero: change the weights or set normalize: false",
             )
+
+
+def _line_key(problem: str) -> int:
+    if problem.startswith("line "):
+        number = problem[5:].split(":", 1)[0]
+        if number.isdigit():
+            return int(number)
+    return 0
 
 
 def _suggest(word: str, options: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,14 @@ TOKENIZER_FILES = (
 )
 COPIED_FROM_REFERENCE = ("generation_config.json",)
 
-Progress = Callable[[int, int], None]
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
 
 
 def load_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
@@ -167,7 +173,7 @@ def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[P
                 shutil.copyfile(tok_dir / name, stage / name)
     template = plan.config.chat_template
     if template and template != "auto":
-        (stage / "chat_template.jinja").write_text(template)
+        (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))
         tok_cfg = stage / "tokenizer_config.json"
         if tok_cfg.is_file():
             data = json.loads(tok_cfg.read_text())

@@ -204,6 +204,7 @@ class _Planner:
         self.arch = arch
         self.problems: list[str] = []
         self.config_problems: list[str] = []
+        self.misfits: set[int] = set()  # models whose config.json already disagrees
         self._seen_problems: set[str] = set()
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
         out_name = config.out_dtype or config.dtype
@@ -221,11 +222,13 @@ class _Planner:
 
     def build(self) -> Plan:
         self.check_configs()
-        out_config = json.loads(json.dumps(self.models[self.reference].config))
+        layers = None
         if self.config.slices is None:
             jobs = self.plan_models()
         else:
             jobs, layers = self.plan_slices(self.config.slices)
+        out_config = json.loads(json.dumps(self.models[self.reference].config))
+        if layers is not None:
             for key in layer_count_keys():
                 if key in out_config:
                     out_config[key] = layers
@@ -255,7 +258,8 @@ class _Planner:
     def tokenizer_model(self) -> int | None:
         source = self.config.tokenizer_source
         if source is None or source == "base":
-            return self.reference
+            base = self.config.base_model
+            return self.index(base) if base is not None and base in self.refs else self.reference
         for i, ref in enumerate(self.refs):
             if source in (str(ref), ref.path):
                 return i
@@ -280,6 +284,7 @@ class _Planner:
                 a, b = ref_cfg.get(key), model.config.get(key)
                 if a is not None and b is not None and a != b:
                     what = "architectures" if key == "model_type" else "sizes"
+                    self.misfits.add(i)
                     self.problem(
                         f"{key}: {self.refs[i]} ({model.dir / 'config.json'}) has {b!r}, but "
                         f"{self.refs[self.reference]} has {a!r}: these models have different {what} and "
@@ -321,8 +326,10 @@ class _Planner:
             )
             return None
         info = self.models[model].info(found)
+        if info.shape != ref_info.shape and model in self.misfits:
+            return None  # already reported once, from config.json
         if info.shape != ref_info.shape:
-            vocab = name in self.arch.vocab_weights
+            vocab = name in self.arch.vocab_weights and info.shape[1:] == ref_info.shape[1:]
             hint = (
                 "the vocabularies differ in size; merge models with the same tokenizer"
                 if vocab
@@ -509,6 +516,13 @@ class _Planner:
         shared = {}
         for info in self.method.param_infos:
             value = resolve(info, shared_scopes, out_name, t)
+            if value is REQUIRED:
+                self.problem(
+                    f"{out_name}: no value of {info.key} applies ({self.method.name} needs {info.key}: "
+                    f"{info.doc}); give a default entry without a filter",
+                    key=f"required-shared:{info.key}",
+                    config=True,
+                )
             shared[info.key] = value
         per_model: list[dict[str, Any]] = []
         for (m, name), scopes in zip(inputs, model_scopes):
@@ -526,7 +540,8 @@ class _Planner:
                 values[info.key] = value
             per_model.append(values)
         check = self.method.check
-        if check is not None and all(v is not REQUIRED for mp in per_model for v in mp.values()):
+        resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
+        if check is not None and resolved:
             trouble = check(
                 self.method.build_params(shared), [self.method.build_model_params(mp) for mp in per_model]
             )

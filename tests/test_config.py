@@ -136,3 +136,44 @@ def test_gradients_interpolate_and_filters_match_names() -> None:
     assert evaluate(t_info, setting, attn, 1.0) == pytest.approx(1.0)
     assert evaluate(t_info, setting, "model.layers.3.mlp.up_proj.weight", 0.9) == 0.5
     assert evaluate(t_info, [{"filter": "mlp", "value": 1}], attn, 0.0) is None
+
+
+def test_required_merge_wide_parameter_must_be_given() -> None:
+    found = problems("merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n")
+    assert found == [
+        "line 1: parameters.t: missing: slerp needs t (position between the base (0) and the other "
+        "model (1)); add it under parameters:"
+    ]
+
+
+def test_slice_without_the_base_model_is_refused() -> None:
+    found = problems(
+        "merge_method: ties\nbase_model: a\nslices:\n  - sources:\n      - model: b\n        layer_range: [0, 2]\n"
+        "      - model: c\n        layer_range: [0, 2]\nparameters: {weight: 1}\n"
+    )
+    assert found == [
+        "line 3: slices[0].sources: ties needs the base model a among the slice's sources, with the same "
+        "layer_range as the others"
+    ]
+
+
+def test_mapping_model_reference_keeps_its_revision() -> None:
+    cfg = load_config(
+        "merge_method: linear\nmodels:\n  - model: {model: {path: org/name, revision: v2}}\n"
+        "    parameters: {weight: 1}\n"
+    )
+    assert str(cfg.models[0].ref) == "org/name@v2"
+
+
+def test_chat_template_must_be_known_or_jinja() -> None:
+    (p,) = problems(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nchat_template: chatmel\n"
+    )
+    assert p == "line 5: chat_template: expected auto, chatml or a Jinja template text, found 'chatmel'"
+
+
+def test_problems_are_sorted_by_line() -> None:
+    found = problems(
+        "merge_method: linear\nfoo: 1\nmodels:\n  - model: a\n    parameters: {weight: x}\nbar: 2\n"
+    )
+    assert [p.split(":")[0] for p in found] == ["line 2", "line 5", "line 6"]

@@ -253,3 +253,51 @@ def test_linear_weights_summing_to_zero_on_some_tensors_are_refused_at_plan_time
         "<config>: model.layers.0.mlp.down_proj.weight: the linear weights sum to 0 here and normalize is true, which "
         "divides by zero; change the weights or set normalize: false"
     )
+
+
+def test_different_hidden_size_reports_the_config_not_every_tensor(zoo: dict[str, Path]) -> None:
+    with pytest.raises(CompatibilityError) as info:
+        mergesmith.validate(config_for("task_arithmetic", {**zoo, "d": zoo["wide"]}))
+    found = info.value.problems
+    assert len(found) == 2, found
+    assert any(p.startswith("hidden_size:") for p in found)
+    assert any(p.startswith("intermediate_size:") for p in found)
+
+
+def test_named_chat_template_is_written_out(zoo: dict[str, Path], tmp_path: Path) -> None:
+    from mergesmith.execute import CHAT_TEMPLATES
+
+    out = tmp_path / "out"
+    mergesmith.merge(config_for("linear", zoo, "chat_template: chatml\n"), out)
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES["chatml"]
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unavailable_device_is_refused_before_anything_is_written(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="not a torch device"):
+        mergesmith.merge(config_for("linear", zoo), tmp_path / "out", device="warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            mergesmith.merge(config_for("linear", zoo), tmp_path / "out", device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_cuda_merge_matches_cpu_merge(method: str, zoo: dict[str, Path], tmp_path: Path) -> None:
+    text = config_for(method, zoo)
+    mergesmith.merge(text, tmp_path / "cpu", device="cpu")
+    mergesmith.merge(text, tmp_path / "gpu", device="cuda")
+    cpu, gpu = tiny.load_state(tmp_path / "cpu"), tiny.load_state(tmp_path / "gpu")
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)
