@@ -53,12 +53,14 @@ def merge(
     device: str | torch.device = "cpu",
     seed: int | None = None,
     progress: bool | None = None,
+    full_digests: bool = False,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
     ``config`` is a YAML file path, YAML text, a mapping, or a :class:`MergeConfig`. The output
     appears only once it is complete; an existing non-empty ``out_dir`` is replaced only with
-    ``force``. Nothing is written inside an input model's directory.
+    ``force``. Nothing is written inside an input model's directory. ``full_digests`` records the
+    sha256 of every local input file in the model card, at the cost of reading the inputs twice.
     """
     dev = check_device(device)
     cfg = _config(config)
@@ -70,5 +72,5 @@ def merge(
     out = Path(out_dir)
     _output.check_output(out, [m.dir for m in plan.models], force)
     with _output.staged_output(out) as stage:
-        execute(plan, stage, device=dev, progress=progress)
+        execute(plan, stage, device=dev, progress=progress, full_digests=full_digests)
     return plan

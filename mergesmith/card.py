@@ -16,16 +16,32 @@ if TYPE_CHECKING:
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file; Hub cache blobs are named by their sha256, which is used as is."""
+_QUICK_SPAN = 1 << 20
+
+
+def file_digest(path: Path, *, full: bool = False) -> str:
+    """A digest recording which file was read, labelled with how it was made.
+
+    Hub cache blobs are named by their sha256, which is used as is (``sha256:``). Other files get
+    the sha256 of their whole content with ``full`` (``sha256:``), else a quick digest of their
+    size and first and last MiB (``quick:``), which costs no full read of the inputs.
+    """
     target = path.resolve()
     if _SHA256.match(target.name) and target.parent.name == "blobs":
-        return target.name
+        return f"sha256:{target.name}"
     h = hashlib.sha256()
     with open(target, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        if full:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+            return f"sha256:{h.hexdigest()}"
+        size = f.seek(0, 2)
+        h.update(str(size).encode())
+        f.seek(0)
+        h.update(f.read(_QUICK_SPAN))
+        f.seek(max(0, size - _QUICK_SPAN))
+        h.update(f.read(_QUICK_SPAN))
+    return f"quick:{h.hexdigest()}"
 
 
 def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
@@ -41,11 +57,17 @@ def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
         f"Made with mergesmith {__version__} using the **{plan.method.title}** method "
         f"([paper]({plan.method.paper}))."
     )
-    lines += ["", "## Inputs", "", "| model | role | files (sha256) |", "|---|---|---|"]
+    lines += ["", "## Inputs", "", "| model | role | files (digest) |", "|---|---|---|"]
     for ref, ckpt in zip(plan.refs, plan.models):
         role = "base" if cfg.base_model == ref else "merged"
         files = "<br>".join(f"`{p.name}` `{digests.get(p, '?')}`" for p in ckpt.weight_files)
         lines.append(f"| {ref} | {role} | {files} |")
+    if any(d.startswith("quick:") for d in digests.values()):
+        lines += [
+            "",
+            "`quick:` digests hash a file's size and its first and last MiB; `sha256:` digests hash "
+            "the whole file (`mergesmith merge --full-digests`).",
+        ]
     lines += ["", "## Configuration", "", "```yaml", cfg.text.strip(), "```", ""]
     lines += [
         f"Output: {len(plan.jobs)} tensors in {len(plan.shards)} shard(s), {plan.write_bytes / 1e6:.1f} MB.",

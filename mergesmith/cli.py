@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help="seed for random methods (default: config's seed or 0)"
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--full-digests",
+        action="store_true",
+        help="record the sha256 of every local input file in the model card (reads the inputs twice)",
+    )
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
 
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
@@ -47,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    # Large CPU tensors on transparent huge pages: fewer page faults when each job allocates
+    # fresh full-size buffers. Read by torch when it loads, so it is set before the first import.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from mergesmith.errors import MergesmithError
 
     try:
@@ -73,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # the reader went away (e.g. `mergesmith methods | head`): stop quietly
-        import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -98,6 +106,7 @@ def _merge(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         progress=False if args.no_progress else None,
+        full_digests=args.full_digests,
     )
     took = time.perf_counter() - start
     print(

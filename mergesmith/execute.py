@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,26 @@ CHAT_TEMPLATES = {
 }
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """Return memory freed by a finished job to the OS (glibc keeps it otherwise); no-op elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+release_memory = _malloc_trim()
+
+
 def load_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     """Read a job's input tensors (base first) and convert them to the compute dtype."""
     out = []
@@ -74,15 +97,17 @@ def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.d
     )
     result = method.merge(inputs)
     del inputs, tensors, base, others
-    if not bool(torch.isfinite(result).all()):
-        bad = int((~torch.isfinite(result)).sum())
+    # One reduction tells whether anything is non-finite; the count is taken only when it is.
+    bad = 0 if bool(torch.isfinite(result.sum())) else int((~torch.isfinite(result)).sum())
+    if bad:
         raise MethodError(
             f"{job.name}: {job.method} produced {bad} NaN or infinite values (inputs: "
             + ", ".join(f"{plan.refs[r.model]}:{r.name}" for r in job.all_inputs())
             + "); check the inputs for NaN/Inf and the parameters for divisions by zero"
         )
     if job.out_dtype == torch.float16 and result.numel():
-        peak = float(result.abs().max())
+        low, high = torch.aminmax(result)
+        peak = max(-float(low), float(high))
         if peak > torch.finfo(torch.float16).max:
             raise MethodError(
                 f"{job.name}: values up to {peak:.4g} overflow float16 (max 65504); use "
@@ -97,8 +122,13 @@ def execute(
     *,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    full_digests: bool = False,
 ) -> None:
-    """Write the merged model described by ``plan`` into the (empty) directory ``stage``."""
+    """Write the merged model described by ``plan`` into the (empty) directory ``stage``.
+
+    ``full_digests`` records the sha256 of every local input file in the model card (a full
+    extra read of the inputs); otherwise local files get a quick digest.
+    """
     dev = torch.device(device)
     names = plan.shard_names()
     shard_of = {}
@@ -112,7 +142,9 @@ def execute(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher,
     ):
         digest_jobs = {
-            p: hasher.submit(card.file_digest, p) for ckpt in plan.models for p in ckpt.weight_files
+            p: hasher.submit(card.file_digest, p, full=full_digests)
+            for ckpt in plan.models
+            for p in ckpt.weight_files
         }
         pending: Future[list[torch.Tensor]] | None = None
         writer: ShardWriter | None = None
@@ -135,6 +167,7 @@ def execute(
                     del tensors
                     writer.write(job.name, result)
                     del result
+                    release_memory()
                     if bar is not None:
                         bar.update(job.nbytes)
                 writer.close()

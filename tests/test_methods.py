@@ -183,12 +183,25 @@ def test_ties_without_normalize_and_with_lambda() -> None:
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_magnitude_mask_keeps_exactly_k_even_with_ties() -> None:
+def test_trim_keeps_exactly_k_even_with_ties() -> None:
     delta = torch.tensor([1.0, -1.0, 1.0, 0.5, -3.0, 1.0])
-    keep = _steps.magnitude_mask(delta, 0.5)
-    assert int(keep.sum()) == 3
-    assert bool(keep[4])
-    assert keep.tolist() == [True, True, False, False, True, False]
+    _steps.trim_to_top(delta, 0.5)
+    assert delta.tolist() == [1.0, -1.0, 0.0, 0.0, -3.0, 0.0]
+
+
+def test_trim_matches_numpy_top_k_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_steps, "_CHUNK", 1000)
+    rng = np.random.default_rng(3)
+    values = rng.integers(-20, 21, size=4321).astype(np.float32) / 4  # many ties at every magnitude
+    for density in (0.01, 0.37, 0.5, 0.99):
+        k = max(1, int(density * values.size))
+        order = np.lexsort((np.arange(values.size), -np.abs(values)))  # by magnitude, ties by index
+        expected = np.zeros_like(values)
+        expected[order[:k]] = values[order[:k]]
+        out = _steps.trim_to_top(torch.tensor(values), density).numpy()
+        np.testing.assert_array_equal(out, expected)
+        l1 = _steps.trim_to_top(torch.tensor(values), density, "l1").numpy()
+        np.testing.assert_allclose(l1, expected * np.abs(values).sum() / np.abs(expected).sum(), rtol=1e-5)
 
 
 # -- DARE -----------------------------------------------------------------------------------------

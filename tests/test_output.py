@@ -272,7 +272,7 @@ def test_output_contents(zoo: dict[str, Path], tmp_path: Path, write_config: Cal
     )
     config_path = write_config(text)
     out = tmp_path / "out"
-    plan = merge(config_path, out, max_shard_size=20_000, progress=False)
+    plan = merge(config_path, out, max_shard_size=20_000, progress=False, full_digests=True)
 
     # config.json: the base's, with the output dtype
     base_cfg = json.loads((zoo["base"] / "config.json").read_text())
@@ -299,11 +299,11 @@ def test_output_contents(zoo: dict[str, Path], tmp_path: Path, write_config: Cal
     inputs += sorted(zoo["b"].glob("model-*.safetensors"))
     assert len(inputs) == 5
     for f in inputs:
-        assert f"`{f.name}` `{sha256(f)}`" in readme
+        assert f"`{f.name}` `sha256:{sha256(f)}`" in readme
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| /")}
     assert rows[str(zoo["base"])].split(" | ")[1] == "base"
     assert rows[str(zoo["a"])].split(" | ")[1] == "merged"
-    assert rows[str(zoo["b"])].count("sha256") == 0
+    assert "quick:" not in readme
     assert rows[str(zoo["b"])].count("`model-0000") == 3
     assert "`?`" not in readme
 
@@ -342,3 +342,29 @@ def test_output_contents(zoo: dict[str, Path], tmp_path: Path, write_config: Cal
     expected = {*shards, "model.safetensors.index.json", "config.json", "README.md", "mergesmith_config.yml"}
     assert {p.name for p in out.iterdir()} == expected | set(tok_files)
     assert leftovers(tmp_path) == []
+
+
+def test_quick_digest_changes_with_the_file_and_full_digest_is_sha256(tmp_path: Path) -> None:
+    from mergesmith.card import file_digest
+
+    f = tmp_path / "model.safetensors"
+    data = bytearray(range(256)) * 20_000  # 5 MB: head, middle and tail are distinct regions
+    f.write_bytes(bytes(data))
+    quick = file_digest(f)
+    assert quick.startswith("quick:") and len(quick) == len("quick:") + 64
+    assert file_digest(f, full=True) == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    data[-1] ^= 1  # a change in the last MiB
+    f.write_bytes(bytes(data))
+    assert file_digest(f) != quick
+    data[-1] ^= 1
+    data.append(0)  # a change of size
+    f.write_bytes(bytes(data))
+    assert file_digest(f) != quick
+
+
+def test_default_card_labels_quick_digests(zoo: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    merge(config_for(zoo), out, progress=False)
+    readme = (out / "README.md").read_text()
+    assert "`model.safetensors` `quick:" in readme
+    assert "--full-digests" in readme

@@ -589,7 +589,7 @@ def test_merge_with_a_hub_base_model(hub_model: tuple[Path, dict[str, torch.Tens
     assert blob.name == hashlib.sha256(blob.read_bytes()).hexdigest()
     readme = (out / "README.md").read_text()
     assert "base_model: org/name" in readme
-    assert f"`model.safetensors` `{blob.name}`" in readme
+    assert f"`model.safetensors` `sha256:{blob.name}`" in readme
     assert not list(snap.parent.parent.glob("**/*mergesmith*"))
 
 
@@ -672,7 +672,7 @@ def test_digest_of_a_hub_cached_file_is_its_blob_name(
     assert blob.parent.name == "blobs"
     expected = hashlib.sha256(blob.read_bytes()).hexdigest()
     assert blob.name == expected
-    assert card.file_digest(link) == expected
+    assert card.file_digest(link) == f"sha256:{expected}"
 
 
 def test_digest_trusts_the_blob_name_without_reading(tmp_path: Path) -> None:
@@ -682,15 +682,17 @@ def test_digest_trusts_the_blob_name_without_reading(tmp_path: Path) -> None:
     blob.write_bytes(b"anything")
     link = tmp_path / "model.safetensors"
     link.symlink_to(blob)
-    assert card.file_digest(link) == name
+    assert card.file_digest(link) == f"sha256:{name}"
+    assert card.file_digest(link, full=True) == f"sha256:{name}"
 
 
-def test_digest_of_a_local_file_is_its_sha256(tmp_path: Path) -> None:
+def test_full_digest_of_a_local_file_is_its_sha256(tmp_path: Path) -> None:
     data = os.urandom(3 * (1 << 20) + 17)
     f = tmp_path / "model.safetensors"
     f.write_bytes(data)
-    assert card.file_digest(f) == hashlib.sha256(data).hexdigest()
+    assert card.file_digest(f, full=True) == f"sha256:{hashlib.sha256(data).hexdigest()}"
     # a file named like a digest but not in a blobs/ folder is hashed
     g = tmp_path / ("cd" * 32)
     g.write_bytes(b"x")
-    assert card.file_digest(g) == hashlib.sha256(b"x").hexdigest()
+    assert card.file_digest(g, full=True) == f"sha256:{hashlib.sha256(b'x').hexdigest()}"
+    assert card.file_digest(g).startswith("quick:")

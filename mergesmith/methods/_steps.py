@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 RescaleMode = Literal["none", "l1", "inverse"]
@@ -24,25 +25,60 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[to
     return [t.sub_(base) for t in tensors]
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``k = max(1, floor(density * n))`` entries of largest magnitude.
+def trim_to_top(delta: torch.Tensor, density: float, rescale: RescaleMode = "none") -> torch.Tensor:
+    """Keep the ``k = max(1, floor(density * n))`` entries of ``delta`` with largest magnitude.
 
-    Entries tied at the threshold are taken in index order, so exactly ``k`` entries are kept.
+    Works in place and returns ``delta``. Entries tied at the threshold magnitude are kept in index
+    order, so exactly ``k`` entries survive. ``rescale`` is applied to the survivors as in
+    :func:`apply_mask`. Scratch memory is one magnitude copy plus fixed-size chunks, never a
+    full-size boolean mask.
     """
-    n = delta.numel()
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if density >= 1 or n == 0:
+        return delta
+    before = flat.abs().sum() if rescale == "l1" else None
+    if density <= 0:
+        flat.zero_()
+        return delta
     k = max(1, int(density * n))
-    mags = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mags, n - k + 1).values
-    keep = mags > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        at = (mags == threshold).nonzero().reshape(-1)[:missing]
-        keep[at] = True
-    return keep.reshape(delta.shape)
+    threshold, tied = _kth_largest_magnitude(flat, k)
+    keep_tied = _first_equal(flat, threshold, tied)
+    saved = flat[keep_tied]
+    for start in range(0, n, _CHUNK):
+        part = flat[start : start + _CHUNK]
+        part.copy_(torch.nn.functional.hardshrink(part, threshold))  # keeps |x| > threshold
+    flat[keep_tied] = saved
+    _rescale(delta, before, rescale, density)
+    return delta
+
+
+def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[float, int]:
+    """The k-th largest |x| and how many entries equal to it belong to the top k."""
+    n = flat.numel()
+    mags = flat.abs()
+    if mags.device.type == "cpu" and mags.dtype in (torch.float32, torch.float64):
+        m = mags.numpy()
+        m.partition(n - k)  # in place and linear time: m[n - k:] are the k largest
+        threshold = float(m[n - k])
+        tied = int(np.count_nonzero(m[n - k :] == threshold))
+    else:
+        kth = torch.kthvalue(mags, n - k + 1).values
+        threshold = float(kth)
+        tied = k - int(torch.count_nonzero(mags > kth))
+    return threshold, tied
+
+
+def _first_equal(flat: torch.Tensor, threshold: float, count: int) -> torch.Tensor:
+    """Indices of the first ``count`` entries with ``|x| == threshold``, scanned in chunks."""
+    found: list[torch.Tensor] = []
+    for start in range(0, flat.numel(), _CHUNK):
+        if count <= 0:
+            break
+        at = (flat[start : start + _CHUNK].abs() == threshold).nonzero().reshape(-1)[:count]
+        found.append(at + start)
+        count -= at.numel()
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=flat.device)
 
 
 def random_mask(
@@ -71,17 +107,21 @@ def apply_mask(delta: torch.Tensor, keep: torch.Tensor, rescale: RescaleMode, de
     """
     before = delta.abs().sum() if rescale == "l1" else None
     delta.mul_(keep)
+    _rescale(delta, before, rescale, density)
+    return delta
+
+
+def _rescale(delta: torch.Tensor, before: torch.Tensor | None, rescale: RescaleMode, density: float) -> None:
     if rescale == "inverse":
         delta.div_(density)
     elif before is not None:
         after = delta.abs().sum()
         if before >= _EPS and after >= _EPS:
             delta.mul_(before / after)
-    return delta
 
 
 def elect_sign(deltas: Sequence[torch.Tensor], consensus: Consensus) -> torch.Tensor:
-    """Boolean tensor, True where the elected sign is positive (ties go to positive).
+    """+1 where the elected sign is positive (ties go to positive), -1 where it is negative.
 
     ``sum`` elects the sign of the summed (weighted) task vectors, i.e. the sign with more total
     magnitude; ``count`` elects the sign held by more models.
@@ -89,7 +129,7 @@ def elect_sign(deltas: Sequence[torch.Tensor], consensus: Consensus) -> torch.Te
     score = torch.zeros_like(deltas[0])
     for d in deltas:
         score.add_(d if consensus == "sum" else torch.sign(d))
-    return score >= 0
+    return score.sign_().add_(0.5).sign_()  # maps 0 to +1, keeps +1 and -1
 
 
 def combine(
@@ -123,16 +163,17 @@ def combine(
             if divide_all:
                 mixed.div_(total)
         else:
-            positive = elect_sign(part, consensus)
+            sign = elect_sign(part, consensus)
             mixed = torch.zeros_like(part[0])
             divisor = torch.zeros_like(part[0]) if normalize else None
             for d, w in zip(part, weights):
-                agree = torch.where(positive, d > 0, d < 0)
-                mixed.add_(d.mul_(agree))
+                d.mul_(sign).clamp_min_(0)  # |d| where d has the elected sign, else 0
+                mixed.add_(d)
                 if divisor is not None:
-                    divisor.add_(agree.to(divisor.dtype), alpha=w)
+                    divisor.add_(d.sign_(), alpha=w)
+            mixed.mul_(sign)
             if divisor is not None:
-                divisor[divisor == 0] = 1
+                divisor.masked_fill_(divisor == 0, 1)
                 mixed.div_(divisor)
         if lambda_ != 1:
             mixed.mul_(lambda_)

@@ -33,9 +33,7 @@ def merge(inputs: MergeInputs[TiesParams, TiesModelParams]) -> torch.Tensor:
     deltas = _steps.task_vectors(base, inputs.tensors)
     for delta, mp in zip(deltas, inputs.model_params):
         if mp.density < 1:
-            keep = _steps.magnitude_mask(delta, mp.density)
-            _steps.apply_mask(delta, keep, rescale, mp.density)
-            del keep
+            _steps.trim_to_top(delta, mp.density, rescale)
     return _steps.combine(
         base,
         deltas,
