@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergesmith import card
+from mergesmith import _memory, card
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
@@ -44,47 +41,34 @@ CHAT_TEMPLATES = {
 }
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """Return memory freed by a finished job to the OS (glibc keeps it otherwise); no-op elsewhere."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-
-    def release() -> None:
-        trim(0)
-
-    return release
+def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
+    """Read a job's input tensors (base first) as stored. Runs on the reader thread."""
+    return [plan.models[ref.model].get(ref.name) for ref in job.all_inputs()]
 
 
-release_memory = _malloc_trim()
-
-
-def load_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
-    """Read a job's input tensors (base first) and convert them to the compute dtype."""
+def to_compute(plan: Plan, job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Round inputs to the config's ``dtype`` if set, then widen them to float32 (float64 stays)."""
+    if job.method == COPY:
+        return tensors
     out = []
-    for ref in job.all_inputs():
-        t = plan.models[ref.model].get(ref.name)
-        if job.method != COPY:
-            if plan.compute_dtype is not None:
-                t = t.to(plan.compute_dtype)
-            t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-        out.append(t)
+    for t in tensors:
+        if plan.compute_dtype is not None:
+            t = t.to(plan.compute_dtype)
+        out.append(t.to(torch.float64 if t.dtype == torch.float64 else torch.float32))
     return out
 
 
 def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Merge one tensor; ``tensors`` come from :func:`load_inputs`."""
+    """Merge one tensor from its inputs as read (:func:`read_inputs`); the list is emptied."""
     if job.method == COPY:
         return tensors[0]
     method = get_method(job.method)
     if method is None:
         raise MethodError(f"{job.name}: unknown method {job.method!r}")
-    tensors = [t.to(device) for t in tensors]
+    raw = [t.to(device) for t in tensors]
+    tensors.clear()
+    tensors = to_compute(plan, job, raw)
+    del raw
     base = tensors[0] if job.base is not None else None
     others = tensors[1:] if job.base is not None else tensors
     inputs: MergeInputs[Any, Any] = MergeInputs(
@@ -130,6 +114,7 @@ def execute(
     extra read of the inputs); otherwise local files get a quick digest.
     """
     dev = torch.device(device)
+    _memory.tune()
     names = plan.shard_names()
     shard_of = {}
     for s, members in enumerate(plan.shards):
@@ -157,17 +142,17 @@ def execute(
                 for i in members:
                     job = plan.jobs[i]
                     if pending is None:
-                        pending = reader.submit(load_inputs, plan, job)
+                        pending = reader.submit(read_inputs, plan, job)
                     tensors = pending.result()
                     nxt = i + 1
                     pending = (
-                        reader.submit(load_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
+                        reader.submit(read_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
                     )
                     result = merge_job(plan, job, tensors, dev)
                     del tensors
                     writer.write(job.name, result)
                     del result
-                    release_memory()
+                    _memory.release()
                     if bar is not None:
                         bar.update(job.nbytes)
                 writer.close()
@@ -217,14 +202,19 @@ def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[P
 
 
 class _Bar:
+    """Progress on stderr: output bytes written, with the count of tensors done beside them."""
+
     def __init__(self, total: int, jobs: int) -> None:
         from tqdm import tqdm
 
-        self.tqdm = tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"merging {jobs} tensors", file=sys.stderr
-        )
+        self.jobs = jobs
+        self.done = 0
+        self.tqdm = tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
+        self.tqdm.set_postfix_str(f"0/{jobs} tensors", refresh=False)
 
     def update(self, n: int) -> None:
+        self.done += 1
+        self.tqdm.set_postfix_str(f"{self.done}/{self.jobs} tensors", refresh=False)
         self.tqdm.update(n)
 
     def close(self) -> None:

@@ -283,3 +283,15 @@ def test_random_mask_is_the_same_whatever_the_chunking() -> None:
         torch.Size([5_000_000]), 0.5, torch.Generator().manual_seed(3), torch.device("cpu")
     )
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_keeps_values_one_ulp_apart_correctly(dtype: torch.dtype) -> None:
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    t = np_dtype(0.3)
+    below = np.nextafter(t, np_dtype(0))
+    values = np.array([below, -t, t, below, 0.1, -below], dtype=np_dtype)
+    out = _steps.trim_to_top(torch.tensor(values, dtype=dtype), 0.34).numpy()  # k = 2: the two at |t|
+    np.testing.assert_array_equal(out, np.array([0, -t, t, 0, 0, 0], dtype=np_dtype))
+    out = _steps.trim_to_top(torch.tensor(values, dtype=dtype), 0.5).numpy()  # k = 3: first of the ties below
+    np.testing.assert_array_equal(out, np.array([below, -t, t, 0, 0, 0], dtype=np_dtype))

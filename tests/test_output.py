@@ -368,3 +368,15 @@ def test_default_card_labels_quick_digests(zoo: dict[str, Path], tmp_path: Path)
     readme = (out / "README.md").read_text()
     assert "`model.safetensors` `quick:" in readme
     assert "--full-digests" in readme
+
+
+def test_progress_bar_counts_tensors_and_bytes(
+    zoo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = merge(config_for(zoo), tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    n = len(plan.jobs)
+    assert f"{n}/{n} tensors" in err
+    total = f"{plan.write_bytes / 1e3:.0f}k"  # tqdm shows 3 significant digits
+    assert plan.write_bytes > 100_000
+    assert f"{total}/{total}" in err

@@ -17,7 +17,8 @@ RescaleMode = Literal["none", "l1", "inverse"]
 Consensus = Literal["sum", "count"]
 
 _EPS = 1e-7
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20  # elementwise work runs over chunks this size, which stay in cache
+_MASK_CHUNK = 1 << 22  # random draws come in chunks this size; changing it changes the masks
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -42,43 +43,52 @@ def trim_to_top(delta: torch.Tensor, density: float, rescale: RescaleMode = "non
         flat.zero_()
         return delta
     k = max(1, int(density * n))
-    threshold, tied = _kth_largest_magnitude(flat, k)
-    keep_tied = _first_equal(flat, threshold, tied)
-    saved = flat[keep_tied]
-    for start in range(0, n, _CHUNK):
-        part = flat[start : start + _CHUNK]
-        part.copy_(torch.nn.functional.hardshrink(part, threshold))  # keeps |x| > threshold
-    flat[keep_tied] = saved
+    threshold, tied, below = _kth_largest_magnitude(flat, k)
+    if threshold > 0:  # else fewer than k entries are non-zero, and all of them are kept
+        _keep_top(flat, threshold, tied if below else None)
     _rescale(delta, before, rescale, density)
     return delta
 
 
-def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[float, int]:
-    """The k-th largest |x| and how many entries equal to it belong to the top k."""
+def _keep_top(flat: torch.Tensor, threshold: float, tied: int | None) -> None:
+    """Zero entries with ``|x| < threshold`` and, when ``tied`` is given, all but the first
+    ``tied`` entries with ``|x| == threshold`` (``None``: keep every one of them).
+
+    One pass over fixed-size chunks: while tied entries remain to be kept, a chunk keeps
+    ``|x| >= threshold`` (counting the ties it kept); after that, chunks keep ``|x| > threshold``.
+    """
+    t = torch.tensor(threshold, dtype=flat.dtype)
+    at_or_above = float(torch.nextafter(t, torch.zeros_like(t)))  # |x| > this <=> |x| >= threshold
+    shrink = torch.nn.functional.hardshrink  # keeps |x| > lambd
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        if tied is None or tied == 0:
+            part.copy_(shrink(part, at_or_above if tied is None else threshold))
+            continue
+        equal = part.abs() == threshold
+        count = int(torch.count_nonzero(equal))
+        part.copy_(shrink(part, at_or_above))
+        if count > tied:
+            part[equal.nonzero().reshape(-1)[tied:]] = 0
+            count = tied
+        tied -= count
+
+
+def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """The k-th largest |x|, how many entries equal to it are in the top k, and how many are not."""
     n = flat.numel()
     mags = flat.abs()
     if mags.device.type == "cpu" and mags.dtype in (torch.float32, torch.float64):
         m = mags.numpy()
         m.partition(n - k)  # in place and linear time: m[n - k:] are the k largest
-        threshold = float(m[n - k])
+        threshold = m[n - k]
         tied = int(np.count_nonzero(m[n - k :] == threshold))
-    else:
-        kth = torch.kthvalue(mags, n - k + 1).values
-        threshold = float(kth)
-        tied = k - int(torch.count_nonzero(mags > kth))
-    return threshold, tied
-
-
-def _first_equal(flat: torch.Tensor, threshold: float, count: int) -> torch.Tensor:
-    """Indices of the first ``count`` entries with ``|x| == threshold``, scanned in chunks."""
-    found: list[torch.Tensor] = []
-    for start in range(0, flat.numel(), _CHUNK):
-        if count <= 0:
-            break
-        at = (flat[start : start + _CHUNK].abs() == threshold).nonzero().reshape(-1)[:count]
-        found.append(at + start)
-        count -= at.numel()
-    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=flat.device)
+        below = int(np.count_nonzero(m[: n - k] == threshold))
+        return float(threshold), tied, below
+    kth = torch.kthvalue(mags, n - k + 1).values
+    above = int(torch.count_nonzero(mags > kth))
+    equal = int(torch.count_nonzero(mags == kth))
+    return float(kth), k - above, equal - (k - above)
 
 
 def random_mask(
@@ -93,8 +103,8 @@ def random_mask(
     for s in shape:
         n *= s
     keep = torch.empty(n, dtype=torch.bool)
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
+    for start in range(0, n, _MASK_CHUNK):
+        stop = min(n, start + _MASK_CHUNK)
         keep[start:stop] = torch.rand(stop - start, generator=generator) < density
     return keep.reshape(shape).to(device)
 
