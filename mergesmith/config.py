@@ -465,7 +465,9 @@ class _Validator:
                     "with the same layer_range as the others",
                 )
                 continue
-            if method.base == "required":
+            if method.base == "optional":
+                others = [r for r in refs if r != group_base]
+            elif method.base == "required":
                 if group_base is None:
                     self.add(
                         doc,
@@ -498,10 +500,8 @@ class _Validator:
                 f"parameters.{info.key}",
                 f"missing: {method.name} needs {info.key} ({info.doc}); add it under parameters:",
             )
-        if slices is None and method.base == "required" and base is not None:
-            self._check_weights(doc, method, models, base)
-        if slices is None and method.base == "unused":
-            self._check_weights(doc, method, models, None)
+        if slices is None and (method.base != "required" or base is not None):
+            self._check_weights(doc, method, models, base if method.base != "unused" else None)
 
     def _check_weights(
         self,

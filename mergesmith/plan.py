@@ -353,10 +353,8 @@ class _Planner:
     def plan_models(self) -> list[Job]:
         cfg = self.config
         method = self.method
-        base = (
-            self.index(cfg.base_model) if cfg.base_model is not None and method.base == "required" else None
-        )
-        entries = [e for e in cfg.models if method.base != "required" or e.ref != cfg.base_model]
+        base = self.index(cfg.base_model) if cfg.base_model is not None and method.base != "unused" else None
+        entries = [e for e in cfg.models if base is None or e.ref != cfg.base_model]
         inputs = [self.index(e.ref) for e in entries]
         model_scopes = [[e.parameters, cfg.parameters] for e in entries]
         ref_idx = base if base is not None else inputs[0]
@@ -394,14 +392,14 @@ class _Planner:
             group_base = sl.base_model or cfg.base_model
             base_src = (
                 next((s for s in sl.sources if s.ref == group_base), None)
-                if self.method.base == "required"
+                if self.method.base != "unused"
                 else None
             )
             others = [s for s in sl.sources if s is not base_src]
             ref_src = base_src or others[0]
             ref_idx = self.index(ref_src.ref)
             if si == 0:
-                self.reference = ref_idx if self.method.base != "required" else self.reference
+                self.reference = ref_idx if base_src is None else self.reference
             ref_cfg_layers = self.arch.num_layers(self.models[ref_idx].config)
             for s in sl.sources:
                 limit = self.arch.num_layers(self.models[self.index(s.ref)].config)

@@ -14,7 +14,7 @@ from mergesmith.parameters import ParamInfo, param_infos
 P = TypeVar("P")
 M = TypeVar("M")
 
-BasePolicy = Literal["required", "unused"]
+BasePolicy = Literal["required", "optional", "unused"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class Method(Generic[P, M]):
         count = f"exactly {lo}" if lo == hi else (f"{lo} or more" if hi is None else f"{lo} to {hi}")
         if self.base == "required":
             return f"a base_model and {count} other model{'s' if hi != 1 else ''}"
+        if self.base == "optional":
+            return f"{count} models besides an optional base_model"
         return f"{count} models"
 
 
