@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: install demo test check lint typecheck bench clean
+.PHONY: install demo test check lint typecheck bench clean readme
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ typecheck: install
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+readme: install
+	$(BIN)/python -m mergesmith.docs README.md
 
 bench: install
 	$(BIN)/python bench/merge_speed.py

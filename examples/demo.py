@@ -77,13 +77,16 @@ def main() -> int:
         plan = mergesmith.merge(cfg, out, force=True, progress=False)
         took = time.perf_counter() - start
         merged = tiny.load_state(out)
-        vector = task_vector(merged, base_state)
         loads = "yes" if run_forward(out, prompts) else "NO"
         cells = []
-        for n in PARENTS:
-            kept = float(torch.nn.functional.cosine_similarity(vector, parent_vectors[n], dim=0))
-            size = float(vector.norm() / parent_vectors[n].norm())
-            cells.append(f"{kept:>10.2f} {size:>10.2f}")
+        if merged.keys() == base_state.keys():
+            vector = task_vector(merged, base_state)
+            for n in PARENTS:
+                kept = float(torch.nn.functional.cosine_similarity(vector, parent_vectors[n], dim=0))
+                size = float(vector.norm() / parent_vectors[n].norm())
+                cells.append(f"{kept:>10.2f} {size:>10.2f}")
+        else:  # layers were stacked: no tensor-by-tensor comparison with the parents
+            cells.append(f"{'(' + str(len(plan.jobs)) + ' tensors, layers stacked: not comparable)':>43}")
         rows.append(f"{cfg.stem:<16} {len(plan.jobs):>7} {took:>5.2f} {loads:>5} " + " ".join(cells))
     print("\n".join(rows))
     failed = [r for r in rows[2:] if " NO " in r]

@@ -85,3 +85,9 @@ def compatibility_keys() -> list[str]:
 def layer_count_keys() -> list[str]:
     keys: list[str] = _data()["layer_count_keys"]
     return keys
+
+
+def per_layer_keys() -> list[str]:
+    """config.json keys holding one entry per layer, rebuilt when layers are stacked."""
+    keys: list[str] = _data()["per_layer_keys"]
+    return keys

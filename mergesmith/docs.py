@@ -41,3 +41,27 @@ def methods_table() -> str:
             f"| [`{m.name}`](docs/methods/{m.name}.md) | {m.summary} | {', '.join(params)} | [link]({m.paper}) |"
         )
     return "\n".join(rows)
+
+
+_TABLE_START = "<!-- methods-table:start -->\n"
+_TABLE_END = "\n<!-- methods-table:end -->"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated method table between its markers in ``path``; True if it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(_TABLE_START) + len(_TABLE_START)
+    end = text.index(_TABLE_END, start)
+    new = text[:start] + methods_table() + text[end:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    changed = update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    print("README method table updated" if changed else "README method table already up to date")

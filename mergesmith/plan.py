@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from mergesmith import _hub
-from mergesmith.architecture import Architecture, architecture_for, compatibility_keys, layer_count_keys
+from mergesmith.architecture import (
+    Architecture,
+    architecture_for,
+    compatibility_keys,
+    layer_count_keys,
+    per_layer_keys,
+)
 from mergesmith.config import MergeConfig, ModelRef, SliceDef
 from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
 from mergesmith.methods import Method
@@ -229,9 +235,7 @@ class _Planner:
             jobs, layers = self.plan_slices(self.config.slices)
         out_config = json.loads(json.dumps(self.models[self.reference].config))
         if layers is not None:
-            for key in layer_count_keys():
-                if key in out_config:
-                    out_config[key] = layers
+            self.renumber_config(out_config, layers)
         if self.problems:
             raise CompatibilityError(self.problems + self.config_problems)
         if self.config_problems:
@@ -383,9 +387,11 @@ class _Planner:
 
     # -- slices mode ----------------------------------------------------------------------------
 
-    def plan_slices(self, slices: Sequence[SliceDef]) -> tuple[list[Job], int]:
+    def plan_slices(self, slices: Sequence[SliceDef]) -> tuple[list[Job], list[tuple[int, int]]]:
+        """Jobs of the stacked slices, and for each output layer the (model, layer) it comes from."""
         cfg = self.config
         out_layers = 0
+        layer_sources: list[tuple[int, int]] = []
         layer_jobs: list[Job] = []
         edge_jobs: dict[str, list[Job]] = {"pre": [], "post": []}
         for si, sl in enumerate(slices):
@@ -463,7 +469,29 @@ class _Planner:
                     if job is not None:
                         edge_jobs[edge].append(job)
             out_layers += n
-        return edge_jobs["pre"] + layer_jobs + edge_jobs["post"], out_layers
+            layer_sources += [(ref_idx, ref_src.layer_range[0] + offset) for offset in range(n)]
+        return edge_jobs["pre"] + layer_jobs + edge_jobs["post"], layer_sources
+
+    def renumber_config(self, out_config: dict[str, Any], layers: list[tuple[int, int]]) -> None:
+        """Set the layer count of a stacked model's config, and rebuild its per-layer lists
+        (such as ``layer_types``) from the layers each output layer comes from."""
+        for key in layer_count_keys():
+            if key in out_config:
+                out_config[key] = len(layers)
+        for key in per_layer_keys():
+            if not isinstance(out_config.get(key), list):
+                continue
+            values = []
+            for model, layer in layers:
+                source = self.models[model].config.get(key)
+                if not isinstance(source, list) or layer >= len(source):
+                    self.problem(
+                        f"config.json: {key} of {self.refs[model]} has no entry for layer {layer}; "
+                        "its per-layer settings cannot be carried over"
+                    )
+                    return
+                values.append(source[layer])
+            out_config[key] = values
 
     # -- one job --------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def states(zoo: dict[str, Path], names: list[str]) -> dict[str, dict[str, torch.
 
 
 def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
-    models = ["a", "b", "c", "d"] if method != "slerp" else ["base", "b"]
+    models = {"slerp": ["base", "b"], "passthrough": ["d"]}.get(method, ["a", "b", "c", "d"])
     weights = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
     lines = [f"merge_method: {method}", f"base_model: {zoo['base']}", "models:"]
     per_model = {i.key for i in REGISTRY[method].model_param_infos}
@@ -81,6 +81,8 @@ def test_every_method_merges_every_layout_and_transformers_loads_it(
     elif method == "slerp":
         # layer 1 of 3: t is halfway along the gradient [0.2, 0.8]
         expected = numpy_slerp(0.5, base, src["b"][name].numpy())
+    elif method == "passthrough":
+        expected = src["d"][name].numpy()
     else:
         # random methods: entries either keep the base or move; the survivors' share is about density
         changed = (merged[name].numpy() != base).mean()

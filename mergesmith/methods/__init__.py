@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergesmith.methods import dare, linear, slerp, task_arithmetic, ties
+from mergesmith.methods import dare, linear, passthrough, slerp, task_arithmetic, ties
 from mergesmith.methods._spec import MergeInputs, Method, NoParams
 
 __all__ = ["REGISTRY", "MergeInputs", "Method", "NoParams", "get_method"]
@@ -18,6 +18,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         ties.METHOD,
         dare.DARE_LINEAR,
         dare.DARE_TIES,
+        passthrough.METHOD,
     )
 }
 

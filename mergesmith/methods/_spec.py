@@ -85,9 +85,10 @@ class Method(Generic[P, M]):
         count = f"exactly {lo}" if lo == hi else (f"{lo} or more" if hi is None else f"{lo} to {hi}")
         if self.base == "required":
             return f"a base_model and {count} other model{'s' if hi != 1 else ''}"
+        noun = "model" if hi == 1 else "models"
         if self.base == "optional":
-            return f"{count} models besides an optional base_model"
-        return f"{count} models"
+            return f"{count} {noun} besides an optional base_model"
+        return f"{count} {noun}"
 
 
 def base_of(inputs: MergeInputs[Any, Any]) -> torch.Tensor:
