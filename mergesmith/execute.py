@@ -116,10 +116,6 @@ def execute(
     dev = torch.device(device)
     _memory.tune()
     names = plan.shard_names()
-    shard_of = {}
-    for s, members in enumerate(plan.shards):
-        for i in members:
-            shard_of[i] = s
     bar = _progress_bar(plan, progress)
     digests: dict[Path, str] = {}
     with (
