@@ -422,13 +422,6 @@ class _Validator:
                 doc, "tokenizer_source", "tokenizer_source", f"expected base or a model, found {value!r}"
             )
             return None
-        if value == "union":
-            self.add(
-                doc,
-                "tokenizer_source",
-                "tokenizer_source",
-                "union vocabularies are not supported yet; use base or the name of one input model",
-            )
         return value
 
     def _check_tokenizer_block(self, doc: Mapping[str, Any]) -> None:

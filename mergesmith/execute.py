@@ -7,11 +7,10 @@ import shutil
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mergesmith import _memory, card
+from mergesmith import _memory, card, vocab
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
@@ -71,16 +70,26 @@ def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.d
     del raw
     base = tensors[0] if job.base is not None else None
     others = tensors[1:] if job.base is not None else tensors
-    inputs: MergeInputs[Any, Any] = MergeInputs(
-        tensor_name=job.name,
-        base=base,
-        tensors=others,
-        params=method.build_params(job.params),
-        model_params=[method.build_model_params(mp) for mp in job.model_params],
-        seed=plan.config.seed,
-    )
-    result = method.merge(inputs)
-    del inputs, tensors, base, others
+    params = method.build_params(job.params)
+    model_params = [method.build_model_params(mp) for mp in job.model_params]
+
+    def run(base: torch.Tensor | None, others: list[torch.Tensor], members: list[int]) -> torch.Tensor:
+        return method.merge(
+            MergeInputs(
+                tensor_name=job.name,
+                base=base,
+                tensors=others,
+                params=params,
+                model_params=[model_params[i] for i in members],
+                seed=plan.config.seed,
+            )
+        )
+
+    if job.rows is None:
+        result = run(base, others, list(range(len(others))))
+    else:
+        result = vocab.merge_rows(job.rows, base, others, run, method.min_models)
+    del tensors, base, others
     # One reduction tells whether anything is non-finite; the count is taken only when it is.
     bad = 0 if bool(torch.isfinite(result.sum())) else int((~torch.isfinite(result)).sum())
     if bad:
@@ -185,6 +194,11 @@ def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[P
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, stage / name)
+    if plan.vocab is not None and plan.vocab.union and plan.tokenizer_model is not None:
+        reference = plan.vocab.vocabs[plan.tokenizer_model]
+        if reference is not None and reference.file.name == "tokenizer.json":
+            known = [v for v in plan.vocab.vocabs if v is not None]
+            vocab.union_tokenizer(reference.file, known, plan.vocab.keys, stage)
     template = plan.config.chat_template
     if template and template != "auto":
         (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))

@@ -26,11 +26,26 @@ from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
 from mergesmith.methods import Method
 from mergesmith.parameters import REQUIRED, resolve
 from mergesmith.sources import Checkpoint, TensorInfo
+from mergesmith.vocab import Key, RowMap, Vocab, align, read_vocab, union_keys
 
 __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
 
 DEFAULT_SHARD = 5 * 1000**3
 COPY = "copy"
+ALIGN_HINT = (
+    "Set tokenizer_source (base, union or one model's name) to match embedding rows by token, or "
+    "merge models that share one tokenizer"
+)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Embedding rows matched by token: the output's row keys and each model's row for them."""
+
+    keys: list[Key]
+    vocabs: list[Vocab | None]  # per model
+    maps: list[torch.Tensor]  # per model: its row for each output row, -1 where it lacks the token
+    union: bool
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class Job:
     layer: int | None
     t: float
     out_dtype: torch.dtype
+    rows: RowMap | None = None  # vocabulary tensors whose rows are matched by token
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +98,7 @@ class Plan:
     out_config: dict[str, Any]
     compute_dtype: torch.dtype | None
     shards: list[list[int]] = field(default_factory=list)
+    vocab: Alignment | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -212,6 +229,7 @@ class _Planner:
         self.config_problems: list[str] = []
         self.misfits: set[int] = set()  # models whose config.json already disagrees
         self._seen_problems: set[str] = set()
+        self._alignment: Alignment | bool | None = False  # False: not worked out yet
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
         out_name = config.out_dtype or config.dtype
         self.out_dtype: torch.dtype | None = getattr(torch, out_name) if out_name else None
@@ -236,6 +254,9 @@ class _Planner:
         out_config = json.loads(json.dumps(self.models[self.reference].config))
         if layers is not None:
             self.renumber_config(out_config, layers)
+        alignment = self._alignment if isinstance(self._alignment, Alignment) else None
+        if alignment is not None and "vocab_size" in out_config:
+            out_config["vocab_size"] = len(alignment.keys)
         if self.problems:
             raise CompatibilityError(self.problems + self.config_problems)
         if self.config_problems:
@@ -257,11 +278,12 @@ class _Planner:
             jobs=jobs,
             out_config=out_config,
             compute_dtype=self.compute_dtype,
+            vocab=alignment,
         )
 
     def tokenizer_model(self) -> int | None:
         source = self.config.tokenizer_source
-        if source is None or source == "base":
+        if source is None or source in ("base", "union"):
             base = self.config.base_model
             return self.index(base) if base is not None and base in self.refs else self.reference
         for i, ref in enumerate(self.refs):
@@ -295,12 +317,75 @@ class _Planner:
                         "cannot be merged tensor by tensor; merge only fine-tunes of one base model"
                     )
             a, b = ref_cfg.get("vocab_size"), model.config.get("vocab_size")
-            if a is not None and b is not None and a != b:
+            if a is not None and b is not None and a != b and self.config.tokenizer_source is None:
                 self.problem(
                     f"vocab_size: {self.refs[i]} has {b}, but {self.refs[self.reference]} has {a}: the "
                     "vocabularies differ (added tokens?); merging embeddings row by row would mix "
-                    "unrelated tokens. Merge models with the same tokenizer"
+                    f"unrelated tokens. {ALIGN_HINT}",
+                    key="vocab-size",
                 )
+        if self.config.tokenizer_source is None:
+            self.check_same_tokens()
+
+    def check_same_tokens(self) -> None:
+        """Without tokenizer_source, the models' tokenizers must give every token the same id."""
+        vocabs = [(i, read_vocab(m.dir)) for i, m in enumerate(self.models)]
+        known = [(i, v) for i, v in vocabs if v is not None]
+        for i, v in known[1:]:
+            j, first = known[0]
+            moved = [t for t, k in first.ids.items() if v.ids.get(t, k) != k]
+            if moved:
+                t = moved[0]
+                self.problem(
+                    f"tokenizers differ: {t!r} is token {first.ids[t]} in {self.refs[j]} ({first.file}) but "
+                    f"{v.ids[t]} in {self.refs[i]} ({v.file}), and {len(moved) - 1} more; merging embeddings "
+                    f"row by row would mix unrelated tokens. {ALIGN_HINT}",
+                    key="vocab-size",
+                )
+                return
+
+    def alignment(self) -> Alignment | None:
+        """Matching of vocabulary rows by token, when tokenizer_source asks for it and rows differ."""
+        if self._alignment is not False:
+            return self._alignment if isinstance(self._alignment, Alignment) else None
+        self._alignment = None
+        source = self.config.tokenizer_source
+        if source is None:
+            return None
+        rows: list[int] = []
+        for i, model in enumerate(self.models):
+            name = next((n for n in self.arch.vocab_weights if self.lookup(i, n)), None)
+            found = self.lookup(i, name) if name else None
+            rows.append(model.info(found).shape[0] if found else 0)
+        vocabs = [read_vocab(m.dir) for m in self.models]
+        missing = [self.refs[i] for i, v in enumerate(vocabs) if v is None and rows[i]]
+        if missing:
+            self.problem(
+                f"tokenizer_source {source}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
+                "so its embedding rows cannot be matched by token; add its tokenizer files or remove "
+                "tokenizer_source",
+                key="vocab-missing",
+            )
+            return None
+        keys = [v.keys(r) if v is not None else [] for v, r in zip(vocabs, rows)]
+        if all(k == keys[0] for k in keys):
+            return None
+        chosen = self.tokenizer_model()
+        assert chosen is not None
+        if source == "union":
+            first = vocabs[chosen]
+            if first is None or first.file.name != "tokenizer.json":
+                self.problem(
+                    f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
+                    "other models' tokens; use tokenizer_source: base or one model's name",
+                    key="vocab-missing",
+                )
+                return None
+            out_keys = union_keys(keys[chosen], [k for i, k in enumerate(keys) if i != chosen])
+        else:
+            out_keys = keys[chosen]
+        self._alignment = Alignment(out_keys, vocabs, align(out_keys, keys), source == "union")
+        return self._alignment
 
     def lookup(self, model: int, name: str) -> str | None:
         """The name under which ``model`` stores tensor ``name`` (tied weights resolved), or None."""
@@ -319,7 +404,9 @@ class _Planner:
             self._key_cache[model] = set(self.models[model].keys())
         return self._key_cache[model]
 
-    def input_ref(self, model: int, name: str, ref_info: TensorInfo, out_name: str) -> InputRef | None:
+    def input_ref(
+        self, model: int, name: str, ref_info: TensorInfo, out_name: str, rows_align: bool = False
+    ) -> InputRef | None:
         found = self.lookup(model, name)
         if found is None:
             self.problem(
@@ -332,7 +419,9 @@ class _Planner:
         info = self.models[model].info(found)
         if info.shape != ref_info.shape and model in self.misfits:
             return None  # already reported once, from config.json
-        if info.shape != ref_info.shape:
+        if rows_align and info.shape[1:] == ref_info.shape[1:]:
+            pass  # rows are matched by token
+        elif info.shape != ref_info.shape:
             vocab = name in self.arch.vocab_weights and info.shape[1:] == ref_info.shape[1:]
             hint = (
                 "the vocabularies differ in size; merge models with the same tokenizer"
@@ -532,13 +621,19 @@ class _Planner:
                 ref_info.dtype,
             )
         base_ref = InputRef(ref_model_idx, ref_found) if base is not None else None
+        alignment = self.alignment() if ref_name in self.arch.vocab_weights else None
+        shape = ref_info.shape if alignment is None else (len(alignment.keys), *ref_info.shape[1:])
         in_refs: list[InputRef] = []
         for m, name in inputs:
-            r = self.input_ref(m, name, ref_info, out_name)
+            r = self.input_ref(m, name, ref_info, out_name, rows_align=alignment is not None)
             if r is not None:
                 in_refs.append(r)
         if len(in_refs) != len(inputs):
             return None
+        rows = None
+        if alignment is not None:
+            every = ([base_ref] if base_ref is not None else []) + in_refs
+            rows = RowMap(len(alignment.keys), tuple(alignment.maps[r.model] for r in every))
         shared = {}
         for info in self.method.param_infos:
             value = resolve(info, shared_scopes, out_name, t)
@@ -575,7 +670,7 @@ class _Planner:
                 self.problem(f"{out_name}: {trouble}", key=f"check:{trouble}", config=True)
         return Job(
             name=out_name,
-            shape=ref_info.shape,
+            shape=shape,
             method=self.method.name,
             base=base_ref,
             inputs=tuple(in_refs),
@@ -584,6 +679,7 @@ class _Planner:
             layer=layer,
             t=t,
             out_dtype=out_dtype,
+            rows=rows,
         )
 
 
