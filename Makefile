@@ -31,7 +31,7 @@ typecheck: install
 check: lint typecheck test
 
 readme: install
-	$(BIN)/python -m mergesmith.docs README.md
+	$(BIN)/python -m mergesmith.docs .
 
 bench: install
 	$(BIN)/python bench/merge_speed.py

@@ -9,7 +9,7 @@ Deterministic cases are compared entry by entry: per output tensor ``||a - b||_i
 largest of each over all tensors, how many tensors were compared, and whether both outputs hold the
 same tensor names, shapes and dtypes.
 
-DARE cases at density < 1 draw different random bits in each tool, so their outputs cannot match.
+DARE and DELLA cases at density < 1 draw different random bits in each tool, so their outputs cannot match.
 They are compared by distribution instead: per tensor, the fraction of entries that differ from the
 base, and the L1 norm, mean and standard deviation of the merged task vector ``merged - base``,
 side by side with relative differences. (DARE at density 1.0 keeps everything and is compared
@@ -256,6 +256,126 @@ CASES: list[Case] = [
         _task("dare_ties", _models(FTS, density=[0.5] * 3, weight=[0.6, 0.3, 0.4])),
         random=True,
     ),
+    Case(
+        "breadcrumbs density=.6 gamma=.05",
+        _task("breadcrumbs", _models(FTS, density=[0.6] * 3, gamma=[0.05] * 3, weight=[0.6, 0.3, 0.4])),
+    ),
+    Case(
+        "breadcrumbs default gamma, density+gamma>1, rescale normalize",
+        _task(
+            "breadcrumbs",
+            _models(FTS, density=[0.3, 0.9, 0.97], gamma=[None, 0.2, 0.1], weight=[0.6, 0.3, 0.4]),
+            rescale=True,
+            normalize=True,
+        ),
+    ),
+    Case(
+        "breadcrumbs_ties density=.5 gamma=.1",
+        _task("breadcrumbs_ties", _models(FTS, density=[0.5] * 3, gamma=[0.1] * 3, weight=[1.0] * 3)),
+    ),
+    Case(
+        "breadcrumbs_ties gradients normalize lambda",
+        _task(
+            "breadcrumbs_ties",
+            _models(
+                FTS,
+                density=[[0.9, 0.4], 0.6, [0.2, 0.5, 0.8]],
+                gamma=[0.02, [0.0, 0.2], None],
+                weight=[[0.2, 1.0], 0.5, 0.7],
+            ),
+            normalize=True,
+            **{"lambda": 0.8},
+        ),
+    ),
+    Case("della density=1", _task("della", _models(FTS, density=[1.0] * 3, weight=[0.6, 0.3, 0.4]))),
+    Case(
+        "della_linear density=1",
+        _task("della_linear", _models(FTS, density=[1.0] * 3, weight=[0.6, 0.3, 0.4])),
+    ),
+    Case(
+        "della density=.5 epsilon=.15",
+        _task("della", _models(FTS, density=[0.5] * 3, weight=[0.6, 0.3, 0.4])),
+        random=True,
+    ),
+    Case(
+        "della_linear density=.4 epsilon=.3",
+        _task("della_linear", _models(FTS, density=[0.4] * 3, epsilon=[0.3] * 3, weight=[0.6, 0.3, 0.4])),
+        random=True,
+    ),
+    Case(
+        "della_linear density=.5 one model",
+        _task("della_linear", _models(["ft1"], density=[0.5], epsilon=[0.2], weight=[1.0])),
+        random=True,
+        note="One model with weight 1: the merged task vector is ft1's dropped and L1-rescaled task vector, "
+        "so its L1 norm per tensor equals that of ft1 - base in both tools whatever the random bits, "
+        "and about half the entries change.",
+    ),
+    Case("sce", _task("sce", _models(FTS))),
+    Case("sce select_topk=.3", _task("sce", _models(FTS), select_topk=0.3)),
+    Case("sce select_topk=.7 two models", _task("sce", _models(["ft1", "ft2"]), select_topk=0.7)),
+    Case("model_stock", _task("model_stock", _models(FTS))),
+    Case("model_stock two models", _task("model_stock", _models(["ft1", "ft2"]))),
+    Case("model_stock filter_wise", _task("model_stock", _models(FTS), filter_wise=True)),
+    Case(
+        "model_stock base=ft1 (correlated task vectors)",
+        {
+            "merge_method": "model_stock",
+            "base_model": "ft1",
+            "models": _models(["base", "ft2", "ft3"]),
+            "parameters": {"filter_wise": True},
+            "dtype": "float32",
+        },
+        note="With ft1 as the base the task vectors share -noise1, so their cosines are about 0.5.",
+    ),
+    Case(
+        "nuslerp no base w=.3,.7",
+        {"merge_method": "nuslerp", "models": _models(["ft1", "ft2"], weight=[0.3, 0.7]), "dtype": "float32"},
+    ),
+    Case("nuslerp base w=.3,.7", _task("nuslerp", _models(["ft1", "ft2"], weight=[0.3, 0.7]))),
+    Case(
+        "nuslerp base rows",
+        _task("nuslerp", _models(["ft1", "ft2"], weight=[1.0, 0.5]), nuslerp_flatten=False),
+    ),
+    Case(
+        "nuslerp base row_wise",
+        _task(
+            "nuslerp",
+            _models(["ft1", "ft2"], weight=[[0.2, 1.0], 0.6]),
+            nuslerp_flatten=False,
+            nuslerp_row_wise=True,
+        ),
+    ),
+    Case(
+        "multislerp no base w=.2,.3,.5",
+        {"merge_method": "multislerp", "models": _models(FTS, weight=[0.2, 0.3, 0.5]), "dtype": "float32"},
+    ),
+    Case("multislerp base", _task("multislerp", _models(FTS, weight=[0.2, 0.3, 0.5]))),
+    Case(
+        "multislerp base normalize_weights=false",
+        _task("multislerp", _models(FTS, weight=[0.5, [0.2, 1.0], 0.4]), normalize_weights=False),
+    ),
+    Case(
+        "karcher no base",
+        {"merge_method": "karcher", "models": _models(FTS), "dtype": "float32"},
+    ),
+    Case("karcher base listed", _task("karcher", _models(["ft1", "ft2"]))),
+    Case(
+        "karcher max_iter=30 tol=1e-8",
+        {
+            "merge_method": "karcher",
+            "models": _models(FTS),
+            "parameters": {"max_iter": 30, "tol": 1e-8},
+            "dtype": "float32",
+        },
+        note="tol below the float32 noise of the step length: both tools iterate to the noise floor.",
+    ),
+    Case(
+        "karcher base_model not listed",
+        {"merge_method": "karcher", "base_model": "base", "models": _models(FTS), "dtype": "float32"},
+        note="mergekit adds a base_model missing from models to the inputs; karcher averages it in.",
+    ),
+    Case("nearswap t=.01", _task("nearswap", _models(["ft1"]), t=0.01)),
+    Case("nearswap t=gradient", _task("nearswap", _models(["ft2"]), t=[0.001, 0.05])),
 ]
 
 
@@ -434,6 +554,7 @@ class DistResult:
     per_tensor: dict[str, dict[str, tuple[float, float]]]
     expected_frac: float | None
     exact: ExactResult = field(repr=False)
+    rank_bins: tuple[list[float], list[float], list[float]] | None = None  # mergekit, mergesmith, expected
 
     @property
     def entries(self) -> int:
@@ -447,6 +568,46 @@ class DistResult:
         return sorted(out)
 
 
+RANK_BINS = 4
+
+
+def rank_profile(merged: State, base: State, source: State, names: Iterable[str]) -> list[float]:
+    """Fraction of entries changed from the base, in RANK_BINS equal bins of the magnitude rank of
+    ``source - base`` within its row (rows along dimension 1; a 1-D tensor is one row), smallest
+    magnitudes first, pooled over the named tensors."""
+    changed, total = [0] * RANK_BINS, [0] * RANK_BINS
+    for n in names:
+        tv = source[n].double() - base[n].double()
+        moved = merged[n] != base[n]
+        if tv.dim() < 2:
+            tv, moved = tv.reshape(1, -1), moved.reshape(1, -1)
+        else:
+            tv, moved = (
+                tv.movedim(1, -1).reshape(-1, tv.shape[1]),
+                moved.movedim(1, -1).reshape(-1, tv.shape[1]),
+            )
+        cols = tv.shape[1]
+        if cols < 2:
+            continue
+        bins = tv.abs().argsort(dim=1).argsort(dim=1) * RANK_BINS // cols
+        for b in range(RANK_BINS):
+            sel = bins == b
+            changed[b] += int(moved[sel].sum())
+            total[b] += int(sel.sum())
+    return [c / max(t, 1) for c, t in zip(changed, total)]
+
+
+def della_rank_bins(
+    case: Case, ref: State, got: State, base: State, source: State
+) -> tuple[list[float], list[float], list[float]]:
+    """Keep rate by magnitude-rank bin for a one-model DELLA case, both tools and the formula's mean."""
+    params = next(m for m in case.config["models"] if m["model"] != "base").get("parameters", {})
+    density, epsilon = float(params.get("density", 1.0)), float(params.get("epsilon", 0.15))
+    names = [n for n in ref if n in got and n in base and n in source]
+    expected = [density - epsilon + 2 * epsilon * (b + 0.5) / RANK_BINS for b in range(RANK_BINS)]
+    return rank_profile(ref, base, source, names), rank_profile(got, base, source, names), expected
+
+
 def compare_distribution(case: Case, ref: State, got: State, base: State) -> DistResult:
     exact = compare_exact(case, ref, got)
     names = [d.name for d in exact.diffs if d.name in base]
@@ -456,7 +617,7 @@ def compare_distribution(case: Case, ref: State, got: State, base: State) -> Dis
         per_tensor[n] = {s: (sa[s], sb[s]) for s in (*STATS, "numel")}
     pa, pb = pooled_stats(ref, base, names), pooled_stats(got, base, names)
     expected = None
-    if case.method == "dare_linear":
+    if case.method in ("dare_linear", "della_linear"):
         keep_none = 1.0
         for m in case.config["models"]:
             density = m.get("parameters", {}).get("density")
@@ -562,7 +723,7 @@ def dist_table(d: DistResult) -> str:
         f"({n} entries per tool)"
     )
     if d.expected_frac is not None:
-        text += f"; expected for dare_linear (1 - prod(1 - density)): {d.expected_frac:.5g}"
+        text += f"; expected for {d.case.method} (1 - prod(1 - density)): {d.expected_frac:.5g}"
     return text
 
 
@@ -655,7 +816,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         ref, got = load_dir(mk_out), load_dir(ms_out)
         if case.random:
-            dists.append(compare_distribution(case, ref, got, base))
+            dist = compare_distribution(case, ref, got, base)
+            sources = [m["model"] for m in case.config["models"] if m["model"] != "base"]
+            if case.method.startswith("della") and len(sources) == 1:
+                dist.rank_bins = della_rank_bins(case, ref, got, base, load_dir(paths[sources[0]]))
+            dists.append(dist)
         else:
             exact.append(compare_exact(case, ref, got))
 
@@ -693,7 +858,17 @@ def render(
         head = f"### {d.case.name} (seed {seed} in both tools; random bits differ)\n\n"
         if d.case.note:
             head += d.case.note + "\n\n"
-        return head + dist_table(d) + (f"\n\nper tensor:\n\n{dist_detail(d)}" if details else "")
+        text = head + dist_table(d)
+        if d.rank_bins is not None:
+            mk, ms, want = d.rank_bins
+            rows = [
+                [f"{b + 1} of {RANK_BINS}", f"{mk[b]:.4f}", f"{ms[b]:.4f}", f"{want[b]:.4f}"]
+                for b in range(RANK_BINS)
+            ]
+            text += "\n\nkeep rate by magnitude rank within rows (bin 1: smallest magnitudes):\n\n" + table(
+                ["rank bin", "mergekit", "mergesmith", "formula (bin mean)"], rows
+            )
+        return text + (f"\n\nper tensor:\n\n{dist_detail(d)}" if details else "")
 
     if dists:
         parts.append(

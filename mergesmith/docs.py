@@ -43,25 +43,42 @@ def methods_table() -> str:
     return "\n".join(rows)
 
 
-_TABLE_START = "<!-- methods-table:start -->\n"
-_TABLE_END = "\n<!-- methods-table:end -->"
+def methods_index() -> str:
+    """The table of docs/methods/README.md, in Markdown."""
+    rows = ["| method | what it does | base model | models |", "|---|---|---|---|"]
+    for m in REGISTRY.values():
+        lo, hi = m.min_models, m.max_models
+        count = f"exactly {lo}" if lo == hi else (f"{lo} or more" if hi is None else f"{lo} to {hi}")
+        base = {"required": "required", "optional": "optional", "unused": "not used"}[m.base]
+        others = " other" + ("s" if hi != 1 else "") if m.base != "unused" else ""
+        rows.append(f"| [{m.name}]({m.name}.md) | {m.summary} | {base} | {count}{others} |")
+    return "\n".join(rows)
 
 
-def update_readme(path: str) -> bool:
-    """Rewrite the generated method table between its markers in ``path``; True if it changed."""
+_START = "<!-- methods-table:start -->\n"
+_END = "\n<!-- methods-table:end -->"
+
+
+def update_table(path: str, table: str) -> bool:
+    """Rewrite the generated table between its markers in ``path``; True if it changed."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    start = text.index(_TABLE_START) + len(_TABLE_START)
-    end = text.index(_TABLE_END, start)
-    new = text[:start] + methods_table() + text[end:]
+    start = text.index(_START) + len(_START)
+    end = text.index(_END, start)
+    new = text[:start] + table + text[end:]
     if new != text:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)
     return new != text
 
 
+def generated_tables(root: str = ".") -> dict[str, str]:
+    """Each file with a generated method table, and the table it should hold."""
+    return {f"{root}/README.md": methods_table(), f"{root}/docs/methods/README.md": methods_index()}
+
+
 if __name__ == "__main__":
     import sys
 
-    changed = update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    print("README method table updated" if changed else "README method table already up to date")
+    for path, table in generated_tables(sys.argv[1] if len(sys.argv) > 1 else ".").items():
+        print(f"{path}: {'updated' if update_table(path, table) else 'up to date'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import mergesmith
-from mergesmith.docs import methods_table
+from mergesmith.docs import generated_tables
 from mergesmith.methods import REGISTRY
 from tests import tiny
 
@@ -16,11 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yml"))
 
 
-def test_readme_method_table_is_generated_from_the_registry() -> None:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- methods-table:start -->\n(.*?)\n<!-- methods-table:end -->", text, re.S)
-    assert block is not None
-    assert block.group(1).strip() == methods_table()
+def test_method_tables_are_generated_from_the_registry() -> None:
+    for path, table in generated_tables(str(ROOT)).items():
+        text = Path(path).read_text()
+        block = re.search(r"<!-- methods-table:start -->\n(.*?)\n<!-- methods-table:end -->", text, re.S)
+        assert block is not None, path
+        assert block.group(1).strip() == table, f"{path}: run make readme"
+        for name in REGISTRY:
+            assert f"{name}.md)" in block.group(1), (path, name)
 
 
 def test_every_method_has_a_doc_page_and_an_example() -> None:
@@ -31,7 +34,7 @@ def test_every_method_has_a_doc_page_and_an_example() -> None:
 
 
 def test_every_example_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert len(EXAMPLES) == 7
+    assert len(EXAMPLES) == 20
     base, cfg = tiny.llama_state(0, num_hidden_layers=4)
     models = tmp_path / "models"
     tiny.save(models / "base", base, cfg, tokenizer=True)

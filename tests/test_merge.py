@@ -34,7 +34,12 @@ def states(zoo: dict[str, Path], names: list[str]) -> dict[str, dict[str, torch.
 
 
 def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
-    models = {"slerp": ["base", "b"], "passthrough": ["d"]}.get(method, ["a", "b", "c", "d"])
+    models = {
+        "slerp": ["base", "b"],
+        "passthrough": ["d"],
+        "nuslerp": ["a", "b"],
+        "nearswap": ["b"],
+    }.get(method, ["a", "b", "c", "d"])
     weights = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
     lines = [f"merge_method: {method}", f"base_model: {zoo['base']}", "models:"]
     per_model = {i.key for i in REGISTRY[method].model_param_infos}
@@ -49,6 +54,8 @@ def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
             lines.append(f"    parameters: {{{', '.join(params)}}}")
     if method == "slerp":
         lines.append("parameters: {t: [0.2, 0.8]}")
+    if method == "nearswap":
+        lines.append("parameters: {t: 0.01}")
     lines.append("dtype: float32")
     return "\n".join(lines) + "\n" + extra
 

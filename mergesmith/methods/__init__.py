@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergesmith.methods import dare, linear, passthrough, slerp, task_arithmetic, ties
+from mergesmith.methods import (
+    breadcrumbs,
+    dare,
+    della,
+    iso,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from mergesmith.methods._spec import MergeInputs, Method, NoParams
 
 __all__ = ["REGISTRY", "MergeInputs", "Method", "NoParams", "get_method"]
@@ -12,12 +29,29 @@ __all__ = ["REGISTRY", "MergeInputs", "Method", "NoParams", "get_method"]
 REGISTRY: dict[str, Method[Any, Any]] = {
     m.name: m
     for m in (
+        # averages and interpolations
         linear.METHOD,
         slerp.METHOD,
+        nuslerp.METHOD,
+        multislerp.METHOD,
+        karcher.METHOD,
+        model_stock.METHOD,
+        nearswap.METHOD,
+        # task-vector methods
         task_arithmetic.METHOD,
         ties.METHOD,
         dare.DARE_LINEAR,
         dare.DARE_TIES,
+        breadcrumbs.BREADCRUMBS,
+        breadcrumbs.BREADCRUMBS_TIES,
+        della.DELLA,
+        della.DELLA_LINEAR,
+        sce.METHOD,
+        # subspace methods
+        tsv.METHOD,
+        iso.ISO_C,
+        iso.ISO_CTS,
+        # layer surgery
         passthrough.METHOD,
     )
 }

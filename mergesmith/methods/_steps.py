@@ -7,11 +7,14 @@ tensor plus fixed-size scratch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+
+from mergesmith.errors import MethodError
 
 RescaleMode = Literal["none", "l1", "inverse"]
 Consensus = Literal["sum", "count"]
@@ -190,3 +193,125 @@ def combine(
         flat_base[start : start + _CHUNK].add_(mixed)
     deltas.clear()
     return base
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask, shaped like ``values``, of its ``k`` entries of largest magnitude.
+
+    Entries of equal magnitude are taken in flat index order (lower index first), so exactly
+    ``min(max(k, 0), n)`` entries are selected. Linear time; scratch is two magnitude copies.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        fill = torch.ones if k >= n else torch.zeros
+        return fill(values.shape, dtype=torch.bool, device=values.device)
+    threshold, tied, below = _kth_largest_magnitude(flat, k)
+    mags = flat.abs()
+    keep = mags > threshold
+    at = mags == threshold
+    if below:
+        at[at.nonzero().reshape(-1)[tied:]] = False
+    keep |= at
+    return keep.reshape(values.shape)
+
+
+def row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
+    """Consecutive slices of rows that hold about one work chunk of entries each (at least one row)."""
+    step = max(1, _CHUNK // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def row_ranks(rows: torch.Tensor, *, descending: bool = False) -> torch.Tensor:
+    """The 0-based rank (int64) of each entry of a 2-D tensor by magnitude within its row.
+
+    Rank 0 is the smallest magnitude, or the largest when ``descending``. Entries of equal
+    magnitude get consecutive ranks in column order (the lower column the lower rank), so each
+    row's ranks are exactly ``0 .. n_cols - 1``.
+    """
+    order = torch.argsort(rows.abs(), dim=1, descending=descending, stable=True)
+    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def random_mask_like(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Boolean mask keeping entry ``j`` independently with probability ``probs[j]``.
+
+    It consumes ``generator`` exactly as :func:`random_mask` does (the same uniform draws in the
+    same chunks, compared with the entry's probability), so where every probability equals
+    ``density`` the two functions give the same mask.
+    """
+    flat = probs.reshape(-1)
+    n = flat.numel()
+    keep = torch.empty(n, dtype=torch.bool)
+    for start in range(0, n, _MASK_CHUNK):
+        stop = min(n, start + _MASK_CHUNK)
+        keep[start:stop] = torch.rand(stop - start, generator=generator) < flat[start:stop].cpu()
+    return keep.reshape(probs.shape).to(probs.device)
+
+
+# -- steps of the SVD-based (subspace) methods ------------------------------------------------------
+
+_VOCAB_PARTS = frozenset({"lm_head", "wte", "wpe"})
+
+
+def is_weight_matrix(tensor_name: str, tensor: torch.Tensor) -> bool:
+    """True for a non-empty 2-D tensor that is not an embedding or vocabulary projection.
+
+    A name counts as an embedding when one of its dot-separated parts contains ``embed`` or is
+    ``lm_head``, ``wte`` or ``wpe``. SVD-based methods merge the other tensors (1-D, 3-D and up,
+    embeddings) by plain task arithmetic.
+    """
+    if tensor.dim() != 2 or tensor.numel() == 0:
+        return False
+    return not any("embed" in part or part in _VOCAB_PARTS for part in tensor_name.split("."))
+
+
+def require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise a MethodError naming ``what`` when ``tensor`` holds NaN or infinite values."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise MethodError(
+            f"{what} holds NaN or infinite values, which have no singular value decomposition; "
+            "check the input models for NaN/Inf"
+        )
+
+
+def zero_singular_tolerance(shape: Sequence[int], scale: float, dtype: torch.dtype) -> float:
+    """Singular values at or below this are rounding error: ``4 * sqrt(max(shape)) * eps * scale``.
+
+    ``scale`` is the size of the matrix they came from (its largest singular value or a bound on
+    it). Rounding leaves exactly rank-deficient float32 matrices with a few ``eps * scale`` of
+    spurious singular value; this cut sits above that and well below real directions.
+    """
+    return 4 * math.sqrt(max(shape)) * torch.finfo(dtype).eps * scale
+
+
+def top_singular(
+    matrix: torch.Tensor, count: int, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``count`` leading singular triplets ``(U_k, S_k, Vh_k)`` of ``matrix``, fewer if it has
+    fewer numerically non-zero singular values.
+
+    Singular values at or below :func:`zero_singular_tolerance` of ``scale`` (default: the largest
+    singular value) are left out: their vectors are an arbitrary basis of a null space. The
+    results are views of the full factors; copy them to let the rest be freed.
+    """
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0:
+        return u, s, vh
+    ref = float(s[0]) if scale is None else scale
+    tol = zero_singular_tolerance(matrix.shape, ref, matrix.dtype)
+    keep = min(count, int(torch.count_nonzero(s > tol)))
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def orthonormal_factor(x: torch.Tensor) -> torch.Tensor:
+    """``P @ Q^T`` from the reduced SVD ``x = P S Q^T``: the matrix nearest to ``x`` (Frobenius norm)
+    whose columns, or rows when ``x`` is wider than tall, are orthonormal (orthogonal Procrustes).
+
+    It commutes with transposition, so the same call orthonormalises stacked right singular
+    vectors given as rows.
+    """
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return torch.matmul(p, qh)
