@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from mergesmith import _memory, card, vocab
+from mergesmith import _memory, card, vocab, whole_model
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
@@ -57,7 +58,13 @@ def to_compute(plan: Plan, job: Job, tensors: list[torch.Tensor]) -> list[torch.
     return out
 
 
-def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def merge_job(
+    plan: Plan,
+    job: Job,
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    thresholds: Mapping[int, float] | None = None,
+) -> torch.Tensor:
     """Merge one tensor from its inputs as read (:func:`read_inputs`); the list is emptied."""
     if job.method == COPY:
         return tensors[0]
@@ -72,6 +79,8 @@ def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.d
     others = tensors[1:] if job.base is not None else tensors
     params = method.build_params(job.params)
     model_params = [method.build_model_params(mp) for mp in job.model_params]
+    trimmed = method.whole_model_trim is not None and method.whole_model_trim(params)
+    job_thresholds = [thresholds[r.model] for r in job.inputs] if trimmed and thresholds else None
 
     def run(base: torch.Tensor | None, others: list[torch.Tensor], members: list[int]) -> torch.Tensor:
         return method.merge(
@@ -82,6 +91,7 @@ def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.d
                 params=params,
                 model_params=[model_params[i] for i in members],
                 seed=plan.config.seed,
+                thresholds=[job_thresholds[i] for i in members] if job_thresholds is not None else None,
             )
         )
 
@@ -109,6 +119,39 @@ def merge_job(plan: Plan, job: Job, tensors: list[torch.Tensor], device: torch.d
     return result.to(job.out_dtype)
 
 
+def whole_model_thresholds(plan: Plan, device: torch.device) -> dict[int, float] | None:
+    """Each model's whole-model magnitude threshold, for a method that trims over whole models.
+
+    Two extra read passes over the inputs of the trimmed tensors (see mergesmith.whole_model).
+    """
+    densities = plan.whole_model_densities()
+    if not densities:
+        return None
+    method = plan.method
+    trim = method.whole_model_trim
+    assert trim is not None
+    jobs = [j for j in plan.jobs if j.method == method.name and trim(method.build_params(j.params))]
+
+    def task_vectors(job: Job) -> Callable[[], Iterator[tuple[int, torch.Tensor]]]:
+        def make() -> Iterator[tuple[int, torch.Tensor]]:
+            tensors = to_compute(plan, job, [t.to(device) for t in read_inputs(plan, job)])
+            base = tensors[0]
+            for i, (ref, t) in enumerate(zip(job.inputs, tensors[1:])):
+                if job.rows is None:
+                    yield ref.model, t.sub_(base)
+                else:  # vocabulary rows: each token's row against the base's row for it
+                    yield ref.model, vocab.row_task_vector(job.rows, base, t, i)
+            _memory.release()
+
+        return make
+
+    print(
+        f"trimming over whole models: 2 passes over {len(jobs)} tensors to find each model's threshold",
+        file=sys.stderr,
+    )
+    return whole_model.magnitude_thresholds((task_vectors(j) for j in jobs), densities)
+
+
 def execute(
     plan: Plan,
     stage: Path,
@@ -124,6 +167,7 @@ def execute(
     """
     dev = torch.device(device)
     _memory.tune()
+    thresholds = whole_model_thresholds(plan, dev)
     names = plan.shard_names()
     bar = _progress_bar(plan, progress)
     digests: dict[Path, str] = {}
@@ -153,7 +197,7 @@ def execute(
                     pending = (
                         reader.submit(read_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
                     )
-                    result = merge_job(plan, job, tensors, dev)
+                    result = merge_job(plan, job, tensors, dev, thresholds)
                     del tensors
                     writer.write(job.name, result)
                     del result

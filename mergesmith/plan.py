@@ -115,6 +115,18 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
 
+    def whole_model_densities(self) -> dict[int, float]:
+        """For a method trimming over whole models: each trimmed model's density (else empty)."""
+        trim = self.method.whole_model_trim
+        out: dict[int, float] = {}
+        if trim is None:
+            return out
+        for job in self.jobs:
+            if job.method == self.method.name and trim(self.method.build_params(job.params)):
+                for ref, mp in zip(job.inputs, job.model_params):
+                    out.setdefault(ref.model, float(mp.get("density", 1.0)))
+        return out
+
     def shard_names(self) -> list[str]:
         n = len(self.shards)
         if n == 1:
@@ -257,6 +269,7 @@ class _Planner:
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
         if alignment is not None and "vocab_size" in out_config:
             out_config["vocab_size"] = len(alignment.keys)
+        self.check_whole_model_density(jobs)
         if self.problems:
             raise CompatibilityError(self.problems + self.config_problems)
         if self.config_problems:
@@ -560,6 +573,25 @@ class _Planner:
             out_layers += n
             layer_sources += [(ref_idx, ref_src.layer_range[0] + offset) for offset in range(n)]
         return edge_jobs["pre"] + layer_jobs + edge_jobs["post"], layer_sources
+
+    def check_whole_model_density(self, jobs: Sequence[Job]) -> None:
+        """A method that trims over the whole model needs one density per model."""
+        trim = self.method.whole_model_trim
+        if trim is None:
+            return
+        seen: dict[int, set[float]] = {}
+        for job in jobs:
+            if job.method == self.method.name and trim(self.method.build_params(job.params)):
+                for ref, mp in zip(job.inputs, job.model_params):
+                    seen.setdefault(ref.model, set()).add(float(mp.get("density", 1.0)))
+        for model, values in seen.items():
+            if len(values) > 1:
+                self.problem(
+                    f"{self.refs[model]}: density varies across tensors ({', '.join(map(str, sorted(values)))}), "
+                    f"but {self.method.name} trims over the whole model here and needs one density per "
+                    "model; give it a single value",
+                    config=True,
+                )
 
     def renumber_config(self, out_config: dict[str, Any], layers: list[tuple[int, int]]) -> None:
         """Set the layer count of a stacked model's config, and rebuild its per-layer lists

@@ -138,6 +138,18 @@ def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence
         cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
+def row_task_vector(row_map: RowMap, base: torch.Tensor, tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """Input ``index``'s task vector over the rows of the tokens it holds, as :func:`merge_rows`
+    forms it: its row minus the base's row for the same token (the base's mean where it lacks it)."""
+    own = row_map.sources[1 + index]
+    base_src = row_map.sources[0]
+    held = own >= 0
+    base_rows = base.mean(0).expand(int(held.sum()), *base.shape[1:]).clone()
+    has = base_src[held] >= 0
+    base_rows[has] = base[base_src[held][has]]
+    return tensor[own[held]] - base_rows
+
+
 MergeRows = Callable[[torch.Tensor | None, list[torch.Tensor], list[int]], torch.Tensor]
 
 

@@ -157,11 +157,11 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, n: int) -> list[str]:
     real = mergesmith.execute.merge_job
     seen: list[str] = []
 
-    def failing(plan: Any, job: Any, tensors: Any, device: Any) -> torch.Tensor:
+    def failing(plan: Any, job: Any, *args: Any) -> torch.Tensor:
         if len(seen) == n:
             raise RuntimeError("boom in the middle of the merge")
         seen.append(job.name)
-        return real(plan, job, tensors, device)
+        return real(plan, job, *args)
 
     monkeypatch.setattr(mergesmith.execute, "merge_job", failing)
     return seen

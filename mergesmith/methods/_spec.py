@@ -38,6 +38,7 @@ class MergeInputs(Generic[P, M]):
     params: P
     model_params: Sequence[M]
     seed: int = 0
+    thresholds: Sequence[float] | None = None  # whole-model magnitude thresholds, per input
 
     def generator(self, index: int) -> torch.Generator:
         """A CPU random generator for input ``index``, seeded from the run seed and tensor name."""
@@ -63,6 +64,10 @@ class Method(Generic[P, M]):
     max_models: int | None = None
     random: bool = False
     check: Callable[[P, Sequence[M]], str | None] | None = None
+    # With these params, trim each model by a magnitude threshold over its whole task vector: the
+    # executor computes it first (mergesmith.whole_model) and passes it as MergeInputs.thresholds.
+    # The method's per-model parameters must then include one ``density`` for the whole model.
+    whole_model_trim: Callable[[P], bool] | None = None
     aliases: tuple[str, ...] = field(default=())
 
     @property

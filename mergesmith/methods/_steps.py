@@ -153,13 +153,14 @@ def combine(
     consensus: Consensus | None,
     normalize: bool,
     lambda_: float,
+    divide_by: Literal["weight", "count"] = "weight",
 ) -> torch.Tensor:
     """base + lambda * merged task vector, computed in place in ``base`` and ``deltas``.
 
     Without consensus the merged vector is ``sum_i w_i delta_i``, divided by ``sum_i w_i`` when
     ``normalize``. With consensus, only entries whose sign agrees with the elected sign count, and
     ``normalize`` divides each entry by the sum of the weights of the models that agree there
-    (the disjoint mean). The work runs over fixed-size chunks, so it needs no full-size scratch.
+    (the disjoint mean), or by their number with ``divide_by="count"``. The work runs over fixed-size chunks, so it needs no full-size scratch.
     """
     total = float(sum(weights))
     divide_all = consensus is None and normalize and abs(total) >= 1e-8
@@ -183,7 +184,7 @@ def combine(
                 d.mul_(sign).clamp_min_(0)  # |d| where d has the elected sign, else 0
                 mixed.add_(d)
                 if divisor is not None:
-                    divisor.add_(d.sign_(), alpha=w)
+                    divisor.add_(d.sign_(), alpha=w if divide_by == "weight" else 1.0)
             mixed.mul_(sign)
             if divisor is not None:
                 divisor.masked_fill_(divisor == 0, 1)
@@ -193,6 +194,19 @@ def combine(
         flat_base[start : start + _CHUNK].add_(mixed)
     deltas.clear()
     return base
+
+
+def keep_at_least(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero, in place, every entry of ``delta`` with ``|x| < threshold``; return ``delta``."""
+    if threshold <= 0:
+        return delta
+    t = torch.tensor(threshold, dtype=delta.dtype)
+    below = float(torch.nextafter(t, torch.zeros_like(t)))  # |x| > this <=> |x| >= threshold
+    flat = delta.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        part.copy_(torch.nn.functional.hardshrink(part, below))
+    return delta
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:

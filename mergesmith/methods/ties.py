@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,12 @@ class TiesParams:
     lambda_: float = param(1.0, doc="scale of the merged task vector", key="lambda")
     rescale: bool = param(False, doc="rescale trimmed task vectors to keep their L1 norm")
     int8_mask: bool = param(False, doc="accepted for mergekit configs; no effect on the result")
+    mode: str = param(
+        "mergekit",
+        doc="mergekit: trim each tensor, weight-summed disjoint mean; paper: trim over the whole model, "
+        "count-averaged disjoint mean",
+        choices=("mergekit", "paper"),
+    )
 
 
 @dataclass(frozen=True)
@@ -29,19 +36,36 @@ class TiesModelParams:
 
 def merge(inputs: MergeInputs[TiesParams, TiesModelParams]) -> torch.Tensor:
     base = base_of(inputs)
-    rescale: _steps.RescaleMode = "l1" if inputs.params.rescale else "none"
+    params = inputs.params
+    rescale: _steps.RescaleMode = "l1" if params.rescale else "none"
     deltas = _steps.task_vectors(base, inputs.tensors)
-    for delta, mp in zip(deltas, inputs.model_params):
-        if mp.density < 1:
+    paper = params.mode == "paper"
+    if paper and inputs.thresholds is None:
+        raise ValueError(f"{inputs.tensor_name}: ties in paper mode needs the whole-model thresholds")
+    for i, (delta, mp) in enumerate(zip(deltas, inputs.model_params)):
+        if paper and inputs.thresholds is not None:
+            _steps.keep_at_least(delta, inputs.thresholds[i])
+        elif mp.density < 1:
             _steps.trim_to_top(delta, mp.density, rescale)
     return _steps.combine(
         base,
         deltas,
         [m.weight for m in inputs.model_params],
         consensus="sum",
-        normalize=inputs.params.normalize,
-        lambda_=inputs.params.lambda_,
+        normalize=params.normalize,
+        lambda_=params.lambda_,
+        divide_by="count" if paper else "weight",
     )
+
+
+def _whole_model(params: TiesParams) -> bool:
+    return params.mode == "paper"
+
+
+def _check(params: TiesParams, model_params: Sequence[TiesModelParams]) -> str | None:
+    if params.mode == "paper" and params.rescale:
+        return "ties mode: paper keeps the trimmed entries as they are; remove rescale: true or use mode: mergekit"
+    return None
 
 
 METHOD = Method(
@@ -52,4 +76,6 @@ METHOD = Method(
     params=TiesParams,
     model_params=TiesModelParams,
     merge=merge,
+    whole_model_trim=_whole_model,
+    check=_check,
 )
