@@ -169,3 +169,31 @@ def test_same_size_but_different_token_ids_are_refused(models: dict[str, Path], 
         f"tokenizers differ: 'a' is token {vocab['b']} in {models['base']} ({models['base'] / 'tokenizer.json'}) "
         f"but {vocab['a']} in {moved} ({moved / 'tokenizer.json'}), and 1 more"
     )
+
+
+def test_tied_embeddings_are_aligned_once(models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tied = {}
+    for name in ("base", "code", "chat"):
+        state = tiny.load_state(models[name])
+        del state[HEAD]
+        config = json.loads((models[name] / "config.json").read_text())
+        config["tie_word_embeddings"] = True
+        tied[name] = tiny.save(tmp_path / name, state, config)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (models[name] / f).is_file():
+                (tied[name] / f).write_bytes((models[name] / f).read_bytes())
+    out = tmp_path / "out"
+    mergesmith.merge(task_arithmetic(tied, "union"), out)
+    merged = tiny.load_state(out)
+    assert HEAD not in merged
+    ids = AutoTokenizer.from_pretrained(out).get_vocab()
+    code = tiny.load_state(tied["code"])[EMBED]
+    base = tiny.load_state(tied["base"])[EMBED]
+    code_ids = AutoTokenizer.from_pretrained(tied["code"]).get_vocab()
+    expected = base.mean(0) + 0.7 * (code[code_ids["<code>"]] - base.mean(0))
+    torch.testing.assert_close(merged[EMBED][ids["<code>"]], expected)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert model.lm_head.weight.shape[0] == len(ids)
