@@ -287,6 +287,36 @@ CASES: list[Case] = [
             **{"lambda": 0.8},
         ),
     ),
+    Case(
+        "passthrough stack ft1 [0,3) + ft2 [1,4)",
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "ft1", "layer_range": [0, 3]}]},
+                {"sources": [{"model": "ft2", "layer_range": [1, 4]}]},
+            ],
+            "dtype": "float32",
+        },
+    ),
+    Case(
+        "passthrough scale o_proj=0",
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "ft1", "layer_range": [0, 2]}]},
+                {
+                    "sources": [
+                        {
+                            "model": "ft1",
+                            "layer_range": [1, 4],
+                            "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]},
+                        }
+                    ]
+                },
+            ],
+            "dtype": "float32",
+        },
+    ),
     Case("della density=1", _task("della", _models(FTS, density=[1.0] * 3, weight=[0.6, 0.3, 0.4]))),
     Case(
         "della_linear density=1",
