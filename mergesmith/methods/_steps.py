@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from mergesmith.errors import MethodError
+from mergesmith.methods._spec import MergeInputs, base_of
 
 RescaleMode = Literal["none", "l1", "inverse"]
 Consensus = Literal["sum", "count"]
@@ -194,6 +195,40 @@ def combine(
         flat_base[start : start + _CHUNK].add_(mixed)
     deltas.clear()
     return base
+
+
+class _Combined(Protocol):
+    @property
+    def normalize(self) -> bool: ...
+    @property
+    def lambda_(self) -> float: ...
+
+
+class _Weighted(Protocol):
+    @property
+    def weight(self) -> float: ...
+
+
+_P = TypeVar("_P", bound=_Combined)
+_M = TypeVar("_M", bound=_Weighted)
+
+
+def combine_sparse(
+    inputs: MergeInputs[_P, _M], deltas: list[torch.Tensor], consensus: Consensus | None
+) -> torch.Tensor:
+    """:func:`combine` of sparsified task vectors with the inputs' weights, ``normalize`` and ``lambda``.
+
+    The last step of every drop-then-merge method (DARE, breadcrumbs, DELLA): ``consensus=None``
+    gives the linear variant, ``"sum"`` the TIES variant.
+    """
+    return combine(
+        base_of(inputs),
+        deltas,
+        [m.weight for m in inputs.model_params],
+        consensus=consensus,
+        normalize=inputs.params.normalize,
+        lambda_=inputs.params.lambda_,
+    )
 
 
 def keep_at_least(delta: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -109,25 +109,11 @@ def _sparse_deltas(inputs: MergeInputs[PT, DellaModelParams]) -> list[torch.Tens
 
 
 def merge_ties(inputs: MergeInputs[DellaParams, DellaModelParams]) -> torch.Tensor:
-    return _steps.combine(
-        base_of(inputs),
-        _sparse_deltas(inputs),
-        [m.weight for m in inputs.model_params],
-        consensus="sum",
-        normalize=inputs.params.normalize,
-        lambda_=inputs.params.lambda_,
-    )
+    return _steps.combine_sparse(inputs, _sparse_deltas(inputs), "sum")
 
 
 def merge_linear(inputs: MergeInputs[DellaLinearParams, DellaModelParams]) -> torch.Tensor:
-    return _steps.combine(
-        base_of(inputs),
-        _sparse_deltas(inputs),
-        [m.weight for m in inputs.model_params],
-        consensus=None,
-        normalize=inputs.params.normalize,
-        lambda_=inputs.params.lambda_,
-    )
+    return _steps.combine_sparse(inputs, _sparse_deltas(inputs), None)
 
 
 DELLA = Method(
