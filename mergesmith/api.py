@@ -70,7 +70,7 @@ def merge(
         cfg = replace(cfg, seed=seed)
     plan = build_plan(cfg, max_shard_size=max_shard_size)
     out = Path(out_dir)
-    _output.check_output(out, [m.dir for m in plan.models], force)
+    _output.check_output(out, [d for m in plan.models for d in m.dirs], force)
     with _output.staged_output(out) as stage:
         execute(plan, stage, device=dev, progress=progress, full_digests=full_digests)
     return plan

@@ -54,16 +54,21 @@ class ModelRef:
 
     path: str
     revision: str | None = None
+    lora: str | None = None  # a PEFT LoRA adapter applied to the model (path or Hub id)
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
+        if "+" in text and not Path(text).exists():
+            model, _, adapter = text.partition("+")
+            return cls(cls.parse(model).path, cls.parse(model).revision, adapter.strip() or None)
         if "@" in text and not Path(text).exists():
             path, _, rev = text.rpartition("@")
             return cls(path, rev or None)
         return cls(text)
 
     def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.lora}" if self.lora else text
 
 
 Settings = Mapping[str, Any]
@@ -252,24 +257,38 @@ class _Validator:
 
     def _ref(self, container: Any, key: str | int, path: str) -> ModelRef | None:
         value = container[key]
+        lora: str | None = None
         if isinstance(value, Mapping):
-            if "lora" in value:
-                self.add(container, key, path, "LoRA adapters as inputs are not supported yet")
+            unknown = sorted(set(value) - {"model", "lora"})
+            if unknown:
+                self.add(
+                    container, key, path, f"unknown keys {unknown} in a model reference; use model and lora"
+                )
                 return None
+            if "lora" in value:
+                adapter = value["lora"]
+                adapter = adapter.get("path") if isinstance(adapter, Mapping) else adapter
+                if not isinstance(adapter, str) or not adapter.strip():
+                    self.add(
+                        container,
+                        key,
+                        f"{path}.lora",
+                        f"expected a LoRA adapter path or Hub id, found {adapter!r}",
+                    )
+                    return None
+                lora = adapter.strip()
             inner = value.get("model")
             if isinstance(inner, Mapping):
                 where, revision = inner.get("path"), inner.get("revision")
                 if isinstance(where, str) and where.strip():
-                    return ModelRef(where.strip(), str(revision) if revision else None)
+                    return ModelRef(where.strip(), str(revision) if revision else None, lora)
                 inner = where
             value = inner
         if not isinstance(value, str) or not value.strip():
             self.add(container, key, path, f"expected a model path or Hub id, found {value!r}")
             return None
-        if "+" in value and not Path(value).exists():
-            self.add(container, key, path, f"{value!r}: base+LoRA inputs are not supported yet")
-            return None
-        return ModelRef.parse(value.strip())
+        ref = ModelRef.parse(value.strip())
+        return ModelRef(ref.path, ref.revision, lora) if lora else ref
 
     def _dtype(self, doc: Mapping[str, Any], key: str) -> str | None:
         value = doc.get(key)

@@ -200,7 +200,13 @@ def open_models(refs: Sequence[ModelRef]) -> list[Checkpoint]:
     for ref in refs:
         try:
             directory = _hub.resolve(ref.path, ref.revision)
-            models.append(Checkpoint(directory, name=str(ref)))
+            model = Checkpoint(directory, name=str(ref))
+            if ref.lora:
+                from mergesmith.lora import AdaptedCheckpoint, read_adapter
+
+                adapter = read_adapter(_hub.resolve(ref.lora))
+                model = AdaptedCheckpoint(model, adapter, name=str(ref))
+            models.append(model)
         except CheckpointError as exc:
             problems += exc.problems
     if problems:

@@ -127,6 +127,11 @@ class Checkpoint:
             return self._bin_tensor(name).clone()
         raise CheckpointError(f"{self.name}: no tensor named {name!r}")
 
+    @property
+    def dirs(self) -> list[Path]:
+        """Every directory this source reads (never to be written into)."""
+        return [self.dir]
+
     def file_of(self, name: str) -> Path:
         if name in self._st:
             return self._st[name].file

@@ -1,0 +1,202 @@
+"""PEFT LoRA adapters as inputs: base + adapter equals peft's merge_and_unload, in configs too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import CheckpointError
+from mergesmith.lora import AdaptedCheckpoint, read_adapter
+from mergesmith.sources import Checkpoint
+from tests import tiny
+
+LLAMA = {
+    "vocab_size": 40,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def llama(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).save_pretrained(directory)
+    return directory
+
+
+def adapter(base: Path, directory: Path, seed: int, **lora: Any) -> dict[str, torch.Tensor]:
+    """Train-free adapter with random factors; returns peft's merge_and_unload() state dict."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    for name in lora.get("modules_to_save") or ():  # a trained copy differs from the base
+        copy = peft_model.get_submodule(f"base_model.model.{name}").modules_to_save["default"]
+        with torch.no_grad():
+            copy.weight.add_(torch.randn_like(copy.weight) * 0.1)
+    peft_model.save_pretrained(directory)
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def assert_same_as_peft(view: Checkpoint, expected: dict[str, torch.Tensor]) -> None:
+    for name in sorted(view.keys()):
+        torch.testing.assert_close(view.get(name), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_base_plus_adapter_equals_peft_merge_and_unload(tmp_path: Path) -> None:
+    base = llama(tmp_path / "base")
+    expected = adapter(
+        base,
+        tmp_path / "adapter",
+        1,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"layers.1.self_attn.q_proj": 3},
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+    )
+    view = AdaptedCheckpoint(Checkpoint(base), read_adapter(tmp_path / "adapter"), "base+adapter")
+    assert sorted(view.keys()) == sorted(expected)
+    assert view.adapter.modules["model.layers.0.self_attn.v_proj.weight"].rank == 2
+    assert view.adapter.modules["model.layers.1.self_attn.q_proj.weight"].scaling == pytest.approx(3 / 2)
+    assert "lm_head.weight" in view.adapter.replaced
+    assert_same_as_peft(view, expected)
+    # the adapter really changes the weights it targets, and only those
+    plain = Checkpoint(base)
+    changed = {n for n in sorted(plain.keys()) if not torch.equal(plain.get(n), view.get(n))}
+    assert changed == {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        *(
+            f"model.layers.{i}.{m}.weight"
+            for i in (0, 1)
+            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+        ),
+    }
+
+
+def test_fan_in_fan_out_adapter_on_gpt2(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=40, n_positions=32)
+    ).save_pretrained(tmp_path / "gpt2")
+    expected = adapter(
+        tmp_path / "gpt2",
+        tmp_path / "adapter",
+        2,
+        r=3,
+        lora_alpha=6,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+    )
+    view = AdaptedCheckpoint(
+        Checkpoint(tmp_path / "gpt2"), read_adapter(tmp_path / "adapter"), "gpt2+adapter"
+    )
+    assert view.adapter.modules["transformer.h.0.attn.c_attn.weight"].transpose
+    assert_same_as_peft(view, {k: v for k, v in expected.items() if k in set(view.keys())})
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("lora")
+    base = llama(root / "base")
+    out: dict[str, Any] = {"base": base}
+    for i, name in enumerate(("code", "chat")):
+        out[name] = root / name
+        out[f"{name}-merged"] = adapter(
+            base, root / name, 10 + i, r=2 + i, lora_alpha=4, target_modules=["q_proj", "up_proj"]
+        )
+    return out
+
+
+def test_configs_name_adapters_both_ways(adapters: dict[str, Any], tmp_path: Path) -> None:
+    base = adapters["base"]
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+        f"  - model: {base}+{adapters['code']}\n    parameters: {{weight: 0.6}}\n"
+        f"  - model: {{model: {base}, lora: {adapters['chat']}}}\n    parameters: {{weight: 0.3}}\n"
+        "dtype: float32\n"
+    )
+    out = tmp_path / "out"
+    plan = mergesmith.merge(text, out)
+    assert [str(r) for r in plan.refs] == [
+        str(base),
+        f"{base}+{adapters['code']}",
+        f"{base}+{adapters['chat']}",
+    ]
+    merged = tiny.load_state(out)
+    plain = {k: v.numpy() for k, v in tiny.load_state(base).items()}
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+    ):
+        b = plain[name]
+        expected = (
+            b
+            + 0.6 * (adapters["code-merged"][name].numpy() - b)
+            + 0.3 * (adapters["chat-merged"][name].numpy() - b)
+        )
+        np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    readme = (out / "README.md").read_text()
+    assert "adapter_model.safetensors" in readme
+
+
+def test_output_inside_an_adapter_is_refused(adapters: dict[str, Any]) -> None:
+    text = f"merge_method: linear\nmodels:\n  - model: {adapters['base']}+{adapters['code']}\n    parameters: {{weight: 1}}\n"
+    with pytest.raises(mergesmith.OutputError, match="is inside input model"):
+        mergesmith.merge(text, adapters["code"] / "merged")
+
+
+def test_adapter_for_another_size_is_refused(adapters: dict[str, Any], tmp_path: Path) -> None:
+    wide = llama(tmp_path / "wide", hidden_size=48, intermediate_size=96)
+    with pytest.raises(CheckpointError) as info:
+        mergesmith.validate(
+            f"merge_method: linear\nmodels:\n  - model: {wide}+{adapters['code']}\n    parameters: {{weight: 1}}\n"
+        )
+    text = str(info.value)
+    assert (
+        f"{adapters['code'] / 'adapter_model.safetensors'}: model.layers.0.self_attn.q_proj.weight: factors A (2, 32)"
+        in text
+    )
+    assert "but the base's tensor is (48, 48)" in text and "made for a model of another size" in text
+
+
+def test_adapter_for_other_modules_is_refused(adapters: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=40, n_positions=32)
+    ).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointError) as info:
+        mergesmith.validate(
+            f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'gpt2'}+{adapters['code']}\n    parameters: {{weight: 1}}\n"
+        )
+    assert "the adapter changes model.layers.0.self_attn.q_proj.weight, which" in str(info.value)
+    assert "trained on another architecture" in str(info.value)
+
+
+def test_missing_adapter_files_are_named(adapters: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        CheckpointError, match=r"no adapter_config\.json; a LoRA input must be a PEFT adapter directory"
+    ):
+        mergesmith.validate(
+            f"merge_method: linear\nmodels:\n  - model: {adapters['base']}+{tmp_path / 'empty'}\n    parameters: {{weight: 1}}\n"
+        )
