@@ -25,6 +25,7 @@ class Architecture:
     pre_weights: tuple[str, ...]
     vocab_weights: tuple[str, ...]
     tied: dict[str, str]
+    fan_in_fan_out: bool = False  # layer weights stored (in, out), as GPT-2's Conv1D
 
     def layer_of(self, tensor: str) -> int | None:
         """The layer index in a tensor's name, or None for tensors outside the layer stack."""
@@ -65,6 +66,7 @@ def _build(row: dict[str, Any]) -> Architecture:
         pre_weights=tuple(row["pre_weights"]),
         vocab_weights=tuple(row["vocab_weights"]),
         tied=dict(row["tied"]),
+        fan_in_fan_out=bool(row.get("fan_in_fan_out", False)),
     )
 
 

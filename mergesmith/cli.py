@@ -45,6 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("methods", help="list every merge method with its parameters")
+
+    lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
+        dest="lora_command", metavar="TOOL"
+    )
+    ex = lora.add_parser("extract", help="extract a PEFT LoRA adapter from a fine-tuned model and its base")
+    ex.add_argument("base", help="the base model (path or Hub id)")
+    ex.add_argument("model", help="the fine-tuned model (path or Hub id)")
+    ex.add_argument("out_dir", help="output adapter directory")
+    size = ex.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="rank of every module")
+    size.add_argument(
+        "--energy",
+        type=float,
+        help="per module, the smallest rank keeping this fraction of the change's energy",
+    )
+    ex.add_argument(
+        "--save-others",
+        action="store_true",
+        help="store embeddings, norms and other non-matrix tensors whole (modules_to_save) instead of skipping them",
+    )
+    ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
 
 
@@ -59,6 +80,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergesmith.errors import MergesmithError
 
     try:
+        if args.command == "lora":
+            from mergesmith.extract import extract_lora
+
+            if args.lora_command != "extract":
+                _parser().parse_args(["lora", "--help"])
+            reports = extract_lora(
+                args.base,
+                args.model,
+                args.out_dir,
+                rank=args.rank,
+                energy=args.energy,
+                save_others=args.save_others,
+                force=args.force,
+            )
+            worst = max(reports, key=lambda r: r.relative_error, default=None)
+            print(
+                f"extracted {len(reports)} modules into {args.out_dir}"
+                + (f"; worst relative error {worst.relative_error:.3g} ({worst.module})" if worst else "")
+            )
+            return 0
         if args.command == "methods":
             from mergesmith.docs import methods_text
 
