@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         help="store embeddings, norms and other non-matrix tensors whole (modules_to_save) instead of skipping them",
     )
     ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    lm = lora.add_parser("merge", help="merge LoRA adapters of one base into one adapter (weighted sum)")
+    lm.add_argument("out_dir", help="output adapter directory")
+    lm.add_argument("adapters", nargs="+", help="adapter directories or Hub ids")
+    lm.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
+    lm.add_argument(
+        "--rank", type=int, help="truncate each module to this rank (default: exact, summed ranks)"
+    )
+    lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
 
 
@@ -83,6 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lora":
             from mergesmith.extract import extract_lora
 
+            if args.lora_command == "merge":
+                from mergesmith.lora_merge import merge_adapters
+
+                merged = merge_adapters(
+                    args.adapters, args.out_dir, weights=args.weights, rank=args.rank, force=args.force
+                )
+                worst_merge = max(merged, key=lambda r: r.relative_error, default=None)
+                print(
+                    f"merged {len(args.adapters)} adapters ({len(merged)} modules) into {args.out_dir}"
+                    + (
+                        f"; worst relative error {worst_merge.relative_error:.3g} ({worst_merge.module})"
+                        if worst_merge
+                        else ""
+                    )
+                )
+                return 0
             if args.lora_command != "extract":
                 _parser().parse_args(["lora", "--help"])
             reports = extract_lora(

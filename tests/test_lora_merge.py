@@ -1,0 +1,136 @@
+"""Merging LoRA adapters into one adapter: exact by stacking, best rank-r by QR + SVD, bounded memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import CompatibilityError
+from mergesmith.cli import main
+from mergesmith.lora import AdaptedCheckpoint, read_adapter
+from mergesmith.lora_merge import merge_adapters
+from mergesmith.sources import Checkpoint
+from tests import tiny
+from tests.test_lora import adapter, llama
+
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("lora-merge")
+    base = llama(root / "base")
+    settings: list[dict[str, Any]] = [
+        {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "up_proj"], "use_rslora": True},
+        {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 1}},
+    ]
+    for i, lora in enumerate(settings):
+        adapter(base, root / f"ad{i}", 30 + i, **lora)
+    return {"base": base, "adapters": [root / f"ad{i}" for i in range(3)]}
+
+
+def deltas(base: Path, adapters: list[Path], name: str) -> list[np.ndarray]:
+    plain = Checkpoint(base).get(name).double().numpy()
+    out = []
+    for ad in adapters:
+        view = AdaptedCheckpoint(Checkpoint(base), read_adapter(ad), "x")
+        out.append(view.get(name).double().numpy() - plain)
+    return out
+
+
+def test_stacked_factors_equal_the_linear_merge_of_the_full_models(
+    three: dict[str, Any], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, ads = three["base"], three["adapters"]
+    reports = merge_adapters(ads, tmp_path / "merged", weights=WEIGHTS)
+    ranks = {r.module: r.rank for r in reports}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 2 + 4 + 3
+    assert ranks["model.layers.0.self_attn.v_proj"] == 2 + 1
+    assert ranks["model.layers.0.mlp.up_proj"] == 4
+    assert all(r.relative_error == 0 for r in reports)
+    # the same merge of the full models, by mergesmith's linear method
+    text = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {base}+{ad}\n    parameters: {{weight: {w}}}\n" for ad, w in zip(ads, WEIGHTS)
+    )
+    mergesmith.merge(text + "dtype: float32\n", tmp_path / "full")
+    full = tiny.load_state(tmp_path / "full")
+    peft_merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "merged")
+        .merge_and_unload()
+        .state_dict()
+    )
+    for name, value in full.items():
+        torch.testing.assert_close(peft_merged[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_truncation_error_is_the_svd_bound_and_falls_with_rank(three: dict[str, Any], tmp_path: Path) -> None:
+    base, ads = three["base"], three["adapters"]
+    name = "model.layers.1.self_attn.q_proj.weight"
+    exact = sum(w * d for w, d in zip(WEIGHTS, deltas(base, ads, name)))
+    s = np.linalg.svd(exact, compute_uv=False)
+    errors = []
+    for rank in (1, 2, 4, 9):
+        out = tmp_path / f"r{rank}"
+        reports = {r.module: r for r in merge_adapters(ads, out, weights=WEIGHTS, rank=rank)}
+        got = AdaptedCheckpoint(Checkpoint(base), read_adapter(out), "x").get(name).double().numpy()
+        got -= Checkpoint(base).get(name).double().numpy()
+        error = np.linalg.norm(exact - got) / np.linalg.norm(exact)
+        bound = np.sqrt((s[rank:] ** 2).sum() / (s**2).sum())
+        assert error == pytest.approx(bound, rel=1e-3, abs=1e-6)
+        assert reports[name[: -len(".weight")]].relative_error == pytest.approx(bound, rel=1e-3, abs=1e-6)
+        errors.append(error)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-5
+
+
+def test_merging_three_wide_adapters_never_allocates_a_full_matrix(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from torch.profiler import ProfilerActivity, profile
+
+    width, rank = 4096, 64
+    gen = torch.Generator().manual_seed(0)
+    module = "base_model.model.model.layers.0.self_attn.o_proj"
+    paths = []
+    for i in range(3):
+        d = tmp_path / f"wide{i}"
+        d.mkdir()
+        factors = {
+            f"{module}.lora_A.weight": torch.randn(rank, width, generator=gen) / 64,
+            f"{module}.lora_B.weight": torch.randn(width, rank, generator=gen) / 64,
+        }
+        save_file(factors, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["o_proj"]})
+        )
+        paths.append(d)
+    full = width * width * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        reports = merge_adapters(paths, tmp_path / "out", weights=[0.5, 0.3, 0.2], rank=rank)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest < full / 8, f"an allocation of {largest} bytes; a {width}x{width} float32 matrix is {full}"
+    assert reports[0].rank == rank and 0 < reports[0].relative_error < 1
+
+
+def test_cli_merge_and_mismatched_adapters(
+    three: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ads = [str(p) for p in three["adapters"]]
+    assert (
+        main(["lora", "merge", str(tmp_path / "m"), *ads, "--weights", "0.5", "0.3", "0.2", "--rank", "3"])
+        == 0
+    )
+    assert "merged 3 adapters (" in capsys.readouterr().out
+    other = llama(tmp_path / "wide", hidden_size=48, intermediate_size=96)
+    adapter(other, tmp_path / "wide-ad", 5, r=2, lora_alpha=2, target_modules=["q_proj"])
+    with pytest.raises(CompatibilityError, match="does not fit the other adapters"):
+        merge_adapters([ads[0], tmp_path / "wide-ad"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
