@@ -34,7 +34,7 @@ def test_every_method_has_a_doc_page_and_an_example() -> None:
 
 
 def test_every_example_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert len(EXAMPLES) == 20
+    assert len(EXAMPLES) == 21
     base, cfg = tiny.llama_state(0, num_hidden_layers=4)
     models = tmp_path / "models"
     tiny.save(models / "base", base, cfg, tokenizer=True)

@@ -295,3 +295,17 @@ def test_trim_keeps_values_one_ulp_apart_correctly(dtype: torch.dtype) -> None:
     np.testing.assert_array_equal(out, np.array([0, -t, t, 0, 0, 0], dtype=np_dtype))
     out = _steps.trim_to_top(torch.tensor(values, dtype=dtype), 0.5).numpy()  # k = 3: first of the ties below
     np.testing.assert_array_equal(out, np.array([below, -t, t, 0, 0, 0], dtype=np_dtype))
+
+
+def test_steps_work_in_place_on_non_contiguous_tensors() -> None:
+    values = torch.tensor([[0.5, -0.2, 0.9], [0.3, -0.7, 0.1]])
+    delta = values.T.clone()  # column-major strides, as SVD factors come
+    assert not delta.is_contiguous()
+    _steps.trim_to_top(delta, 0.5)
+    expected = values.T.clone().contiguous()
+    _steps.trim_to_top(expected, 0.5)
+    assert torch.equal(delta, expected) and int(torch.count_nonzero(delta)) == 3
+    base = torch.zeros(3, 2).T.clone()
+    assert not base.is_contiguous()
+    out = _steps.combine(base, [values.clone()], [1.0], consensus="sum", normalize=True, lambda_=2.0)
+    assert out is base and torch.equal(base, 2 * values)

@@ -10,6 +10,7 @@ from mergesmith.methods import (
     della,
     iso,
     karcher,
+    knots,
     linear,
     model_stock,
     multislerp,
@@ -47,6 +48,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         della.DELLA,
         della.DELLA_LINEAR,
         sce.METHOD,
+        knots.METHOD,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,

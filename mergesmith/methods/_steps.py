@@ -38,7 +38,9 @@ def trim_to_top(delta: torch.Tensor, density: float, rescale: RescaleMode = "non
     :func:`apply_mask`. Scratch memory is one magnitude copy plus fixed-size chunks, never a
     full-size boolean mask.
     """
-    flat = delta.reshape(-1)
+    if not delta.is_contiguous():  # work on a flat copy, then write the result back
+        return delta.copy_(trim_to_top(delta.contiguous(), density, rescale))
+    flat = delta.view(-1)
     n = flat.numel()
     if density >= 1 or n == 0:
         return delta
@@ -165,8 +167,21 @@ def combine(
     """
     total = float(sum(weights))
     divide_all = consensus is None and normalize and abs(total) >= 1e-8
-    flat_base = base.reshape(-1)
-    flat = [d.reshape(-1) for d in deltas]
+    if not base.is_contiguous():  # work on a flat copy, then write the result back
+        return base.copy_(
+            combine(
+                base.contiguous(),
+                deltas,
+                weights,
+                consensus=consensus,
+                normalize=normalize,
+                lambda_=lambda_,
+                divide_by=divide_by,
+            )
+        )
+    deltas[:] = [d if d.is_contiguous() else d.contiguous() for d in deltas]
+    flat_base = base.view(-1)
+    flat = [d.view(-1) for d in deltas]
     for start in range(0, flat_base.numel(), _CHUNK):
         part = [d[start : start + _CHUNK] for d in flat]
         for d, w in zip(part, weights):
@@ -235,9 +250,11 @@ def keep_at_least(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     """Zero, in place, every entry of ``delta`` with ``|x| < threshold``; return ``delta``."""
     if threshold <= 0:
         return delta
+    if not delta.is_contiguous():
+        return delta.copy_(keep_at_least(delta.contiguous(), threshold))
     t = torch.tensor(threshold, dtype=delta.dtype)
     below = float(torch.nextafter(t, torch.zeros_like(t)))  # |x| > this <=> |x| >= threshold
-    flat = delta.reshape(-1)
+    flat = delta.view(-1)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start : start + _CHUNK]
         part.copy_(torch.nn.functional.hardshrink(part, below))
