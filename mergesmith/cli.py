@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     lm.add_argument(
         "--rank", type=int, help="truncate each module to this rank (default: exact, summed ranks)"
     )
+    lm.add_argument(
+        "--method", choices=("linear", "knots_ties"), default="linear", help="how to combine (default linear)"
+    )
+    lm.add_argument(
+        "--densities", type=float, nargs="+", help="knots_ties: one density per adapter (default 1)"
+    )
+    lm.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="scale of the merged update")
     lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
 
@@ -95,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mergesmith.lora_merge import merge_adapters
 
                 merged = merge_adapters(
-                    args.adapters, args.out_dir, weights=args.weights, rank=args.rank, force=args.force
+                    args.adapters,
+                    args.out_dir,
+                    weights=args.weights,
+                    rank=args.rank,
+                    method=args.method,
+                    densities=args.densities,
+                    lambda_=args.lambda_,
+                    force=args.force,
                 )
                 worst_merge = max(merged, key=lambda r: r.relative_error, default=None)
                 print(

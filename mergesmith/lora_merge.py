@@ -23,6 +23,7 @@ from mergesmith import _hub, _output
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import CompatibilityError, ConfigError
 from mergesmith.lora import Adapter, read_adapter
+from mergesmith.methods.knots import shared_basis, ties_into
 
 __all__ = ["MergedModule", "merge_adapters", "stack_factors", "truncate"]
 
@@ -60,16 +61,52 @@ def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return new_b.contiguous(), new_a.contiguous(), error
 
 
+def knots_factors(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shape: tuple[int, int],
+    lambda_: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KnOTS-TIES of LoRA updates ``s_i B_i A_i`` as factors ``(B, A)``, never forming a full delta.
+
+    ``[s_1 B_1 ... s_n B_n] = Q R`` by QR; then ``[D_1 ... D_n] = Q [R_1 A_1 ... R_n A_n]`` and the
+    shared SVD basis comes from the small ``k x n·in`` matrix on the right.
+    """
+    q, r = torch.linalg.qr(torch.cat([b.float() * s for b, _, s in parts], dim=1))
+    blocks, start = [], 0
+    for b, a, _ in parts:
+        blocks.append(r[:, start : start + b.shape[1]] @ a.float())
+        start += b.shape[1]
+    left, factors = shared_basis(blocks, q, shape)
+    if left.shape[1] == 0:
+        return left, torch.zeros(0, shape[1])
+    merged = ties_into(
+        torch.zeros_like(factors[0]), factors, weights, densities, normalize=True, lambda_=lambda_
+    )
+    return left.contiguous(), merged.contiguous()
+
+
 def merge_adapters(
     adapters: Sequence[str | Path],
     out_dir: str | Path,
     *,
     weights: Sequence[float] | None = None,
     rank: int | None = None,
+    method: str = "linear",
+    densities: Sequence[float] | None = None,
+    lambda_: float = 1.0,
     force: bool = False,
 ) -> list[MergedModule]:
-    """Write one PEFT adapter equal to the weighted sum of ``adapters`` (exact), or its best
-    rank-``rank`` approximation per module."""
+    """Write one PEFT adapter: the weighted sum of ``adapters`` (``linear``, exact) or their
+    KnOTS-TIES merge (``knots_ties``, exact in rank ``Σ r_i``), or its best rank-``rank``
+    approximation per module."""
+    if method not in ("linear", "knots_ties"):
+        raise ConfigError(f"unknown adapter merge method {method!r}; use linear or knots_ties")
+    if densities is not None and len(densities) != len(adapters):
+        raise ConfigError(f"{len(densities)} densities for {len(adapters)} adapters; give one per adapter")
+    if densities is not None and any(not 0 < d <= 1 for d in densities):
+        raise ConfigError(f"densities must lie in (0, 1], found {list(densities)}")
     if not adapters:
         raise ConfigError("give at least one adapter to merge")
     if weights is None:
@@ -114,14 +151,30 @@ def merge_adapters(
     ranks: dict[str, int] = {}
     for target in modules:
         parts = []
-        for ad, w in zip(read, weights):
+        members = []
+        for i, (ad, w) in enumerate(zip(read, weights)):
             found = ad.modules.get(target)
             if found is not None and w != 0:
-                parts.append((ad.tensor(found.b), ad.tensor(found.a), w * found.scaling))
+                scale = found.scaling if method == "knots_ties" else w * found.scaling
+                parts.append((ad.tensor(found.b), ad.tensor(found.a), scale))
+                members.append(i)
         module = target[: -len(".weight")]
         if not parts:
             continue
-        b, a = stack_factors(parts)
+        if method == "knots_ties":
+            b, a = knots_factors(
+                parts,
+                [weights[i] for i in members],
+                [densities[i] if densities is not None else 1.0 for i in members],
+                shapes[target],
+                lambda_,
+            )
+        else:
+            b, a = stack_factors(parts)
+            if lambda_ != 1:
+                a = a * lambda_
+        if b.shape[1] == 0:  # nothing left of this module's updates
+            continue
         error = 0.0
         if rank is not None and rank < b.shape[1]:
             b, a, error = truncate(b, a, rank)
@@ -164,14 +217,11 @@ def merge_adapters(
         inputs = "\n".join(f"- `{p}` × {w:g}" for p, w in zip(adapters, weights))
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
-        how = (
-            "exact (factors stacked)"
-            if rank is None
-            else f"truncated to rank {rank} by SVD of the stacked factors"
-        )
+        how = "exact" if rank is None else f"truncated to rank {rank} by SVD of the stacked factors"
         (stage / "README.md").write_text(
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-merge\n---\n\n# Merged LoRA adapter\n\n"
-            f"The weighted sum of these adapters' updates, {how}:\n\n{inputs}\n\n"
+            f"{'The weighted sum' if method == 'linear' else 'The KnOTS-TIES merge'} of these adapters' "
+            f"updates, {how}:\n\n{inputs}\n\n"
             f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n"
         )
     return reports

@@ -134,3 +134,32 @@ def test_cli_merge_and_mismatched_adapters(
     with pytest.raises(CompatibilityError, match="does not fit the other adapters"):
         merge_adapters([ads[0], tmp_path / "wide-ad"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("densities", [None, [0.6, 0.8, 0.5]])
+def test_knots_ties_into_one_adapter_equals_the_engine_on_full_models(
+    three: dict[str, Any], tmp_path: Path, densities: list[float] | None
+) -> None:
+    base, ads = three["base"], three["adapters"]
+    merge_adapters(
+        ads, tmp_path / "knots", weights=WEIGHTS, method="knots_ties", densities=densities, lambda_=0.9
+    )
+    view = AdaptedCheckpoint(Checkpoint(base), read_adapter(tmp_path / "knots"), "x")
+    dens = densities or [1.0, 1.0, 1.0]
+    text = (
+        f"merge_method: knots_ties\nbase_model: {base}\nmodels:\n"
+        + "".join(
+            f"  - model: {base}+{ad}\n    parameters: {{weight: {w}, density: {d}}}\n"
+            for ad, w, d in zip(ads, WEIGHTS, dens)
+        )
+        + "parameters: {lambda: 0.9}\ndtype: float32\n"
+    )
+    mergesmith.merge(text, tmp_path / "full")
+    full = tiny.load_state(tmp_path / "full")
+    # q_proj is adapted by all three, v_proj by two, up_proj by one
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ):
+        torch.testing.assert_close(view.get(name), full[name], rtol=1e-4, atol=2e-6, msg=name)

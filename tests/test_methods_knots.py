@@ -67,3 +67,15 @@ def test_knots_differs_from_plain_ties_when_trimming() -> None:
     knots = run("knots_ties", MODELS, {}, dens, base=BASE)
     plain = run("ties", MODELS, {}, dens, base=BASE)
     assert not np.allclose(knots, plain, atol=1e-4)
+
+
+def test_a_model_that_changed_nothing_takes_no_part() -> None:
+    with_idle = run(
+        "knots_ties",
+        [MODELS[0], BASE, MODELS[1]],
+        {},
+        [{"weight": 0.4}, {"weight": 0.5}, {"weight": 0.6}],
+        base=BASE,
+    )
+    without = run("knots_ties", [MODELS[0], MODELS[1]], {}, [{"weight": 0.4}, {"weight": 0.6}], base=BASE)
+    np.testing.assert_allclose(with_idle, without, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ factors ``V_i^T``, where the models' updates are aligned, and the merged update 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,17 +33,49 @@ class KnotsModelParams:
     )
 
 
+def ties_into(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """``base + lambda * TIES(deltas)``, in place in ``base`` and ``deltas``."""
+    for delta, density in zip(deltas, densities):
+        if density < 1:
+            _steps.trim_to_top(delta, density)
+    return _steps.combine(base, deltas, weights, consensus="sum", normalize=normalize, lambda_=lambda_)
+
+
+def shared_basis(
+    factors: list[torch.Tensor], left: torch.Tensor | None, shape: tuple[int, int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """From ``left @ [F_1 ... F_n] = [D_1 ... D_n]`` (``left`` with orthonormal columns, or the
+    identity when None), ``(U S, [V_1^T ... V_n^T])`` of the thin SVD of ``[D_1 ... D_n]``, with
+    rounding-level singular directions dropped."""
+    u, s, vh = torch.linalg.svd(torch.cat(factors, dim=1), full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0:
+        return u[:, :0], [vh[:0, : f.shape[1]] for f in factors]
+    keep = int(torch.count_nonzero(s > _steps.zero_singular_tolerance(shape, float(s[0]), s.dtype)))
+    basis = u[:, :keep] if left is None else left @ u[:, :keep]
+    scaled = basis * s[:keep]
+    blocks, start = [], 0
+    for f in factors:
+        blocks.append(vh[:keep, start : start + f.shape[1]].contiguous())
+        start += f.shape[1]
+    return scaled, blocks
+
+
 def _ties(
     base: torch.Tensor, deltas: list[torch.Tensor], inputs: MergeInputs[KnotsParams, KnotsModelParams]
 ) -> torch.Tensor:
-    for delta, mp in zip(deltas, inputs.model_params):
-        if mp.density < 1:
-            _steps.trim_to_top(delta, mp.density)
-    return _steps.combine(
+    return ties_into(
         base,
         deltas,
         [m.weight for m in inputs.model_params],
-        consensus="sum",
+        [m.density for m in inputs.model_params],
         normalize=inputs.params.normalize,
         lambda_=inputs.params.lambda_,
     )
@@ -53,20 +86,30 @@ def merge(inputs: MergeInputs[KnotsParams, KnotsModelParams]) -> torch.Tensor:
     deltas = _steps.task_vectors(base, inputs.tensors)
     if not _steps.is_weight_matrix(inputs.tensor_name, base):
         return _ties(base, deltas, inputs)
-    rows, cols = base.shape
-    stacked = torch.cat(deltas, dim=1)
+    for i, delta in enumerate(deltas):
+        _steps.require_finite(delta, f"{inputs.tensor_name}: the task vector of model {i + 1}")
+    # A model that left this matrix unchanged has V_i = 0 exactly; in floating point its block of
+    # the SVD would be rounding noise that TIES could count as agreeing, so it is left out.
+    members = [
+        i for i, (d, mp) in enumerate(zip(deltas, inputs.model_params)) if mp.weight != 0 and bool(d.any())
+    ]
+    used = [deltas[i] for i in members]
     deltas.clear()
-    _steps.require_finite(stacked, f"{inputs.tensor_name}: the task vectors")
-    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    del stacked
-    if s.numel() == 0 or float(s[0]) == 0:
+    if not used:
         return base
-    keep = int(torch.count_nonzero(s > _steps.zero_singular_tolerance((rows, cols), float(s[0]), s.dtype)))
-    u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    factors = [vh[:, i * cols : (i + 1) * cols].clone() for i in range(len(inputs.model_params))]
-    del vh
-    merged = _ties(torch.zeros_like(factors[0]), factors, inputs)  # lambda * V*^T
-    return base.addmm_(u * s, merged)
+    left, factors = shared_basis(used, None, (base.shape[0], base.shape[1]))
+    del used
+    if left.shape[1] == 0:
+        return base
+    merged = ties_into(
+        torch.zeros_like(factors[0]),
+        factors,
+        [inputs.model_params[i].weight for i in members],
+        [inputs.model_params[i].density for i in members],
+        normalize=inputs.params.normalize,
+        lambda_=inputs.params.lambda_,
+    )  # lambda * V*^T
+    return base.addmm_(left, merged)
 
 
 METHOD = Method(
