@@ -74,14 +74,40 @@ def _parser() -> argparse.ArgumentParser:
         "--rank", type=int, help="truncate each module to this rank (default: exact, summed ranks)"
     )
     lm.add_argument(
-        "--method", choices=("linear", "knots_ties"), default="linear", help="how to combine (default linear)"
+        "--method",
+        default="linear",
+        help="linear (exact weighted sum, default), knots_ties, or a task-vector method such as ties or "
+        "dare_ties run in the adapters' shared SVD basis",
     )
+    lm.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a merge-wide parameter of --method (repeatable), e.g. --param normalize=false",
+    )
+    lm.add_argument("--seed", type=int, default=0, help="seed for random methods (default 0)")
     lm.add_argument(
         "--densities", type=float, nargs="+", help="knots_ties: one density per adapter (default 1)"
     )
     lm.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="scale of the merged update")
     lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
+
+
+def _key_values(items: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` options, values read as YAML scalars (numbers, true/false, text)."""
+    import yaml
+
+    from mergesmith.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: write it as KEY=VALUE, e.g. --param density=0.5")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     method=args.method,
                     densities=args.densities,
                     lambda_=args.lambda_,
+                    params=_key_values(args.param),
+                    seed=args.seed,
                     force=args.force,
                 )
                 worst_merge = max(merged, key=lambda r: r.relative_error, default=None)

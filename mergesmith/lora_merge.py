@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from mergesmith import _hub, _output
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import CompatibilityError, ConfigError
 from mergesmith.lora import Adapter, read_adapter
+from mergesmith.methods import REGISTRY, MergeInputs
 from mergesmith.methods.knots import shared_basis, ties_into
 
 __all__ = ["MergedModule", "merge_adapters", "stack_factors", "truncate"]
@@ -63,15 +65,14 @@ def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 
 def knots_factors(
     parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-    weights: Sequence[float],
-    densities: Sequence[float],
+    combine: Callable[[list[torch.Tensor]], torch.Tensor],
     shape: tuple[int, int],
-    lambda_: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KnOTS-TIES of LoRA updates ``s_i B_i A_i`` as factors ``(B, A)``, never forming a full delta.
+    """LoRA updates ``s_i B_i A_i`` merged in their shared SVD basis, as factors ``(B, A)``.
 
     ``[s_1 B_1 ... s_n B_n] = Q R`` by QR; then ``[D_1 ... D_n] = Q [R_1 A_1 ... R_n A_n]`` and the
-    shared SVD basis comes from the small ``k x n·in`` matrix on the right.
+    shared basis ``D_i = U S V_i^T`` comes from the small ``k x n·in`` matrix on the right.
+    ``combine`` merges the ``V_i^T`` (KnOTS); no full delta is ever formed.
     """
     q, r = torch.linalg.qr(torch.cat([b.float() * s for b, _, s in parts], dim=1))
     blocks, start = [], 0
@@ -81,10 +82,43 @@ def knots_factors(
     left, factors = shared_basis(blocks, q, shape)
     if left.shape[1] == 0:
         return left, torch.zeros(0, shape[1])
-    merged = ties_into(
-        torch.zeros_like(factors[0]), factors, weights, densities, normalize=True, lambda_=lambda_
-    )
-    return left.contiguous(), merged.contiguous()
+    return left.contiguous(), combine(factors).contiguous()
+
+
+def _in_basis(
+    method: str,
+    module: str,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    params: Mapping[str, Any],
+    seed: int,
+) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """A merge of the factors ``V_i^T`` in the shared basis with ``method`` (base: zero update)."""
+    if method == "knots_ties":
+        lambda_ = float(params.get("lambda", 1.0))
+        return lambda f: ties_into(
+            torch.zeros_like(f[0]), f, weights, densities, normalize=True, lambda_=lambda_
+        )
+    m = REGISTRY[method]
+    shared = m.build_params({i.key: params.get(i.key, i.default) for i in m.param_infos})
+    if m.whole_model_trim is not None and m.whole_model_trim(shared):
+        raise ConfigError(
+            f"{method} with these parameters trims over a whole model, which one adapter merge cannot"
+        )
+    per = [
+        m.build_model_params(
+            {i.key: {"weight": w, "density": d}.get(i.key, i.default) for i in m.model_param_infos}
+        )
+        for w, d in zip(weights, densities)
+    ]
+    return lambda f: m.merge(MergeInputs(module, torch.zeros_like(f[0]), f, shared, per, seed))
+
+
+def basis_methods() -> list[str]:
+    """Methods that can merge adapters in their shared basis: those built on a base model."""
+    return ["knots_ties"] + [
+        n for n, m in REGISTRY.items() if m.base == "required" and m.max_models is None and n != "knots_ties"
+    ]
 
 
 def merge_adapters(
@@ -96,13 +130,24 @@ def merge_adapters(
     method: str = "linear",
     densities: Sequence[float] | None = None,
     lambda_: float = 1.0,
+    params: Mapping[str, Any] | None = None,
+    seed: int = 0,
     force: bool = False,
 ) -> list[MergedModule]:
     """Write one PEFT adapter: the weighted sum of ``adapters`` (``linear``, exact) or their
     KnOTS-TIES merge (``knots_ties``, exact in rank ``Σ r_i``), or its best rank-``rank``
     approximation per module."""
+    if method != "linear" and method not in basis_methods():
+        raise ConfigError(
+            f"adapter merge method {method!r} is not available; use linear (exact sum) or one merged in the "
+            f"shared basis: {', '.join(basis_methods())}"
+        )
+    settings = {"lambda": lambda_, **(params or {})}
     if method not in ("linear", "knots_ties"):
-        raise ConfigError(f"unknown adapter merge method {method!r}; use linear or knots_ties")
+        known = {i.key for i in REGISTRY[method].param_infos}
+        unknown = sorted(set(params or {}) - known)
+        if unknown:
+            raise ConfigError(f"{method} has no parameters {unknown}; its parameters: {sorted(known)}")
     if densities is not None and len(densities) != len(adapters):
         raise ConfigError(f"{len(densities)} densities for {len(adapters)} adapters; give one per adapter")
     if densities is not None and any(not 0 < d <= 1 for d in densities):
@@ -155,20 +200,22 @@ def merge_adapters(
         for i, (ad, w) in enumerate(zip(read, weights)):
             found = ad.modules.get(target)
             if found is not None and w != 0:
-                scale = found.scaling if method == "knots_ties" else w * found.scaling
+                scale = w * found.scaling if method == "linear" else found.scaling
                 parts.append((ad.tensor(found.b), ad.tensor(found.a), scale))
                 members.append(i)
         module = target[: -len(".weight")]
         if not parts:
             continue
-        if method == "knots_ties":
-            b, a = knots_factors(
-                parts,
+        if method != "linear":
+            combine = _in_basis(
+                method,
+                target,
                 [weights[i] for i in members],
                 [densities[i] if densities is not None else 1.0 for i in members],
-                shapes[target],
-                lambda_,
+                settings,
+                seed,
             )
+            b, a = knots_factors(parts, combine, shapes[target])
         else:
             b, a = stack_factors(parts)
             if lambda_ != 1:
@@ -220,7 +267,7 @@ def merge_adapters(
         how = "exact" if rank is None else f"truncated to rank {rank} by SVD of the stacked factors"
         (stage / "README.md").write_text(
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-merge\n---\n\n# Merged LoRA adapter\n\n"
-            f"{'The weighted sum' if method == 'linear' else 'The KnOTS-TIES merge'} of these adapters' "
+            f"{'The weighted sum' if method == 'linear' else f'The {method} merge (in the shared SVD basis)'} of these adapters' "
             f"updates, {how}:\n\n{inputs}\n\n"
             f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n"
         )

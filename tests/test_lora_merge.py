@@ -163,3 +163,47 @@ def test_knots_ties_into_one_adapter_equals_the_engine_on_full_models(
         "model.layers.1.mlp.up_proj.weight",
     ):
         torch.testing.assert_close(view.get(name), full[name], rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_task_vector_methods_run_in_the_shared_basis(three: dict[str, Any], tmp_path: Path) -> None:
+    base, ads = three["base"], three["adapters"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def applied(out: Path) -> torch.Tensor:
+        return AdaptedCheckpoint(Checkpoint(base), read_adapter(out), "x").get(name)
+
+    merge_adapters(ads, tmp_path / "kt", weights=WEIGHTS, method="knots_ties", densities=[0.5] * 3)
+    merge_adapters(ads, tmp_path / "ties", weights=WEIGHTS, method="ties", densities=[0.5] * 3)
+    torch.testing.assert_close(applied(tmp_path / "ties"), applied(tmp_path / "kt"))
+    # task arithmetic in the shared basis is the exact weighted sum of the updates
+    merge_adapters(ads, tmp_path / "ta", weights=WEIGHTS, method="task_arithmetic", lambda_=0.7)
+    merge_adapters(ads, tmp_path / "lin", weights=WEIGHTS, lambda_=0.7)
+    torch.testing.assert_close(applied(tmp_path / "ta"), applied(tmp_path / "lin"), rtol=1e-5, atol=1e-6)
+    exact = Checkpoint(base).get(name) + 0.7 * sum(
+        w * torch.tensor(d, dtype=torch.float32) for w, d in zip(WEIGHTS, deltas(base, ads, name))
+    )
+    torch.testing.assert_close(applied(tmp_path / "lin"), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_unavailable_methods_and_parameters_are_refused(three: dict[str, Any], tmp_path: Path) -> None:
+    ads = three["adapters"]
+    with pytest.raises(mergesmith.ConfigError, match="adapter merge method 'slerp' is not available"):
+        merge_adapters(ads, tmp_path / "x", method="slerp")
+    with pytest.raises(mergesmith.ConfigError, match=r"ties has no parameters \['densty'\]"):
+        merge_adapters(ads, tmp_path / "x", method="ties", params={"densty": 0.5})
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                str(tmp_path / "y"),
+                *map(str, ads),
+                "--method",
+                "ties",
+                "--param",
+                "normalize=false",
+            ]
+        )
+        == 0
+    )
+    assert not (tmp_path / "x").exists()
