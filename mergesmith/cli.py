@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list every merge method with its parameters")
 
+    ev = sub.add_parser("eval", help="exact-match accuracy and answer loss of a model on JSONL tasks")
+    ev.add_argument("model", help="model directory or Hub id")
+    ev.add_argument("--tasks", nargs="+", required=True, help="JSONL files of {prompt, answer} objects")
+    ev.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ev.add_argument("--json", help="also write the scores to this JSON file")
+
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
     )
@@ -121,6 +128,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergesmith.errors import MergesmithError
 
     try:
+        if args.command == "eval":
+            from mergesmith.evaluate import evaluate, load_task
+
+            tasks = [load_task(p) for p in args.tasks]
+            scores = evaluate(
+                args.model,
+                tasks,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=sys.stderr.isatty(),
+            )
+            print(f"{'task':<20} {'examples':>8} {'accuracy':>8} {'loss':>8} {'ppl':>8}")
+            for s in scores:
+                print(f"{s.task:<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}")
+            if args.json:
+                import json
+                from dataclasses import asdict
+
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump([asdict(s) for s in scores], f, indent=2)
+            return 0
         if args.command == "lora":
             from mergesmith.extract import extract_lora
 

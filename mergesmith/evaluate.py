@@ -1,0 +1,166 @@
+"""Evaluate a causal language model on prompt/answer tasks: exact-match accuracy and answer loss.
+
+A task is a JSONL file, one ``{"prompt": ..., "answer": ...}`` object per line; the task's name is
+the file's stem. For each example the model continues the prompt greedily; the continuation, cut
+at the end-of-sequence token or the first newline and stripped, must equal the stripped answer.
+The loss is the mean cross-entropy of the answer's tokens given the prompt (teacher forcing), and
+the perplexity its exponential. Needs ``transformers`` (``pip install mergesmith[eval]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.errors import ConfigError
+
+__all__ = ["Example", "Task", "TaskScore", "evaluate", "load_task"]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    examples: tuple[Example, ...]
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    examples: int
+    accuracy: float  # exact-match share in [0, 1]
+    loss: float  # mean cross-entropy per answer token
+    perplexity: float
+
+
+def load_task(path: str | Path) -> Task:
+    """Read a JSONL task file; every problem names the file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such task file; a task is a JSONL file of {{prompt, answer}} objects")
+    examples = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{file}:{number}: not valid JSON ({exc})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("answer"), str)
+        ):
+            raise ConfigError(
+                f"{file}:{number}: expected an object with string prompt and answer, found {line[:80]!r}"
+            )
+        examples.append(Example(row["prompt"], row["answer"]))
+    if not examples:
+        raise ConfigError(f"{file}: no examples")
+    return Task(file.stem, tuple(examples))
+
+
+def _load(model: str | Path, device: str) -> tuple[Any, Any]:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConfigError("evaluation needs transformers: pip install 'mergesmith[eval]'") from None
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    net = net.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net, tokenizer
+
+
+def _continuation(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def evaluate(
+    model: str | Path,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[TaskScore]:
+    """Score ``model`` on every task."""
+    net, tokenizer = _load(model, device)
+    scores = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(t.examples) for t in tasks), desc=f"evaluating {model}", unit="ex")
+    with torch.no_grad():
+        for task in tasks:
+            correct = 0
+            total_loss = 0.0
+            total_tokens = 0
+            for start in range(0, len(task.examples), batch_size):
+                batch = task.examples[start : start + batch_size]
+                got, loss, tokens = _score_batch(net, tokenizer, batch, device)
+                correct += got
+                total_loss += loss
+                total_tokens += tokens
+                if bar is not None:
+                    bar.update(len(batch))
+            mean = total_loss / max(1, total_tokens)
+            scores.append(
+                TaskScore(task.name, len(task.examples), correct / len(task.examples), mean, math.exp(mean))
+            )
+    if bar is not None:
+        bar.close()
+    return scores
+
+
+def _score_batch(net: Any, tokenizer: Any, batch: Sequence[Example], device: str) -> tuple[int, float, int]:
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
+    answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in batch]
+    pad = tokenizer.pad_token_id
+    # loss: prompt + answer, right-padded; only answer positions count
+    rows = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, : len(p) + len(a)] = 1
+        target[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+    logits = net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    shifted = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1).to(device), reduction="sum"
+    )
+    tokens = int((target[:, 1:] != -100).sum())
+    # accuracy: greedy continuation of left-padded prompts
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    new = max(len(a) for a in answers) + 2
+    out = net.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    correct = sum(_continuation(t) == e.answer.strip() for t, e in zip(texts, batch))
+    return correct, float(shifted), tokens

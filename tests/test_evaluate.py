@@ -1,0 +1,82 @@
+"""Evaluation: exact-match accuracy and answer loss, checked on models whose behaviour is known."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergesmith import ConfigError
+from mergesmith.cli import main
+from mergesmith.evaluate import evaluate, load_task
+from tests import tiny
+
+
+def write_task(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    state, cfg = tiny.llama_state(8)
+    silent = dict(state)
+    silent["model.norm.weight"] = torch.zeros_like(state["model.norm.weight"])  # every logit 0
+    return {
+        "random": tiny.save(root / "random", state, cfg, tokenizer=True),
+        "silent": tiny.save(root / "silent", silent, cfg, tokenizer=True),
+    }
+
+
+def test_uniform_model_scores_exactly(models: dict[str, Path], tmp_path: Path) -> None:
+    # All logits are 0: greedy decoding picks token 0 (<pad>, special, decoded as nothing), so only
+    # empty answers match; every answer token costs log(vocab size).
+    rows = [("abc", ""), ("ab", "c"), ("b", ""), ("xyz", "ab"), ("a", "")]
+    (score,) = evaluate(models["silent"], [load_task(write_task(tmp_path / "t.jsonl", rows))], batch_size=2)
+    assert score.task == "t" and score.examples == 5
+    assert score.accuracy == pytest.approx(3 / 5)
+    assert score.loss == pytest.approx(math.log(len(tiny.VOCAB)), rel=1e-6)
+    assert score.perplexity == pytest.approx(len(tiny.VOCAB), rel=1e-5)
+
+
+def test_batched_loss_equals_one_example_at_a_time(models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [("abc", "de"), ("a", "bcdef"), ("hello", "x"), ("ba", "ab")]
+    task = load_task(write_task(tmp_path / "t.jsonl", rows))
+    batched = evaluate(models["random"], [task], batch_size=3)[0]
+    net = AutoModelForCausalLM.from_pretrained(models["random"])
+    tok = AutoTokenizer.from_pretrained(models["random"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in rows:
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            a = tok(answer, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(net(torch.tensor([p + a])).logits[0], -1)
+            for j, t in enumerate(a):
+                total -= float(logp[len(p) + j - 1, t])
+                count += 1
+    assert batched.loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_task_files_are_checked(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: expected an object with string prompt and answer"):
+        load_task(bad)
+    with pytest.raises(ConfigError, match="no such task file"):
+        load_task(tmp_path / "missing.jsonl")
+
+
+def test_cli_eval_prints_and_writes_json(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = write_task(tmp_path / "empty.jsonl", [("ab", ""), ("cd", "")])
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(models["silent"]), "--tasks", str(task), "--json", str(out)]) == 0
+    assert "empty" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["accuracy"] == 1.0
