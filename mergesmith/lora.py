@@ -158,10 +158,11 @@ class AdaptedCheckpoint(Checkpoint):
         self.adapter = adapter
         self.name = name
         self.weight_files = [*base.weight_files, adapter.file]
+        self._base_keys = set(base.keys())
         self._check()
 
     def _check(self) -> None:
-        base_keys = set(self.base.keys())
+        base_keys = self._base_keys
         problems = []
         for target, module in self.adapter.modules.items():
             if target not in base_keys:
@@ -194,8 +195,7 @@ class AdaptedCheckpoint(Checkpoint):
             raise CheckpointError(problems)
 
     def keys(self) -> list[str]:
-        keys = self.base.keys()
-        return keys + [k for k in self.adapter.replaced if k not in set(keys)]
+        return self.base.keys() + [k for k in self.adapter.replaced if k not in self._base_keys]
 
     def info(self, name: str) -> TensorInfo:
         if name in self.adapter.replaced:
@@ -204,7 +204,7 @@ class AdaptedCheckpoint(Checkpoint):
         return self.base.info(name)
 
     def base_dtype(self, name: str) -> torch.dtype:
-        if name in set(self.base.keys()):
+        if name in self._base_keys:
             return self.base.info(name).dtype
         return self.adapter.tensor(self.adapter.replaced[name]).dtype
 
