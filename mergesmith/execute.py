@@ -127,10 +127,7 @@ def whole_model_thresholds(plan: Plan, device: torch.device) -> dict[int, float]
     densities = plan.whole_model_densities()
     if not densities:
         return None
-    method = plan.method
-    trim = method.whole_model_trim
-    assert trim is not None
-    jobs = [j for j in plan.jobs if j.method == method.name and trim(method.build_params(j.params))]
+    jobs = plan.whole_model_jobs()
 
     def task_vectors(job: Job) -> Callable[[], Iterator[tuple[int, torch.Tensor]]]:
         def make() -> Iterator[tuple[int, torch.Tensor]]:

@@ -25,7 +25,7 @@ from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import CompatibilityError, ConfigError
 from mergesmith.lora import Adapter, read_adapter
 from mergesmith.methods import REGISTRY, MergeInputs
-from mergesmith.methods.knots import shared_basis, ties_into
+from mergesmith.methods.knots import shared_basis
 
 __all__ = ["MergedModule", "merge_adapters", "stack_factors", "truncate"]
 
@@ -94,12 +94,7 @@ def _in_basis(
     seed: int,
 ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """A merge of the factors ``V_i^T`` in the shared basis with ``method`` (base: zero update)."""
-    if method == "knots_ties":
-        lambda_ = float(params.get("lambda", 1.0))
-        return lambda f: ties_into(
-            torch.zeros_like(f[0]), f, weights, densities, normalize=True, lambda_=lambda_
-        )
-    m = REGISTRY[method]
+    m = REGISTRY["ties" if method == "knots_ties" else method]  # KnOTS-TIES is TIES in this basis
     shared = m.build_params({i.key: params.get(i.key, i.default) for i in m.param_infos})
     if m.whole_model_trim is not None and m.whole_model_trim(shared):
         raise ConfigError(

@@ -115,17 +115,13 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
 
+    def whole_model_jobs(self) -> list[Job]:
+        """The jobs whose method trims each model over its whole task vector."""
+        return whole_model_jobs(self.method, self.jobs)
+
     def whole_model_densities(self) -> dict[int, float]:
         """For a method trimming over whole models: each trimmed model's density (else empty)."""
-        trim = self.method.whole_model_trim
-        out: dict[int, float] = {}
-        if trim is None:
-            return out
-        for job in self.jobs:
-            if job.method == self.method.name and trim(self.method.build_params(job.params)):
-                for ref, mp in zip(job.inputs, job.model_params):
-                    out.setdefault(ref.model, float(mp.get("density", 1.0)))
-        return out
+        return {m: values.pop() for m, values in _densities(self.whole_model_jobs()).items()}
 
     def shard_names(self) -> list[str]:
         n = len(self.shards)
@@ -188,6 +184,23 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ConfigError(f"size {text!r} must be positive")
     return int(value * mult)
+
+
+def whole_model_jobs(method: Method[Any, Any], jobs: Sequence[Job]) -> list[Job]:
+    """The jobs of ``method`` whose parameters make it trim over whole models."""
+    trim = method.whole_model_trim
+    if trim is None:
+        return []
+    return [j for j in jobs if j.method == method.name and trim(method.build_params(j.params))]
+
+
+def _densities(jobs: Sequence[Job]) -> dict[int, set[float]]:
+    """Every density each model is given across ``jobs``."""
+    seen: dict[int, set[float]] = {}
+    for job in jobs:
+        for ref, mp in zip(job.inputs, job.model_params):
+            seen.setdefault(ref.model, set()).add(float(mp.get("density", 1.0)))
+    return seen
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -582,15 +595,7 @@ class _Planner:
 
     def check_whole_model_density(self, jobs: Sequence[Job]) -> None:
         """A method that trims over the whole model needs one density per model."""
-        trim = self.method.whole_model_trim
-        if trim is None:
-            return
-        seen: dict[int, set[float]] = {}
-        for job in jobs:
-            if job.method == self.method.name and trim(self.method.build_params(job.params)):
-                for ref, mp in zip(job.inputs, job.model_params):
-                    seen.setdefault(ref.model, set()).add(float(mp.get("density", 1.0)))
-        for model, values in seen.items():
+        for model, values in _densities(whole_model_jobs(self.method, jobs)).items():
             if len(values) > 1:
                 self.problem(
                     f"{self.refs[model]}: density varies across tensors ({', '.join(map(str, sorted(values)))}), "

@@ -106,7 +106,7 @@ def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence
     data = json.loads(reference.read_text(encoding="utf-8"))
     added = list(data.get("added_tokens") or [])
     known = {str(e["content"]) for e in added}
-    ref_ids = json.loads(reference.read_text(encoding="utf-8")).get("model", {}).get("vocab") or {}
+    ref_ids = (data.get("model") or {}).get("vocab") or {}
     new_entries = []
     for i, key in enumerate(out_keys):
         if not isinstance(key, str) or key in known or (isinstance(ref_ids, dict) and key in ref_ids):
