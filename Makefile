@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: install demo test check lint typecheck bench clean readme
+.PHONY: install demo test check lint typecheck bench clean readme zoo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,15 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python examples/demo.py
 
+zoo: install
+	$(BIN)/python zoo/build.py
+
 test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check mergesmith tests bench examples
-	$(BIN)/ruff format --check mergesmith tests bench examples
+	$(BIN)/ruff check mergesmith tests bench examples zoo
+	$(BIN)/ruff format --check mergesmith tests bench examples zoo
 
 typecheck: install
 	$(BIN)/mypy

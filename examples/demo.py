@@ -1,53 +1,77 @@
-"""The demo: build tiny fine-tunes of one tiny Llama base, merge them with every example config,
-and compare each merged model with its parents.
+"""The demo: merge the zoo's fine-tunes and show, task by task, what each merge kept.
 
-Run from the repository root with `make demo`. Everything is written under demo-out/.
-The comparison is made in weight space, for each merged model and each parent fine-tune:
-- kept: cosine similarity between the merged model's task vector (merged - base) and the parent's,
-  over all weights: 1 means the merged model moved in the parent's direction only, 0 means the
-  parent's change is absent, negative means it was subtracted;
-- size: the norm of the merged task vector over the parent's;
-and every merged model is loaded with transformers and run on a batch of prompts (finite logits).
+Run from the repository root with `make demo`; everything is written under demo-out/.
+
+The zoo (zoo/README.md) holds a tiny character-level Llama base and four fine-tunes of it, each
+good at one skill (add, rev, sort, shift), plus a LoRA adapter per skill. The demo:
+
+1. evaluates the base and every parent on every task (exact-match accuracy, held-out prompts);
+2. merges every pair of fine-tunes and all four together with linear, task arithmetic, TIES and
+   DARE-TIES, and the matching LoRA adapters into one adapter, and evaluates each merged model on
+   the tasks of the models it merged;
+3. runs every example config in examples/ (one per method) on the zoo and evaluates it the same way;
+4. prints the table of normalized accuracy (merged accuracy / the parent's own accuracy) and writes
+   demo-out/report.{md,json,png}.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mergesmith  # noqa: E402
-from tests import tiny  # noqa: E402
+from mergesmith.evaluate import TaskScore, evaluate, load_task  # noqa: E402
+from mergesmith.lora_merge import merge_adapters  # noqa: E402
+from mergesmith.report import Entry, build_report, write_report  # noqa: E402
 
 OUT = ROOT / "demo-out"
-PARENTS = {"code": 11, "chat": 12, "math": 13}
+ZOO = ROOT / "zoo"
+SKILLS = ["add", "rev", "sort", "shift"]
+EXAMPLE_PARENTS = {"zoo/models/add": "add", "zoo/models/rev": "rev", "zoo/models/sort": "sort"}
+
+# Each method with the settings a user would start from.
+METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # method: (merge-wide, per model)
+    "linear": ({}, {"weight": 1.0}),
+    "task_arithmetic": ({}, {"weight": 1.0}),
+    "ties": ({}, {"weight": 1.0, "density": 0.5}),
+    "dare_ties": ({}, {"weight": 1.0, "density": 0.5}),
+}
 
 
-def build_models(models: Path) -> None:
-    """A tiny 4-layer Llama base and three fine-tunes: the base plus a small, structured task vector."""
-    base, cfg = tiny.llama_state(0, num_hidden_layers=4, hidden_size=64, intermediate_size=128)
-    tiny.save(models / "base", base, cfg, tokenizer=True)
-    for name, seed in PARENTS.items():
-        tiny.save(models / name, tiny.finetune(base, seed, scale=0.05), cfg, tokenizer=True)
+def config_for(method: str, skills: tuple[str, ...]) -> dict[str, Any]:
+    merge_wide, per_model = METHODS[method]
+    return {
+        "merge_method": method,
+        "base_model": str(ZOO / "models" / "base"),
+        "models": [{"model": str(ZOO / "models" / s), "parameters": per_model} for s in skills],
+        "parameters": merge_wide,
+        "dtype": "float32",
+        "out_dtype": "float16",
+        "seed": 0,
+    }
 
 
-def task_vector(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(state[k].float() - base[k].float()).reshape(-1) for k in sorted(base)])
+class Scorer:
+    """Evaluates a model on some tasks once and remembers the scores."""
 
+    def __init__(self) -> None:
+        self.tasks = {s: load_task(ZOO / "tasks" / f"{s}.jsonl") for s in SKILLS}
+        self.seconds = 0.0
+        self.models = 0
 
-def run_forward(directory: Path, prompts: torch.Tensor) -> bool:
-    """Load a model with transformers and check its logits on ``prompts`` are finite."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    with torch.no_grad():
-        return bool(torch.isfinite(model(prompts).logits).all())
+    def __call__(self, model: str | Path, skills: list[str]) -> dict[str, TaskScore]:
+        start = time.perf_counter()
+        scores = evaluate(str(model), [self.tasks[s] for s in skills], batch_size=100)
+        self.seconds += time.perf_counter() - start
+        self.models += 1
+        return {s.task: s for s in scores}
 
 
 def main() -> int:
@@ -56,45 +80,105 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    models = OUT / "models"
-    if not (models / "base").exists():
-        print("building tiny models in", models)
-        build_models(models)
-    os.chdir(OUT)
-    prompts = torch.randint(4, len(tiny.VOCAB), (64, 16), generator=torch.Generator().manual_seed(0))
-    base_state = tiny.load_state(models / "base")
-    parent_states = {n: tiny.load_state(models / n) for n in PARENTS}
-    parent_vectors = {n: task_vector(s, base_state) for n, s in parent_states.items()}
-
-    configs = sorted((ROOT / "examples").glob("*.yml"))
-    header = f"{'config':<16} {'tensors':>7} {'sec':>5} {'loads':>5} " + " ".join(
-        f"{'kept ' + n:>10} {'size ' + n:>10}" for n in PARENTS
-    )
-    rows = [header, "-" * len(header)]
-    for cfg in configs:
-        out = OUT / "merged" / cfg.stem
-        start = time.perf_counter()
-        plan = mergesmith.merge(cfg, out, force=True, progress=False)
-        took = time.perf_counter() - start
-        merged = tiny.load_state(out)
-        loads = "yes" if run_forward(out, prompts) else "NO"
-        cells = []
-        if merged.keys() == base_state.keys():
-            vector = task_vector(merged, base_state)
-            for n in PARENTS:
-                kept = float(torch.nn.functional.cosine_similarity(vector, parent_vectors[n], dim=0))
-                size = float(vector.norm() / parent_vectors[n].norm())
-                cells.append(f"{kept:>10.2f} {size:>10.2f}")
-        else:  # layers were stacked: no tensor-by-tensor comparison with the parents
-            cells.append(f"{'(' + str(len(plan.jobs)) + ' tensors, layers stacked: not comparable)':>43}")
-        rows.append(f"{cfg.stem:<16} {len(plan.jobs):>7} {took:>5.2f} {loads:>5} " + " ".join(cells))
-    print("\n".join(rows))
-    failed = [r for r in rows[2:] if " NO " in r]
-    if failed:
-        print("some merged models did not run:", *failed, sep="\n")
+    if not (ZOO / "models" / "base" / "model.safetensors").is_file():
+        print("the zoo is missing: build it with `python zoo/build.py`", file=sys.stderr)
         return 1
-    print(f"\nmerged models and their model cards are in {OUT / 'merged'}")
+    os.chdir(ROOT)
+    started = time.perf_counter()
+    score = Scorer()
+    base = Entry("base", str(ZOO / "models" / "base"), score(ZOO / "models" / "base", SKILLS))
+    parents = [Entry(s, str(ZOO / "models" / s), score(ZOO / "models" / s, SKILLS)) for s in SKILLS]
+    adapters = [
+        Entry(
+            f"{s} LoRA",
+            f"{base.path}+{ZOO / 'adapters' / s}",
+            score(f"{base.path}+{ZOO / 'adapters' / s}", SKILLS),
+        )
+        for s in SKILLS
+    ]
+    groups = [*itertools.combinations(SKILLS, 2), tuple(SKILLS)]
+    merged: list[Entry] = []
+    merge_seconds = 0.0
+    for group in groups:
+        label = "+".join(group)
+        for method in METHODS:
+            out = OUT / "merged" / f"{label}-{method}"
+            start = time.perf_counter()
+            mergesmith.merge(config_for(method, group), out, force=True, progress=False)
+            merge_seconds += time.perf_counter() - start
+            merged.append(Entry(f"{label} {method}", str(out), score(out, list(group)), group))
+        out = OUT / "adapters" / label
+        start = time.perf_counter()
+        merge_adapters([ZOO / "adapters" / s for s in group], out, force=True)
+        merge_seconds += time.perf_counter() - start
+        model = f"{base.path}+{out}"
+        merged.append(
+            Entry(f"{label} LoRA-sum", model, score(model, list(group)), tuple(f"{s} LoRA" for s in group))
+        )
+    for example in sorted((ROOT / "examples").glob("*.yml")):
+        out = OUT / "examples" / example.stem
+        start = time.perf_counter()
+        mergesmith.merge(example, out, force=True, progress=False)
+        merge_seconds += time.perf_counter() - start
+        config = mergesmith.load_config(example)
+        names = tuple(
+            dict.fromkeys(
+                EXAMPLE_PARENTS[r.path] for r in config.referenced_models() if r.path in EXAMPLE_PARENTS
+            )
+        )
+        merged.append(Entry(f"example {example.stem}", str(out), score(out, list(names)), names))
+
+    report = build_report(SKILLS, [*parents, *adapters], merged, base=base, owners={s: s for s in SKILLS})
+    written = write_report(report, OUT, stem="report")
+    print(table(report, merged))
+    print()
+    print(side_by_side(report, groups))
+    print(
+        f"\n{len(merged)} merges in {merge_seconds:.1f} s; {score.models} evaluations in {score.seconds:.1f} s; "
+        f"total {time.perf_counter() - started:.1f} s"
+    )
+    best_pair = max((m for m in merged if len(m.parents) == 2), key=lambda m: report.average.get(m.name, 0.0))
+    print(f"best two-skill merge: {best_pair.name}, {report.average[best_pair.name]:.1%} normalized accuracy")
+    print("report: " + ", ".join(str(p.relative_to(ROOT)) for p in written))
     return 0
+
+
+def side_by_side(report: Any, groups: list[tuple[str, ...]]) -> str:
+    """Average normalized accuracy, one row per group of skills, one column per method."""
+    methods = [*METHODS, "LoRA-sum"]
+    width = max(len("+".join(g)) for g in groups) + 2
+    head = f"{'merged skills':<{width}}" + "".join(f"{m:>17}" for m in methods)
+    lines = ["average normalized accuracy by method", head, "-" * len(head)]
+    for group in groups:
+        label = "+".join(group)
+        cells = [report.average.get(f"{label} {m}") for m in methods]
+        lines.append(
+            f"{label:<{width}}" + "".join(f"{c:>17.0%}" if c is not None else f"{'':>17}" for c in cells)
+        )
+    return "\n".join(lines)
+
+
+def table(report: Any, merged: list[Entry]) -> str:
+    """Accuracy of base and parents, then normalized accuracy of every merge, one row each."""
+    width = max(len(m.name) for m in merged) + 2
+    head = f"{'model':<{width}}" + "".join(f"{s:>8}" for s in SKILLS) + f"{'avg':>8}"
+    lines = ["accuracy", head, "-" * len(head)]
+    for e in [report.base, *report.parents]:
+        lines.append(f"{e.name:<{width}}" + "".join(f"{e.scores[s].accuracy:>8.0%}" for s in SKILLS))
+    lines += [
+        "",
+        "normalized accuracy (merged / the parent's own; LoRA merges against the LoRA parents)",
+        head,
+        "-" * len(head),
+    ]
+    for m in merged:
+        norms = report.normalized.get(m.name, {})
+        cells = "".join(f"{norms[s]:>8.0%}" if s in norms else f"{'':>8}" for s in SKILLS)
+        avg = report.average.get(m.name)
+        lines.append(f"{m.name:<{width}}{cells}" + (f"{avg:>8.0%}" if avg is not None else ""))
+    warned = sorted({w.model for w in report.warnings})
+    lines += ["", f"{len(report.warnings)} warnings on {len(warned)} merges (details in demo-out/report.md)"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

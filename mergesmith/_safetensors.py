@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mergesmith._output import os_error
 from mergesmith.errors import CheckpointError, OutputError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -181,9 +182,7 @@ class ShardWriter:
             self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
             self.f.write(head)
         except OSError as exc:
-            raise OutputError(
-                f"{path}: cannot write: {os.strerror(exc.errno or 0)} (errno {exc.errno})"
-            ) from None
+            raise os_error(path, exc) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self.next]
@@ -197,9 +196,7 @@ class ShardWriter:
         try:
             self.f.write(memoryview(data))  # type: ignore[arg-type]
         except OSError as exc:
-            raise OutputError(
-                f"{self.path}: writing {name} failed: {os.strerror(exc.errno or 0)} (errno {exc.errno})"
-            ) from None
+            raise os_error(self.path, exc, f"writing {name} failed") from None
         self.next += 1
 
     def close(self) -> None:
@@ -211,4 +208,4 @@ class ShardWriter:
             os.fsync(self.f.fileno())
             self.f.close()
         except OSError as exc:
-            raise OutputError(f"{self.path}: {os.strerror(exc.errno or 0)} (errno {exc.errno})") from None
+            raise os_error(self.path, exc, "cannot finish the file") from None

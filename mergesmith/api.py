@@ -54,6 +54,7 @@ def merge(
     seed: int | None = None,
     progress: bool | None = None,
     full_digests: bool = False,
+    on_nonfinite: str = "error",
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -61,7 +62,12 @@ def merge(
     appears only once it is complete; an existing non-empty ``out_dir`` is replaced only with
     ``force``. Nothing is written inside an input model's directory. ``full_digests`` records the
     sha256 of every local input file in the model card, at the cost of reading the inputs twice.
+    A merged tensor with NaN or infinities (or overflowing a float16 output) stops the merge and
+    names the inputs that hold them; ``on_nonfinite="warn"`` writes it anyway, with a warning on
+    stderr and in the model card. Two merges into the same ``out_dir`` at once are refused.
     """
+    if on_nonfinite not in ("error", "warn"):
+        raise ConfigError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
     dev = check_device(device)
     cfg = _config(config)
     if seed is not None:
@@ -72,5 +78,7 @@ def merge(
     out = Path(out_dir)
     _output.check_output(out, [d for m in plan.models for d in m.dirs], force)
     with _output.staged_output(out) as stage:
-        execute(plan, stage, device=dev, progress=progress, full_digests=full_digests)
+        execute(
+            plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite
+        )
     return plan

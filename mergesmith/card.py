@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,7 @@ def file_digest(path: Path, *, full: bool = False) -> str:
     return f"quick:{h.hexdigest()}"
 
 
-def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
+def model_card(plan: Plan, digests: Mapping[Path, str], warnings: Sequence[str] = ()) -> str:
     cfg = plan.config
     base = str(cfg.base_model) if cfg.base_model is not None else None
     lines = ["---"]
@@ -68,6 +68,15 @@ def model_card(plan: Plan, digests: Mapping[Path, str]) -> str:
             "`quick:` digests hash a file's size and its first and last MiB; `sha256:` digests hash "
             "the whole file (`mergesmith merge --full-digests`).",
         ]
+    if warnings:
+        lines += [
+            "",
+            "## Warnings",
+            "",
+            "Merged with `--on-nonfinite warn`; these tensors were written as they came out:",
+            "",
+        ]
+        lines += [f"- {w}" for w in warnings]
     lines += ["", "## Configuration", "", "```yaml", cfg.text.strip(), "```", ""]
     lines += [
         f"Output: {len(plan.jobs)} tensors in {len(plan.shards)} shard(s), {plan.write_bytes / 1e6:.1f} MB.",

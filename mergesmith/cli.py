@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
         help="record the sha256 of every local input file in the model card (reads the inputs twice)",
     )
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
+    m.add_argument(
+        "--on-nonfinite",
+        choices=["error", "warn"],
+        default="error",
+        help="a merged tensor with NaN/Inf or float16 overflow: stop (error, default) or write it and warn",
+    )
+    m.add_argument(
+        "--eval",
+        nargs="+",
+        metavar="TASK",
+        help="after merging, evaluate base, parents and merged model on these JSONL tasks and write "
+        "eval_report.{md,json,png} beside the model",
+    )
+    m.add_argument("--batch-size", type=int, default=32, help="--eval: examples per forward pass")
 
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
     v.add_argument("config")
@@ -48,10 +63,38 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="exact-match accuracy and answer loss of a model on JSONL tasks")
     ev.add_argument("model", help="model directory or Hub id")
-    ev.add_argument("--tasks", nargs="+", required=True, help="JSONL files of {prompt, answer} objects")
+    ev.add_argument("--tasks", nargs="+", default=[], help="JSONL files of {prompt, answer} objects")
+    ev.add_argument(
+        "--lm-eval",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="lm-evaluation-harness task names (needs pip install 'mergesmith[lm-eval]')",
+    )
+    ev.add_argument("--limit", type=int, help="--lm-eval: at most this many examples per task")
     ev.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ev.add_argument("--json", help="also write the scores to this JSON file")
+
+    c = sub.add_parser(
+        "compare", help="evaluate base, parents and merged models side by side; write a report"
+    )
+    c.add_argument("--tasks", nargs="+", required=True, help="JSONL files of {prompt, answer} objects")
+    c.add_argument("--base", help="the base model")
+    c.add_argument(
+        "--parents", nargs="+", required=True, metavar="[NAME=]MODEL", help="the fine-tunes that were merged"
+    )
+    c.add_argument("--merged", nargs="+", required=True, metavar="[NAME=]MODEL", help="merged models")
+    c.add_argument(
+        "--owner",
+        action="append",
+        default=[],
+        metavar="TASK=NAME",
+        help="the parent that owns a task (default: the parent that scores best on it)",
+    )
+    c.add_argument("--out", default=".", help="directory for compare_report.{md,json,png} (default .)")
+    c.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
@@ -127,18 +170,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from mergesmith.errors import MergesmithError
 
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command == "eval":
-            from mergesmith.evaluate import evaluate, load_task
+            from mergesmith.errors import ConfigError
+            from mergesmith.evaluate import evaluate, evaluate_harness, load_task
 
+            if not args.tasks and not args.lm_eval:
+                raise ConfigError("eval: give JSONL task files with --tasks, or harness tasks with --lm-eval")
             tasks = [load_task(p) for p in args.tasks]
-            scores = evaluate(
-                args.model,
-                tasks,
-                batch_size=args.batch_size,
-                device=args.device,
-                progress=sys.stderr.isatty(),
-            )
+            scores = []
+            if tasks:
+                scores += evaluate(
+                    args.model,
+                    tasks,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    progress=sys.stderr.isatty(),
+                )
+            if args.lm_eval:
+                scores += evaluate_harness(
+                    args.model, args.lm_eval, batch_size=args.batch_size, device=args.device, limit=args.limit
+                )
             print(f"{'task':<20} {'examples':>8} {'accuracy':>8} {'loss':>8} {'ppl':>8}")
             for s in scores:
                 print(f"{s.task:<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}")
@@ -149,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(args.json, "w", encoding="utf-8") as f:
                     json.dump([asdict(s) for s in scores], f, indent=2)
             return 0
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "lora":
             from mergesmith.extract import extract_lora
 
@@ -223,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM ends a merge like Ctrl-C: the partial output is removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def _merge(args: argparse.Namespace) -> int:
     import time
 
@@ -242,12 +302,79 @@ def _merge(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
         full_digests=args.full_digests,
+        on_nonfinite=args.on_nonfinite,
     )
     took = time.perf_counter() - start
     print(
         f"merged {len(plan.jobs)} tensors with {plan.method.name} into {args.out_dir} "
         f"({plan.write_bytes / 1e6:.1f} MB, {len(plan.shards)} shard(s)) in {took:.1f} s"
     )
+    if args.eval:
+        from mergesmith.config import load_config
+        from mergesmith.evaluate import load_task
+        from mergesmith.report import compare, write_report
+
+        config = load_config(args.config)
+        tasks = [load_task(t) for t in args.eval]
+        base = str(config.base_model) if config.base_model else None
+        refs = [str(r) for r in config.referenced_models() if str(r) != base]
+        parents = dict(zip(_labels(refs), refs))
+        report = compare(
+            tasks,
+            parents,
+            {"merged": (args.out_dir, list(parents))},
+            base=base,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=sys.stderr.isatty(),
+        )
+        _print_report(report, write_report(report, args.out_dir))
+    return 0
+
+
+def _labels(models: Sequence[str]) -> list[str]:
+    """Short, distinct labels for models: ``NAME=MODEL`` as given, else the last path part."""
+    from pathlib import PurePath
+
+    labels = []
+    for m in models:
+        name, sep, _ = m.partition("=")
+        label = name if sep else "+".join(PurePath(part).name or part for part in m.split("+"))
+        labels.append(label if label not in labels else m)
+    return labels
+
+
+def _paths(models: Sequence[str]) -> list[str]:
+    return [m.partition("=")[2] if "=" in m else m for m in models]
+
+
+def _print_report(report: object, written: Sequence[object]) -> None:
+    from mergesmith.report import Report
+
+    assert isinstance(report, Report)
+    print(report.to_markdown(), end="")
+    print("report written to " + ", ".join(str(p) for p in written))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mergesmith.evaluate import load_task
+    from mergesmith.report import compare, write_report
+
+    tasks = [load_task(t) for t in args.tasks]
+    parents = dict(zip(_labels(args.parents), _paths(args.parents)))
+    merged = {label: (path, list(parents)) for label, path in zip(_labels(args.merged), _paths(args.merged))}
+    owners = dict(zip(_labels(args.owner), _paths(args.owner)))
+    report = compare(
+        tasks,
+        parents,
+        merged,
+        base=args.base,
+        owners=owners,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    _print_report(report, write_report(report, args.out, stem="compare_report"))
     return 0
 
 

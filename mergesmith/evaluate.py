@@ -20,7 +20,7 @@ import torch
 
 from mergesmith.errors import ConfigError
 
-__all__ = ["Example", "Task", "TaskScore", "evaluate", "load_task"]
+__all__ = ["Example", "Task", "TaskScore", "evaluate", "evaluate_harness", "load_task"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,32 @@ def load_task(path: str | Path) -> Task:
 
 
 def _load(model: str | Path, device: str) -> tuple[Any, Any]:
+    """A model directory, Hub id, or ``base+adapter`` (the adapter's update added to the base)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ConfigError("evaluation needs transformers: pip install 'mergesmith[eval]'") from None
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    net: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    from mergesmith.config import ModelRef
+
+    ref = ModelRef.parse(str(model))
+    if ref.lora is None:
+        where: str | Path = model
+        revision = None
+    else:
+        from mergesmith import _hub
+
+        where = _hub.resolve(ref.path, ref.revision)
+        revision = ref.revision
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
+    net: Any = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=torch.float32)
+    if ref.lora is not None:
+        from mergesmith.plan import open_models
+
+        adapted = open_models([ref])[0]
+        state = {name: adapted.get(name).float() for name in adapted.keys()}  # noqa: SIM118
+        _missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ConfigError(f"{model}: tensors the model does not have: {unexpected[:5]}")
     net = net.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -164,3 +184,65 @@ def _score_batch(net: Any, tokenizer: Any, batch: Sequence[Example], device: str
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     correct = sum(_continuation(t) == e.answer.strip() for t, e in zip(texts, batch))
     return correct, float(shifted), tokens
+
+
+# -- EleutherAI lm-evaluation-harness ---------------------------------------------------------------
+
+# The metric read as a task's accuracy, first found first: normalized multiple-choice accuracy,
+# accuracy, then exact match under the harness's usual filters.
+HARNESS_METRICS = (
+    "acc_norm,none",
+    "acc,none",
+    "exact_match,strict-match",
+    "exact_match,flexible-extract",
+    "exact_match,none",
+)
+
+
+def evaluate_harness(
+    model: str | Path,
+    tasks: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    limit: int | None = None,
+) -> list[TaskScore]:
+    """Score ``model`` on lm-evaluation-harness tasks (``pip install 'mergesmith[lm-eval]'``).
+
+    ``model`` is a directory, Hub id or ``base+adapter`` (handed to the harness as a PEFT adapter).
+    The accuracy is the first metric of :data:`HARNESS_METRICS` the task reports; the harness
+    reports no answer loss, so loss and perplexity are NaN.
+    """
+    try:
+        import lm_eval
+    except ImportError:
+        raise ConfigError(
+            "lm-evaluation-harness is not installed: pip install 'mergesmith[lm-eval]'"
+        ) from None
+    from mergesmith.config import ModelRef
+
+    ref = ModelRef.parse(str(model))
+    args = f"pretrained={ref.path},dtype=float32"
+    if ref.revision:
+        args += f",revision={ref.revision}"
+    if ref.lora:
+        args += f",peft={ref.lora}"
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=args, tasks=list(tasks), batch_size=batch_size, device=device, limit=limit
+    )
+    results: dict[str, dict[str, Any]] = (out or {}).get("results", {})
+    samples: dict[str, dict[str, Any]] = (out or {}).get("n-samples", {})
+    scores = []
+    for task in tasks:
+        metrics = results.get(task)
+        if metrics is None:
+            raise ConfigError(f"lm-evaluation-harness returned no results for task {task!r}")
+        metric = next((m for m in HARNESS_METRICS if isinstance(metrics.get(m), (int, float))), None)
+        if metric is None:
+            found = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            raise ConfigError(
+                f"task {task!r}: none of the metrics {list(HARNESS_METRICS)} in its results (found {found})"
+            )
+        examples = int(samples.get(task, {}).get("effective", 0))
+        scores.append(TaskScore(task, examples, float(metrics[metric]), math.nan, math.nan))
+    return scores

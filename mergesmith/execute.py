@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith import _memory, card, vocab, whole_model
+from mergesmith import _memory, _output, card, vocab, whole_model
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
@@ -64,9 +64,16 @@ def merge_job(
     tensors: list[torch.Tensor],
     device: torch.device,
     thresholds: Mapping[int, float] | None = None,
+    warnings: list[str] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor from its inputs as read (:func:`read_inputs`); the list is emptied."""
+    """Merge one tensor from its inputs as read (:func:`read_inputs`); the list is emptied.
+
+    A result holding NaN or infinities, or overflowing a float16 output, raises a MethodError;
+    with a ``warnings`` list the problem is appended there instead and the tensor is kept.
+    """
     if job.method == COPY:
+        if tensors[0].is_floating_point():
+            _check_finite(plan, job, tensors[0], warnings)
         return tensors[0]
     method = get_method(job.method)
     if method is None:
@@ -100,23 +107,46 @@ def merge_job(
     else:
         result = vocab.merge_rows(job.rows, base, others, run, method.min_models)
     del tensors, base, others
+    _check_finite(plan, job, result, warnings)
+    if job.out_dtype == torch.float16 and result.numel():
+        low, high = torch.aminmax(result.nan_to_num(0.0, 0.0, 0.0))
+        peak = max(-float(low), float(high))
+        if peak > torch.finfo(torch.float16).max:
+            _report(
+                f"{job.name}: values up to {peak:.4g} overflow float16 (max 65504) and would be written "
+                "as infinities; use out_dtype: bfloat16 or float32",
+                warnings,
+            )
+    return result.to(job.out_dtype)
+
+
+def _check_finite(plan: Plan, job: Job, result: torch.Tensor, warnings: list[str] | None) -> None:
     # One reduction tells whether anything is non-finite; the count is taken only when it is.
     bad = 0 if bool(torch.isfinite(result.sum())) else int((~torch.isfinite(result)).sum())
     if bad:
-        raise MethodError(
-            f"{job.name}: {job.method} produced {bad} NaN or infinite values (inputs: "
-            + ", ".join(f"{plan.refs[r.model]}:{r.name}" for r in job.all_inputs())
-            + "); check the inputs for NaN/Inf and the parameters for divisions by zero"
+        culprits = _nonfinite_inputs(plan, job)
+        cause = (
+            "non-finite inputs: " + ", ".join(culprits) + "; repair or replace those models"
+            if culprits
+            else "every input is finite: check the parameters for divisions by zero"
         )
-    if job.out_dtype == torch.float16 and result.numel():
-        low, high = torch.aminmax(result)
-        peak = max(-float(low), float(high))
-        if peak > torch.finfo(torch.float16).max:
-            raise MethodError(
-                f"{job.name}: values up to {peak:.4g} overflow float16 (max 65504); use "
-                "out_dtype: bfloat16 or float32"
-            )
-    return result.to(job.out_dtype)
+        _report(f"{job.name}: {job.method} produced {bad} NaN or infinite values; {cause}", warnings)
+
+
+def _report(message: str, warnings: list[str] | None) -> None:
+    if warnings is None:
+        raise MethodError(message + " (or merge anyway with --on-nonfinite warn)")
+    warnings.append(message)
+
+
+def _nonfinite_inputs(plan: Plan, job: Job) -> list[str]:
+    """The inputs of ``job`` holding NaN or infinities, read again (only after a bad result)."""
+    found = []
+    for ref, tensor in zip(job.all_inputs(), read_inputs(plan, job)):
+        count = int((~torch.isfinite(tensor.float())).sum())
+        if count:
+            found.append(f"{plan.refs[ref.model]}: {ref.name} ({count} values)")
+    return found
 
 
 def whole_model_thresholds(plan: Plan, device: torch.device) -> dict[int, float] | None:
@@ -156,12 +186,18 @@ def execute(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     full_digests: bool = False,
-) -> None:
+    on_nonfinite: str = "error",
+) -> list[str]:
     """Write the merged model described by ``plan`` into the (empty) directory ``stage``.
 
     ``full_digests`` records the sha256 of every local input file in the model card (a full
-    extra read of the inputs); otherwise local files get a quick digest.
+    extra read of the inputs); otherwise local files get a quick digest. ``on_nonfinite="warn"``
+    writes tensors with NaN, infinities or float16 overflow and returns the warnings (also
+    printed and recorded in the model card); the default raises on the first one.
     """
+    if on_nonfinite not in ("error", "warn"):
+        raise ValueError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
+    warnings: list[str] | None = [] if on_nonfinite == "warn" else None
     dev = torch.device(device)
     _memory.tune()
     thresholds = whole_model_thresholds(plan, dev)
@@ -194,7 +230,7 @@ def execute(
                     pending = (
                         reader.submit(read_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
                     )
-                    result = merge_job(plan, job, tensors, dev, thresholds)
+                    result = merge_job(plan, job, tensors, dev, thresholds, warnings)
                     del tensors
                     writer.write(job.name, result)
                     del result
@@ -212,10 +248,18 @@ def execute(
                 bar.close()
         for path, fut in digest_jobs.items():
             digests[path] = fut.result()
-    _write_side_files(plan, stage, names, digests)
+    for message in warnings or ():
+        print(f"warning: {message}", file=sys.stderr)
+    try:
+        _write_side_files(plan, stage, names, digests, warnings or [])
+    except OSError as exc:
+        raise _output.os_error(exc.filename or stage, exc) from None
+    return warnings or []
 
 
-def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[Path, str]) -> None:
+def _write_side_files(
+    plan: Plan, stage: Path, names: list[str], digests: dict[Path, str], warnings: list[str]
+) -> None:
     if len(names) > 1:
         index = {
             "metadata": {"total_size": plan.write_bytes},
@@ -248,7 +292,7 @@ def _write_side_files(plan: Plan, stage: Path, names: list[str], digests: dict[P
             data = json.loads(tok_cfg.read_text())
             data.pop("chat_template", None)
             tok_cfg.write_text(json.dumps(data, indent=2) + "\n")
-    (stage / "README.md").write_text(card.model_card(plan, digests))
+    (stage / "README.md").write_text(card.model_card(plan, digests, warnings))
     (stage / "mergesmith_config.yml").write_text(plan.config.text)
 
 

@@ -85,6 +85,21 @@ class DictSource:
         return self.tensors[name]
 
 
+def _link_root(model_dir: Path) -> Path:
+    """Where a model's symlinked weight files may point: the model directory, or for a Hub cache
+    snapshot (``models--org--name/snapshots/REV``) the repository's cache directory with its blobs."""
+    resolved = model_dir.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith(
+        ("models--", "datasets--")
+    ):
+        return resolved.parent.parent
+    return resolved
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def _plain(exc: BaseException) -> str:
     """An exception's text without terminal colour codes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -197,6 +212,11 @@ class Checkpoint:
                 )
             if not path.is_file():
                 raise CheckpointError(f"{index}: tensor {tensor!r} is in {rel}, which does not exist")
+            if path.is_symlink() and not _inside(path.resolve(), _link_root(root)):
+                raise CheckpointError(
+                    f"{index}: tensor {tensor!r} is in {rel}, a symlink to {path.resolve()}, outside the "
+                    "model directory; refusing (copy the file into the model directory if it is meant to be there)"
+                )
             if self.dir / rel not in files:
                 files.append(self.dir / rel)
         return files

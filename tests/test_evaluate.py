@@ -80,3 +80,50 @@ def test_cli_eval_prints_and_writes_json(
     assert main(["eval", str(models["silent"]), "--tasks", str(task), "--json", str(out)]) == 0
     assert "empty" in capsys.readouterr().out
     assert json.loads(out.read_text())[0]["accuracy"] == 1.0
+
+
+class FakeHarness:
+    """Stands in for the ``lm_eval`` package: records the call, returns results in its format."""
+
+    def __init__(self, results: dict[str, dict[str, object]]) -> None:
+        self.results = results
+        self.calls: list[dict[str, object]] = []
+
+    def simple_evaluate(self, **kwargs: object) -> dict[str, object]:
+        self.calls.append(kwargs)
+        return {"results": self.results, "n-samples": {t: {"effective": 50} for t in self.results}}
+
+
+def test_harness_scores_read_the_primary_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mergesmith.evaluate import evaluate_harness
+
+    fake = FakeHarness(
+        {
+            "arc_easy": {"alias": "arc_easy", "acc,none": 0.61, "acc_norm,none": 0.57},
+            "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01},
+        }
+    )
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    scores = evaluate_harness("org/base@v1+org/adapter", ["arc_easy", "gsm8k"], batch_size=8, limit=50)
+    assert [(s.task, s.accuracy, s.examples) for s in scores] == [("arc_easy", 0.57, 50), ("gsm8k", 0.25, 50)]
+    assert math.isnan(scores[0].loss)
+    (call,) = fake.calls
+    assert call["model"] == "hf" and call["tasks"] == ["arc_easy", "gsm8k"] and call["limit"] == 50
+    assert call["model_args"] == "pretrained=org/base,dtype=float32,revision=v1,peft=org/adapter"
+
+
+def test_harness_without_a_usable_metric_or_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mergesmith.evaluate import evaluate_harness
+
+    monkeypatch.setitem(sys.modules, "lm_eval", FakeHarness({"odd": {"bleu,none": 3.0}}))
+    with pytest.raises(ConfigError, match=r"task 'odd': none of the metrics .* \(found \['bleu,none'\]\)"):
+        evaluate_harness("m", ["odd"])
+    with pytest.raises(ConfigError, match="no results for task 'other'"):
+        evaluate_harness("m", ["other"])
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as when not installed
+    with pytest.raises(ConfigError, match=r"pip install 'mergesmith\[lm-eval\]'"):
+        evaluate_harness("m", ["odd"])

@@ -1,0 +1,157 @@
+"""The merge report: normalization, ownership, warnings and the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mergesmith.errors import ConfigError
+from mergesmith.evaluate import TaskScore
+from mergesmith.report import Entry, build_report, write_report
+
+
+def scores(**accuracy: float) -> dict[str, TaskScore]:
+    return {t: TaskScore(t, 100, a, 1.0 - a, 2.0) for t, a in accuracy.items()}
+
+
+BASE = Entry("base", "b", scores(add=0.10, rev=0.05))
+ADD = Entry("add", "a", scores(add=0.90, rev=0.04))
+REV = Entry("rev", "r", scores(add=0.08, rev=0.80))
+
+
+def test_normalized_accuracy_is_merged_over_the_owning_parent() -> None:
+    good = Entry("good", "g", scores(add=0.81, rev=0.60))
+    report = build_report(["add", "rev"], [ADD, REV], [good], base=BASE)
+    assert report.owners == {"add": "add", "rev": "rev"}
+    assert report.normalized["good"] == pytest.approx({"add": 0.81 / 0.90, "rev": 0.60 / 0.80})
+    assert report.average["good"] == pytest.approx((0.9 + 0.75) / 2)
+    assert report.warnings == []
+    assert report.best() == "good"
+
+
+def test_collapse_and_below_base_warnings_name_the_model_and_task() -> None:
+    bad = Entry("bad", "x", scores(add=0.85, rev=0.02))
+    report = build_report(["add", "rev"], [ADD, REV], [bad], base=BASE)
+    kinds = sorted((w.kind, w.task) for w in report.warnings)
+    assert kinds == [("below_base", "rev"), ("collapse", "rev")]
+    collapse = next(w for w in report.warnings if w.kind == "collapse")
+    assert "bad: rev collapsed to 2.0% from 80.0% in rev" in collapse.message
+    assert "catastrophic interference" in collapse.message
+
+
+def test_a_merged_model_is_judged_on_the_tasks_of_its_own_parents() -> None:
+    # evaluated only on add: rev is not its task, and ownership comes from its parents only
+    lora_add = Entry("add LoRA", "la", scores(add=0.70, rev=0.04))
+    lora_rev = Entry("rev LoRA", "lr", scores(add=0.08, rev=0.50))
+    merged = Entry("loras", "m", scores(add=0.35, rev=0.40), ("add LoRA", "rev LoRA"))
+    only_add = Entry("one", "o", scores(add=0.45), ("add", "rev"))
+    report = build_report(
+        ["add", "rev"],
+        [ADD, REV, lora_add, lora_rev],
+        [merged, only_add],
+        owners={"add": "add", "rev": "rev"},
+    )
+    assert report.normalized["loras"] == pytest.approx({"add": 0.5, "rev": 0.8})
+    assert report.normalized["one"] == pytest.approx({"add": 0.5})
+
+
+def test_unknown_parents_and_owners_are_refused() -> None:
+    with pytest.raises(ConfigError, match="not a parent"):
+        build_report(["add"], [ADD], [], owners={"add": "nobody"})
+    with pytest.raises(ConfigError, match="unknown parents"):
+        build_report(["add"], [ADD], [Entry("m", "m", scores(add=0.5), ("ghost",))])
+
+
+def test_report_files(tmp_path: Path) -> None:
+    merged = Entry("m", "m", scores(add=0.45, rev=0.40))
+    report = build_report(["add", "rev"], [ADD, REV], [merged], base=BASE)
+    written = write_report(report, tmp_path)
+    assert sorted(p.name for p in written) == ["eval_report.json", "eval_report.md", "eval_report.png"]
+    data = json.loads((tmp_path / "eval_report.json").read_text())
+    assert data["normalized_accuracy"]["m"] == pytest.approx({"add": 0.5, "rev": 0.5})
+    assert [w["kind"] for w in data["warnings"]] == []
+    md = (tmp_path / "eval_report.md").read_text()
+    assert "| m (merged) | 45.0% (50%) | 40.0% (50%) | 50.0% |" in md
+    assert "| add (parent) | **90.0%** | 4.0% |" in md
+    assert (tmp_path / "eval_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+
+
+def zoo_config(tmp_path: Path, weight: float) -> Path:
+    text = f"""
+merge_method: task_arithmetic
+base_model: {ZOO / "models" / "base"}
+models:
+  - model: {ZOO / "models" / "add"}
+    parameters: {{weight: {weight}}}
+  - model: {ZOO / "models" / "rev"}
+    parameters: {{weight: {weight}}}
+dtype: float32
+"""
+    path = tmp_path / f"ta-{weight}.yml"
+    path.write_text(text)
+    return path
+
+
+def test_merge_eval_warns_when_a_merge_destroys_a_skill_and_not_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.cli import main
+
+    tasks = [str(ZOO / "tasks" / "add.jsonl"), str(ZOO / "tasks" / "rev.jsonl")]
+    reports = {}
+    for weight in (1.0, 6.0):
+        out = tmp_path / f"merged-{weight}"
+        assert (
+            main(["merge", str(zoo_config(tmp_path, weight)), str(out), "--no-progress", "--eval", *tasks])
+            == 0
+        )
+        reports[weight] = json.loads((out / "eval_report.json").read_text())
+        assert (out / "eval_report.md").is_file() and (out / "eval_report.png").is_file()
+    good, bad = reports[1.0], reports[6.0]
+    assert [p["name"] for p in good["parents"]] == ["add", "rev"] and good["base"]["name"] == "base"
+    assert good["warnings"] == []
+    assert good["average_normalized_accuracy"]["merged"] >= 0.7
+    collapsed = {w["task"] for w in bad["warnings"] if w["kind"] == "collapse"}
+    assert collapsed, bad["warnings"]
+    for task in collapsed:
+        assert bad["normalized_accuracy"]["merged"][task] < 0.5
+    printed = capsys.readouterr().out
+    assert "catastrophic interference" in printed and "eval_report.md" in printed
+
+
+def test_compare_cli_puts_the_models_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mergesmith.cli import main
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(zoo_config(tmp_path, 1.0)), str(merged), "--no-progress"]) == 0
+    argv = [
+        "compare",
+        "--tasks",
+        str(ZOO / "tasks" / "add.jsonl"),
+        str(ZOO / "tasks" / "rev.jsonl"),
+        "--base",
+        str(ZOO / "models" / "base"),
+        "--parents",
+        str(ZOO / "models" / "add"),
+        f"reverser={ZOO / 'models' / 'rev'}",
+        "--merged",
+        f"ta={merged}",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "cmp" / "compare_report.json").read_text())
+    assert data["owners"] == {"add": "add", "rev": "reverser"}
+    acc = {
+        e["name"]: {t: s["accuracy"] for t, s in e["scores"].items()}
+        for e in [*data["parents"], *data["merged"]]
+    }
+    assert data["normalized_accuracy"]["ta"] == pytest.approx(
+        {"add": acc["ta"]["add"] / acc["add"]["add"], "rev": acc["ta"]["rev"] / acc["reverser"]["rev"]}
+    )
+    assert "| ta (merged) |" in capsys.readouterr().out
