@@ -85,7 +85,7 @@ def start_merge(tmp_path: Path, cfg: Path, out: Path) -> tuple[subprocess.Popen[
     return child, marker
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_merge_leaves_no_output_and_the_next_run_cleans_up(
     models: dict[str, Path], tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -101,7 +101,7 @@ def test_killed_merge_leaves_no_output_and_the_next_run_cleans_up(
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
         assert stage.exists()  # nothing could clean up: the hidden name marks it incomplete
-    else:  # SIGTERM ends it like Ctrl-C: it removes its own partial output and its lock
+    else:  # Ctrl-C, and SIGTERM like it: the merge removes its own partial output and its lock
         assert code == 130
         assert hidden(out.parent) == []
     mergesmith.merge(cfg, out)
@@ -312,6 +312,8 @@ def test_twelve_parents_keep_memory_and_open_files_bounded(tmp_path: Path) -> No
     assert len(plan.models) == 13 and len(plan.jobs) == len(base)
     inputs = 13 * nbytes
     grew = peak["rss"] - start_rss
-    # The inputs are 13 x 8.9 MB; the merge holds one tensor's inputs (13 x 2 MB at most) at a time.
-    assert grew < inputs / 2, f"RSS grew {grew / 1e6:.0f} MB for {inputs / 1e6:.0f} MB of inputs"
-    assert peak["fds"] - start_fds <= 13 * 3 + 8, peak
+    # The inputs are 13 x 10.7 MB; the merge holds one tensor's inputs (13 x 0.5 MB at most) at a time.
+    print(f"12 parents: RSS grew {grew / 1e6:.1f} MB for {inputs / 1e6:.0f} MB of inputs; {peak['fds'] - start_fds} more open files")
+    assert grew < inputs / 3, f"RSS grew {grew / 1e6:.0f} MB for {inputs / 1e6:.0f} MB of inputs"
+    # 13 models x 3 shards are 39 files: they are opened when read, not all held open
+    assert peak["fds"] - start_fds <= 12, peak
