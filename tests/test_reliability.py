@@ -313,7 +313,9 @@ def test_twelve_parents_keep_memory_and_open_files_bounded(tmp_path: Path) -> No
     inputs = 13 * nbytes
     grew = peak["rss"] - start_rss
     # The inputs are 13 x 10.7 MB; the merge holds one tensor's inputs (13 x 0.5 MB at most) at a time.
-    print(f"12 parents: RSS grew {grew / 1e6:.1f} MB for {inputs / 1e6:.0f} MB of inputs; {peak['fds'] - start_fds} more open files")
+    print(
+        f"12 parents: RSS grew {grew / 1e6:.1f} MB for {inputs / 1e6:.0f} MB of inputs; {peak['fds'] - start_fds} more open files"
+    )
     assert grew < inputs / 3, f"RSS grew {grew / 1e6:.0f} MB for {inputs / 1e6:.0f} MB of inputs"
     # 13 models x 3 shards are 39 files: they are opened when read, not all held open
     assert peak["fds"] - start_fds <= 12, peak
