@@ -96,6 +96,47 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
+    t = sub.add_parser(
+        "tune", help="search merge parameters marked {search: [low, high]} against the evaluation"
+    )
+    t.add_argument("config", help="merge config with some values written as {search: [low, high]}")
+    t.add_argument("--tasks", nargs="+", required=True, help="JSONL files of {prompt, answer} objects")
+    t.add_argument(
+        "--trials", type=int, default=20, help="trials in the study, counting earlier runs (default 20)"
+    )
+    t.add_argument(
+        "--out", default="tune-out", help="study.db, best.yml, best/, search.png (default tune-out)"
+    )
+    t.add_argument(
+        "--sampler", choices=["tpe", "cmaes", "grid"], default="tpe", help="Optuna sampler (default tpe)"
+    )
+    t.add_argument(
+        "--grid-steps", type=int, default=3, help="grid: values per searched parameter (default 3)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    t.add_argument(
+        "--workers", type=int, default=1, help="trials run at once, each worker holding the parents"
+    )
+    t.add_argument(
+        "--executor", choices=["local", "ray"], default="local", help="local processes or Ray actors"
+    )
+    t.add_argument("--study-name", help="name of the study in study.db (default: the config's file name)")
+    t.add_argument(
+        "--penalty", type=float, default=1.0, help="weight of accuracy lost below the base (default 1)"
+    )
+    t.add_argument(
+        "--task-weight",
+        action="append",
+        default=[],
+        metavar="TASK=W",
+        help="weight of a task in the objective",
+    )
+    t.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    t.add_argument(
+        "--no-best", action="store_true", help="do not merge and evaluate the best config at the end"
+    )
+
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
     )
@@ -204,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "lora":
             from mergesmith.extract import extract_lora
 
@@ -312,13 +355,13 @@ def _merge(args: argparse.Namespace) -> int:
     if args.eval:
         from mergesmith.config import load_config
         from mergesmith.evaluate import load_task
-        from mergesmith.report import compare, write_report
+        from mergesmith.report import compare, labels, write_report
 
         config = load_config(args.config)
         tasks = [load_task(t) for t in args.eval]
         base = str(config.base_model) if config.base_model else None
         refs = [str(r) for r in config.referenced_models() if str(r) != base]
-        parents = dict(zip(_labels(refs), refs))
+        parents = dict(zip(labels(refs), refs))
         report = compare(
             tasks,
             parents,
@@ -330,18 +373,6 @@ def _merge(args: argparse.Namespace) -> int:
         )
         _print_report(report, write_report(report, args.out_dir))
     return 0
-
-
-def _labels(models: Sequence[str]) -> list[str]:
-    """Short, distinct labels for models: ``NAME=MODEL`` as given, else the last path part."""
-    from pathlib import PurePath
-
-    labels = []
-    for m in models:
-        name, sep, _ = m.partition("=")
-        label = name if sep else "+".join(PurePath(part).name or part for part in m.split("+"))
-        labels.append(label if label not in labels else m)
-    return labels
 
 
 def _paths(models: Sequence[str]) -> list[str]:
@@ -356,14 +387,45 @@ def _print_report(report: object, written: Sequence[object]) -> None:
     print("report written to " + ", ".join(str(p) for p in written))
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from mergesmith.tune import tune
+
+    weights = {k: float(v) for k, v in _key_values(args.task_weight).items()}  # type: ignore[arg-type]
+    result = tune(
+        args.config,
+        args.tasks,
+        args.out,
+        trials=args.trials,
+        sampler=args.sampler,
+        seed=args.seed,
+        grid_steps=args.grid_steps,
+        workers=args.workers,
+        executor=args.executor,
+        study_name=args.study_name,
+        penalty=args.penalty,
+        task_weights=weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        write_best=not args.no_best,
+    )
+    start = f"{result.default_objective:.4f}" if result.default_objective is not None else "n/a"
+    print(
+        f"best objective {result.best_objective:.4f} (starting values: {start}) after {result.trials} trials, "
+        f"{result.seconds_per_trial:.2f} s per trial: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items())
+    )
+    print("written: " + ", ".join(str(p) for p in result.files))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mergesmith.evaluate import load_task
-    from mergesmith.report import compare, write_report
+    from mergesmith.report import compare, labels, write_report
 
     tasks = [load_task(t) for t in args.tasks]
-    parents = dict(zip(_labels(args.parents), _paths(args.parents)))
-    merged = {label: (path, list(parents)) for label, path in zip(_labels(args.merged), _paths(args.merged))}
-    owners = dict(zip(_labels(args.owner), _paths(args.owner)))
+    parents = dict(zip(labels(args.parents), _paths(args.parents)))
+    merged = {label: (path, list(parents)) for label, path in zip(labels(args.merged), _paths(args.merged))}
+    owners = dict(zip(labels(args.owner), _paths(args.owner)))
     report = compare(
         tasks,
         parents,

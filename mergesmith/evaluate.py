@@ -20,7 +20,7 @@ import torch
 
 from mergesmith.errors import ConfigError
 
-__all__ = ["Example", "Task", "TaskScore", "evaluate", "evaluate_harness", "load_task"]
+__all__ = ["Example", "Task", "TaskScore", "evaluate", "evaluate_harness", "load_model", "load_task", "score"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def load_task(path: str | Path) -> Task:
     return Task(file.stem, tuple(examples))
 
 
-def _load(model: str | Path, device: str) -> tuple[Any, Any]:
+def load_model(model: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """A model directory, Hub id, or ``base+adapter`` (the adapter's update added to the base)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,14 +116,32 @@ def evaluate(
     device: str = "cpu",
     progress: bool = False,
 ) -> list[TaskScore]:
-    """Score ``model`` on every task."""
-    net, tokenizer = _load(model, device)
+    """Score ``model`` (a directory, Hub id or ``base+adapter``) on every task."""
+    net, tokenizer = load_model(model, device)
+    return score(
+        net, tokenizer, tasks, batch_size=batch_size, device=device, progress=progress, label=str(model)
+    )
+
+
+def score(
+    net: Any,
+    tokenizer: Any,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = False,
+    label: str = "model",
+    with_loss: bool = True,
+) -> list[TaskScore]:
+    """Score a loaded model (see :func:`load_model`) on every task; without ``with_loss`` only
+    accuracy is measured (loss and perplexity are NaN), which saves a forward pass per batch."""
     scores = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(t.examples) for t in tasks), desc=f"evaluating {model}", unit="ex")
+        bar = tqdm(total=sum(len(t.examples) for t in tasks), desc=f"evaluating {label}", unit="ex")
     with torch.no_grad():
         for task in tasks:
             correct = 0
@@ -131,13 +149,13 @@ def evaluate(
             total_tokens = 0
             for start in range(0, len(task.examples), batch_size):
                 batch = task.examples[start : start + batch_size]
-                got, loss, tokens = _score_batch(net, tokenizer, batch, device)
+                got, loss, tokens = _score_batch(net, tokenizer, batch, device, with_loss)
                 correct += got
                 total_loss += loss
                 total_tokens += tokens
                 if bar is not None:
                     bar.update(len(batch))
-            mean = total_loss / max(1, total_tokens)
+            mean = total_loss / max(1, total_tokens) if with_loss else math.nan
             scores.append(
                 TaskScore(task.name, len(task.examples), correct / len(task.examples), mean, math.exp(mean))
             )
@@ -146,10 +164,10 @@ def evaluate(
     return scores
 
 
-def _score_batch(net: Any, tokenizer: Any, batch: Sequence[Example], device: str) -> tuple[int, float, int]:
-    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
-    answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in batch]
-    pad = tokenizer.pad_token_id
+def _answer_loss(
+    net: Any, prompts: list[list[int]], answers: list[list[int]], pad: int, device: str
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the answer tokens given the prompts, and their count."""
     # loss: prompt + answer, right-padded; only answer positions count
     rows = [p + a for p, a in zip(prompts, answers)]
     width = max(len(r) for r in rows)
@@ -165,6 +183,18 @@ def _score_batch(net: Any, tokenizer: Any, batch: Sequence[Example], device: str
         logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1).to(device), reduction="sum"
     )
     tokens = int((target[:, 1:] != -100).sum())
+    return shifted, tokens
+
+
+def _score_batch(
+    net: Any, tokenizer: Any, batch: Sequence[Example], device: str, with_loss: bool = True
+) -> tuple[int, float, int]:
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
+    answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in batch]
+    pad = tokenizer.pad_token_id
+    shifted, tokens = torch.zeros(()), 0
+    if with_loss:
+        shifted, tokens = _answer_loss(net, prompts, answers, pad, device)
     # accuracy: greedy continuation of left-padded prompts
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Task, TaskScore, evaluate
 
-__all__ = ["Entry", "Report", "Warning", "build_report", "compare", "write_report"]
+__all__ = ["Entry", "Report", "Warning", "build_report", "compare", "labels", "write_report"]
 
 Scores = Mapping[str, TaskScore]  # task name -> score
 
@@ -192,6 +192,17 @@ def build_report(
         if norms:
             average[m.name] = sum(norms.values()) / len(norms)
     return Report(list(tasks), base, list(parents), list(merged), chosen, normalized, average, warnings)
+
+
+def labels(models: Sequence[str]) -> list[str]:
+    """Short, distinct labels for models: ``NAME=MODEL`` as given, else the last path part
+    (``base+adapter`` gives ``base+adapter``'s last parts); the full text where two would clash."""
+    out: list[str] = []
+    for m in models:
+        name, sep, _ = m.partition("=")
+        label = name if sep else "+".join(PurePath(part).name or part for part in m.split("+"))
+        out.append(label if label not in out else m)
+    return out
 
 
 def _owner(task: str, pool: Sequence[Entry], owners: Mapping[str, str] | None) -> Entry | None:

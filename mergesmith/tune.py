@@ -1,0 +1,650 @@
+"""Search merge coefficients against the evaluation.
+
+A tune config is a merge config in which some parameter values are search ranges::
+
+    weight: {search: [0.1, 1.5]}            # a float in [0.1, 1.5]
+    density: {search: [0.01, 1.0], log: true}
+    weight: [{search: [0, 1]}, {search: [0, 1]}]   # a searchable gradient
+
+Each trial substitutes values, merges in memory from parent tensors read once, loads the result
+into a model held in memory and scores it on the tasks; nothing is written per trial. Trials are
+proposed by an Optuna sampler (TPE, CMA-ES, or a grid) and recorded in an SQLite study, so a
+study that is stopped resumes where it was. Trials run in this process, in ``workers`` local
+processes, or on Ray actors; each worker holds the parents once. The best config is written as
+YAML, merged to disk and evaluated against its parents (the merge report), and the search is
+plotted.
+
+The objective is the weighted mean normalized accuracy (accuracy over the best parent's on the
+task) minus ``penalty`` times the total accuracy lost below the base model on any task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.errors import ConfigError
+
+__all__ = ["Dimension", "Objective", "TrialRunner", "TuneResult", "search_space", "substitute", "tune"]
+
+SAMPLERS = ("tpe", "cmaes", "grid")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched value: where it sits in the config document and its range."""
+
+    name: str
+    path: tuple[str | int, ...]
+    low: float
+    high: float
+    log: bool = False
+    default: float | None = None  # the value the first trial uses (default: the middle of the range)
+
+    def grid(self, steps: int) -> list[float]:
+        if steps < 2:
+            return [(self.low + self.high) / 2]
+        if self.log:
+            a, b = math.log(self.low), math.log(self.high)
+            inner = [math.exp(a + (b - a) * i / (steps - 1)) for i in range(1, steps - 1)]
+        else:
+            inner = [self.low + (self.high - self.low) * i / (steps - 1) for i in range(1, steps - 1)]
+        return [self.low, *inner, self.high]  # the ends exactly, not rounded past the range
+
+
+def _label(doc: Mapping[str, Any], path: tuple[str | int, ...]) -> str:
+    """A readable name: ``add.weight`` for models[i].parameters.weight of model ``.../add``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(path):
+        key = path[i]
+        if key == "models" and i + 1 < len(path) and isinstance(path[i + 1], int):
+            entry = doc["models"][path[i + 1]]
+            model = entry.get("model") if isinstance(entry, Mapping) else entry
+            parts.append(Path(str(model).split("+")[-1]).name or str(model))
+            i += 2
+            if i < len(path) and path[i] == "parameters":
+                i += 1
+            continue
+        if key == "parameters" and i == 0:
+            i += 1
+            continue
+        parts.append(f"[{key}]" if isinstance(key, int) else str(key))
+        i += 1
+    return ".".join(parts).replace(".[", "[")
+
+
+def search_space(doc: Mapping[str, Any]) -> list[Dimension]:
+    """Every ``{search: [low, high]}`` node of a config document, or a ConfigError naming each bad one."""
+    found: list[Dimension] = []
+    problems: list[str] = []
+
+    def walk(node: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, Mapping):
+            if "search" in node:
+                where = ".".join(str(p) for p in path)
+                extra = sorted(set(node) - {"search", "log", "default"})
+                rng = node["search"]
+                if extra:
+                    problems.append(
+                        f"{where}: unknown key(s) {extra} beside search (allowed: search, log, default)"
+                    )
+                elif (
+                    not isinstance(rng, Sequence)
+                    or isinstance(rng, str)
+                    or len(rng) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)
+                    or not rng[0] < rng[1]
+                ):
+                    problems.append(f"{where}: search must be [low, high] with low < high, found {rng!r}")
+                elif node.get("log", False) and rng[0] <= 0:
+                    problems.append(f"{where}: a log search needs low > 0, found {rng[0]}")
+                elif "default" in node and not (
+                    isinstance(node["default"], (int, float)) and rng[0] <= node["default"] <= rng[1]
+                ):
+                    problems.append(
+                        f"{where}: default must be a number in [{rng[0]}, {rng[1]}], found {node['default']!r}"
+                    )
+                else:
+                    low, high = float(rng[0]), float(rng[1])
+                    start = float(node["default"]) if "default" in node else None
+                    found.append(Dimension(_label(doc, path), path, low, high, bool(node.get("log")), start))
+                return
+            for k, v in node.items():
+                walk(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, i))
+
+    walk(doc, ())
+    if problems:
+        raise ConfigError(problems, "tune config")
+    if not found:
+        raise ConfigError("the config searches nothing: mark a value as {search: [low, high]}", "tune config")
+    names = [d.name for d in found]
+    if len(set(names)) != len(names):  # two models with the same last path part: fall back to paths
+        found = [Dimension(".".join(str(p) for p in d.path), d.path, d.low, d.high, d.log) for d in found]
+    return found
+
+
+def substitute(
+    doc: Mapping[str, Any], space: Sequence[Dimension], values: Mapping[str, float]
+) -> dict[str, Any]:
+    """A plain config document with each searched node replaced by its value."""
+    out: Any = json.loads(json.dumps(doc))
+    for dim in space:
+        node = out
+        for key in dim.path[:-1]:
+            node = node[key]
+        node[dim.path[-1]] = float(values[dim.name])
+    return dict(out)
+
+
+def midpoint(space: Sequence[Dimension]) -> dict[str, float]:
+    """The starting values: each dimension's ``default``, else the middle of its range."""
+    return {d.name: d.default if d.default is not None else d.grid(3)[1] for d in space}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Weighted mean normalized accuracy, less ``penalty`` x the accuracy lost below the base."""
+
+    owner_accuracy: Mapping[str, float]  # task -> the best parent's accuracy
+    base_accuracy: Mapping[str, float] | None = None
+    weights: Mapping[str, float] = field(default_factory=dict)
+    penalty: float = 1.0
+
+    def __call__(self, accuracy: Mapping[str, float]) -> float:
+        tasks = [t for t in self.owner_accuracy if self.owner_accuracy[t] > 0]
+        total = sum(self.weights.get(t, 1.0) for t in tasks)
+        value = sum(self.weights.get(t, 1.0) * accuracy[t] / self.owner_accuracy[t] for t in tasks) / total
+        if self.base_accuracy:
+            value -= self.penalty * sum(
+                max(0.0, self.base_accuracy[t] - accuracy[t]) for t in self.base_accuracy
+            )
+        return value
+
+
+class TrialRunner:
+    """Holds the parents' tensors and one model in memory; merges and scores one set of values."""
+
+    def __init__(
+        self,
+        doc: Mapping[str, Any],
+        task_files: Sequence[str],
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+        threads: int | None = None,
+    ) -> None:
+        from mergesmith import _memory
+        from mergesmith.config import load_config
+        from mergesmith.evaluate import load_task
+        from mergesmith.plan import build_plan
+
+        if threads:
+            torch.set_num_threads(threads)
+        _memory.tune()  # the allocator settings a merge runs with
+        self.doc = dict(doc)
+        self.space = search_space(doc)
+        self.tasks = [load_task(t) for t in task_files]
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        plan = build_plan(load_config(substitute(doc, self.space, midpoint(self.space))))
+        self.cache: dict[tuple[str, str], torch.Tensor] = {}
+        for job in plan.jobs:
+            for ref in job.all_inputs():
+                key = (str(plan.refs[ref.model]), ref.name)
+                if key not in self.cache:
+                    self.cache[key] = plan.models[ref.model].get(ref.name)
+        self.net, self.tokenizer = _model_from(plan)
+
+    def merged_state(self, values: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        from mergesmith.config import load_config
+        from mergesmith.execute import merge_job, whole_model_thresholds
+        from mergesmith.plan import build_plan
+
+        plan = build_plan(load_config(substitute(self.doc, self.space, values)))
+        thresholds = whole_model_thresholds(plan, self.device)
+        state = {}
+        for job in plan.jobs:
+            tensors = [self.cache[(str(plan.refs[r.model]), r.name)].clone() for r in job.all_inputs()]
+            state[job.name] = merge_job(plan, job, tensors, self.device, thresholds)
+        return state
+
+    def run(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Per-task accuracy of the merge with ``values``."""
+        from mergesmith.evaluate import score
+
+        state = self.merged_state(values)
+        with torch.no_grad():
+            _missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ConfigError(f"merged tensors the model does not have: {unexpected[:5]}")
+        scores = score(
+            self.net, self.tokenizer, self.tasks, batch_size=self.batch_size, device=str(self.device)
+        )
+        return {s.task: s.accuracy for s in scores}
+
+
+def _model_from(plan: Any) -> tuple[Any, Any]:
+    """An in-memory model of the merge's output architecture, and the output's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = dict(plan.out_config)
+    cfg.pop("torch_dtype", None)
+    cfg.pop("dtype", None)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    net: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    net = net.eval()
+    source = plan.models[plan.tokenizer_model if plan.tokenizer_model is not None else plan.reference]
+    tokenizer = AutoTokenizer.from_pretrained(source.dirs[0])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net, tokenizer
+
+
+# -- executors: each holds runners and evaluates values, returning per-task accuracy ---------------
+
+_WORKER: TrialRunner | None = None
+
+
+def _init_worker(doc: Mapping[str, Any], task_files: Sequence[str], device: str, threads: int) -> None:
+    global _WORKER
+    _WORKER = TrialRunner(doc, task_files, device=device, threads=threads)
+
+
+def _run_in_worker(values: Mapping[str, float]) -> dict[str, float]:
+    assert _WORKER is not None
+    return _WORKER.run(values)
+
+
+class _Executor:
+    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _InProcess(_Executor):
+    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str) -> None:
+        self.runner = TrialRunner(doc, task_files, device=device)
+
+    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+        fut: Future[dict[str, float]] = Future()
+        fut.set_result(self.runner.run(values))
+        return fut
+
+
+class _LocalPool(_Executor):
+    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, workers: int) -> None:
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(dict(doc), list(task_files), device, threads),
+        )
+
+    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+        return self.pool.submit(_run_in_worker, dict(values))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class _RayActors(_Executor):
+    """One Ray actor per worker, each holding a TrialRunner; values go to the least busy actor."""
+
+    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, workers: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'mergesmith[ray]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            address = os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        actor: Any = ray.remote(num_cpus=1)(TrialRunner)
+        self.actors: list[Any] = [
+            actor.remote(dict(doc), list(task_files), device=device, threads=threads) for _ in range(workers)
+        ]
+        self.busy = [0] * workers
+
+    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+        i = self.busy.index(min(self.busy))
+        self.busy[i] += 1
+        fut: Future[dict[str, float]] = self.actors[i].run.remote(dict(values)).future()
+
+        def done(_: Future[dict[str, float]]) -> None:
+            self.busy[i] -= 1
+
+        fut.add_done_callback(done)
+        return fut
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self.started:
+            self.ray.shutdown()
+
+
+# -- the study --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneResult:
+    best_values: dict[str, float]
+    best_objective: float
+    default_objective: float | None
+    trials: int
+    seconds_per_trial: float
+    out_dir: Path
+    files: list[Path]
+
+
+def _sampler(name: str, space: Sequence[Dimension], seed: int, grid_steps: int) -> Any:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "grid":  # the grid's points are enqueued (see _grid); this only backs them up
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def _grid(space: Sequence[Dimension], steps: int, seed: int) -> list[dict[str, float]]:
+    """Every point of the grid, in an order shuffled by ``seed``. Enqueued in the study rather than
+    drawn by Optuna's GridSampler, whose end-of-grid stop only works inside ``optimize``."""
+    import itertools
+    import random
+
+    points = [
+        dict(zip([d.name for d in space], p)) for p in itertools.product(*(d.grid(steps) for d in space))
+    ]
+    random.Random(seed).shuffle(points)
+    return points
+
+
+def _recover(study: Any) -> int:
+    """Trials left RUNNING by a process that died are failed and their values asked again."""
+    import optuna
+
+    stale = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params)
+    return len(stale)
+
+
+def _reference_scores(
+    doc: Mapping[str, Any], tasks: Sequence[str], batch_size: int, device: str
+) -> dict[str, Any]:
+    """Accuracy of the base and each parent on every task, evaluated once per study."""
+    from mergesmith.config import load_config
+    from mergesmith.evaluate import evaluate, load_task
+
+    space = search_space(doc)
+    cfg = load_config(substitute(doc, space, midpoint(space)))
+    loaded = [load_task(t) for t in tasks]
+    base = str(cfg.base_model) if cfg.base_model else None
+    parents = [str(r) for r in cfg.referenced_models() if str(r) != base]
+
+    def acc(model: str) -> dict[str, float]:
+        return {s.task: s.accuracy for s in evaluate(model, loaded, batch_size=batch_size, device=device)}
+
+    return {"base": acc(base) if base else None, "parents": {p: acc(p) for p in parents}}
+
+
+def tune(
+    config: str | Path,
+    tasks: Sequence[str],
+    out_dir: str | Path,
+    *,
+    trials: int = 20,
+    sampler: str = "tpe",
+    seed: int = 0,
+    grid_steps: int = 3,
+    workers: int = 1,
+    executor: str = "local",
+    study_name: str | None = None,
+    penalty: float = 1.0,
+    task_weights: Mapping[str, float] | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    write_best: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> TuneResult:
+    """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc."""
+    import optuna
+
+    from mergesmith import _yaml
+    from mergesmith.config import load_config
+    from mergesmith.plan import build_plan
+
+    say = progress or (lambda _: None)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    if workers < 1 or trials < 1:
+        raise ConfigError("--workers and --trials must be at least 1")
+    path = Path(config)
+    try:
+        doc = _yaml.load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read tune config {path}: {exc.strerror}") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{path}: a tune config is a mapping like a merge config")
+    doc = json.loads(json.dumps(doc))
+    space = search_space(doc)
+    build_plan(
+        load_config(substitute(doc, space, midpoint(space)), name=str(path))
+    )  # every check, no weights
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name or path.stem,
+        storage=f"sqlite:///{out / 'study.db'}",
+        load_if_exists=True,
+        direction="maximize",
+        sampler=_sampler(sampler, space, seed, grid_steps),
+    )
+    if not study.trials:  # the first trial is the middle of every range, the values one would start from
+        study.enqueue_trial(midpoint(space))
+        if sampler == "grid":
+            for point in _grid(space, grid_steps, seed):
+                if point != midpoint(space):
+                    study.enqueue_trial(point)
+    if sampler == "grid":  # the starting values and the grid, each once
+        trials = min(trials, len(study.trials))
+    if "reference" not in study.user_attrs:
+        say("evaluating the base and the parents once")
+        study.set_user_attr("reference", _reference_scores(doc, tasks, batch_size, device))
+        study.set_user_attr("space", [d.name for d in space])
+    ref = study.user_attrs["reference"]
+    names = [Path(t).stem for t in tasks]
+    objective = Objective(
+        {t: max(p[t] for p in ref["parents"].values()) for t in names},
+        ref["base"],
+        dict(task_weights or {}),
+        penalty,
+    )
+    recovered = _recover(study)
+    if recovered:
+        say(f"resuming: {recovered} trial(s) interrupted earlier are asked again")
+    done = len(_complete(study))
+    remaining = max(0, trials - done)
+    say(
+        f"study {study.study_name}: {done} trial(s) done, {remaining} to run with {workers} worker(s) ({executor})"
+    )
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {
+        d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
+    }
+    runner: _Executor
+    if executor == "ray":
+        runner = _RayActors(doc, tasks, device, workers)
+    elif workers > 1:
+        runner = _LocalPool(doc, tasks, device, workers)
+    else:
+        runner = _InProcess(doc, tasks, device)
+    start = time.perf_counter()
+    ran = 0
+    try:
+        in_flight: dict[Future[dict[str, float]], Any] = {}
+        asked = 0
+        while asked < remaining or in_flight:
+            while asked < remaining and len(in_flight) < workers:
+                trial = study.ask(distributions)
+                in_flight[runner.submit(trial.params)] = trial
+                asked += 1
+            finished = _first_done(in_flight)
+            trial = in_flight.pop(finished)
+            accuracy = finished.result()
+            value = objective(accuracy)
+            for task, acc in accuracy.items():
+                trial.set_user_attr(f"accuracy.{task}", acc)
+            study.tell(trial, value)
+            ran += 1
+            say(
+                f"trial {trial.number}: objective {value:.4f} "
+                + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+            )
+    finally:
+        runner.close()
+    seconds = (time.perf_counter() - start) / max(1, ran)
+    best = study.best_trial
+    start_values = midpoint(space)
+    default = next((float(t.value) for t in _complete(study) if t.params == start_values), None)
+    files = [_write_yaml(out / "best.yml", substitute(doc, space, best.params), path)]
+    if _plot(study, out / "search.png"):
+        files.append(out / "search.png")
+    count = len(_complete(study))
+    best_value = float(best.value) if best.value is not None else math.nan
+    summary = {
+        "best": {"values": best.params, "objective": best_value, "trial": best.number},
+        "default": {"objective": default},
+        "trials": count,
+        "seconds_per_trial": seconds,
+        "objective": "mean normalized accuracy - penalty x accuracy lost below the base",
+        "penalty": penalty,
+    }
+    (out / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files.append(out / "tune_summary.json")
+    if write_best:
+        files += _write_best(out, files[0], tasks, batch_size, device)
+    return TuneResult(dict(best.params), best_value, default, count, seconds, out, files)
+
+
+def _complete(study: Any) -> list[Any]:
+    import optuna
+
+    return list(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
+
+
+def _first_done(futures: Mapping[Future[dict[str, float]], Any]) -> Future[dict[str, float]]:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    # the oldest finished first, so that the order of results is the order of asking when it can be
+    for fut in futures:
+        if fut.done():
+            return fut
+    wait(list(futures), return_when=FIRST_COMPLETED)
+    return next(f for f in futures if f.done())
+
+
+def _write_yaml(target: Path, doc: Mapping[str, Any], source: Path) -> Path:
+    import yaml
+
+    text = f"# best values found by mergesmith tune {source.name}\n" + yaml.safe_dump(
+        dict(doc), sort_keys=False
+    )
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _write_best(out: Path, best_yml: Path, tasks: Sequence[str], batch_size: int, device: str) -> list[Path]:
+    """Merge the best config to ``out/best`` and write its merge report there."""
+    import mergesmith
+    from mergesmith.config import load_config
+    from mergesmith.evaluate import load_task
+    from mergesmith.report import compare, labels, write_report
+
+    model = out / "best"
+    mergesmith.merge(best_yml, model, force=True, progress=False)
+    cfg = load_config(best_yml)
+    base = str(cfg.base_model) if cfg.base_model else None
+    refs = [str(r) for r in cfg.referenced_models() if str(r) != base]
+    parents = dict(zip(labels(refs), refs))
+    report = compare([load_task(t) for t in tasks], parents, {"best": (str(model), list(parents))}, base=base,
+                     batch_size=batch_size, device=device)  # fmt: skip
+    return [model, *write_report(report, model)]
+
+
+def _plot(study: Any, target: Path) -> bool:
+    """Objective per trial with the best so far, and each parameter's importance."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna
+    except ImportError:
+        return False
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return False
+    numbers = [t.number for t in done]
+    values = [float(t.value) for t in done]
+    best = list(_running_max(values))
+    importance: dict[str, float] = {}
+    if len(done) >= 3 and len(done[0].params) > 1:
+        try:
+            importance = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):
+            importance = {}
+    fig, axes = plt.subplots(1, 2 if importance else 1, figsize=(10 if importance else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(numbers, values, "o", alpha=0.6, label="trial")
+    ax.plot(numbers, best, "-", color="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective")
+    ax.legend()
+    ax.set_title("search", fontsize=10)
+    if importance:
+        ax = axes[0][1]
+        names = list(importance)
+        ax.barh(names, [importance[n] for n in names])
+        ax.invert_yaxis()
+        ax.set_title("parameter importance", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _running_max(values: Sequence[float]) -> Iterator[float]:
+    best = -math.inf
+    for v in values:
+        best = max(best, v)
+        yield best

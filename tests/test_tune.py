@@ -1,0 +1,172 @@
+"""mergesmith tune: the search space, trials equal to real merges, resuming, and the Ray executor."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import _yaml
+from mergesmith.errors import ConfigError
+from mergesmith.evaluate import evaluate, load_task
+from mergesmith.tune import TrialRunner, search_space, substitute, tune
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = ROOT / "zoo"
+
+CONFIG = f"""
+merge_method: ties
+base_model: {ZOO / "models" / "base"}
+models:
+  - model: {ZOO / "models" / "add"}
+    parameters:
+      weight: {{search: [0.5, 1.5], default: 1.0}}
+      density: 0.8
+  - model: {ZOO / "models" / "rev"}
+    parameters:
+      weight: [{{search: [0.5, 1.5]}}, 1.0]
+      density: {{search: [0.2, 1.0], log: true}}
+parameters:
+  normalize: false
+dtype: float32
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, list[str]]:
+    """The tune config and short task files (the first 40 prompts of add and rev)."""
+    cfg = tmp_path / "tune.yml"
+    cfg.write_text(CONFIG)
+    tasks = []
+    for name in ("add", "rev"):
+        lines = (ZOO / "tasks" / f"{name}.jsonl").read_text().splitlines()[:40]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        tasks.append(str(tmp_path / f"{name}.jsonl"))
+    return cfg, tasks
+
+
+def test_search_space_names_ranges_and_substitution() -> None:
+    doc = _yaml.load(CONFIG)
+    space = search_space(doc)
+    assert [(d.name, d.low, d.high, d.log, d.default) for d in space] == [
+        ("add.weight", 0.5, 1.5, False, 1.0),
+        ("rev.weight[0]", 0.5, 1.5, False, None),
+        ("rev.density", 0.2, 1.0, True, None),
+    ]
+    assert space[2].grid(3) == pytest.approx([0.2, 0.2**0.5, 1.0])
+    plain = substitute(doc, space, {"add.weight": 0.7, "rev.weight[0]": 0.6, "rev.density": 0.3})
+    assert plain["models"][0]["parameters"] == {"weight": 0.7, "density": 0.8}
+    assert plain["models"][1]["parameters"] == {"weight": [0.6, 1.0], "density": 0.3}
+    mergesmith.load_config(plain)  # a plain, valid merge config
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ("{search: [1.0, 0.5]}", r"search must be \[low, high\] with low < high"),
+        ("{search: [0, 1], log: true}", r"a log search needs low > 0"),
+        ("{search: [0, 1], step: 0.1}", r"unknown key\(s\) \['step'\] beside search"),
+        ("{search: [0, 1], default: 2}", r"default must be a number in \[0, 1\]"),
+    ],
+)
+def test_bad_search_nodes_are_named(node: str, message: str) -> None:
+    doc = _yaml.load(f"merge_method: linear\nmodels:\n  - model: a\n    parameters: {{weight: {node}}}\n")
+    with pytest.raises(ConfigError, match=rf"models\.0\.parameters\.weight: {message}"):
+        search_space(doc)
+    with pytest.raises(ConfigError, match="searches nothing"):
+        search_space(_yaml.load("merge_method: linear\nmodels: [{model: a}]\n"))
+
+
+def test_a_trial_equals_the_merge_written_to_disk_and_its_evaluation(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    cfg, tasks = setup
+    doc = _yaml.load(cfg.read_text())
+    values = {"add.weight": 1.3, "rev.weight[0]": 0.7, "rev.density": 0.4}
+    runner = TrialRunner(doc, tasks)
+    state = runner.merged_state(values)
+    mergesmith.merge(substitute(doc, search_space(doc), values), tmp_path / "merged")
+    written = tiny.load_state(tmp_path / "merged")
+    assert state.keys() == written.keys()
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), name
+    got = runner.run(values)
+    want = {s.task: s.accuracy for s in evaluate(tmp_path / "merged", [load_task(t) for t in tasks])}
+    assert got == want
+    assert runner.run(values) == got  # the cached parents are not changed by a trial
+
+
+def completed(db: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT t.number, group_concat(p.param_name || '=' || p.param_value, ',') FROM trials t "
+            "JOIN trial_params p ON p.trial_id = t.trial_id WHERE t.state = 'COMPLETE' "
+            "GROUP BY t.trial_id ORDER BY t.number"
+        ).fetchall()
+    return [(int(n), str(p)) for n, p in rows]
+
+
+def test_a_killed_study_resumes_without_repeating_finished_trials(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    cfg, tasks = setup
+    out = tmp_path / "study"
+    argv = ["tune", str(cfg), "--tasks", *tasks, "--trials", "20", "--sampler", "grid", "--grid-steps", "2"]
+    argv += ["--out", str(out), "--no-best"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mergesmith.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while True:
+        assert child.poll() is None, "the study ended before it could be killed"
+        assert time.monotonic() < deadline
+        if (out / "study.db").exists():
+            try:
+                if len(completed(out / "study.db")) >= 3:
+                    break
+            except sqlite3.OperationalError:  # tables not created yet, or locked
+                pass
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    before = completed(out / "study.db")
+    assert 3 <= len(before) < 9
+
+    result = tune(cfg, tasks, out, trials=20, sampler="grid", grid_steps=2, write_best=False, progress=None)
+    after = completed(out / "study.db")
+    assert after[: len(before)] == before  # the finished trials are kept as they were
+    # the starting values and every point of the 2 x 2 x 2 grid, each exactly once
+    assert len(after) == 9 and result.trials == 9
+    assert len({p for _, p in after}) == 9
+    assert result.best_objective == max(result.best_objective, result.default_objective or 0.0)
+
+
+def test_ray_with_two_workers_finds_the_same_best_trial(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    cfg, tasks = setup
+    common: dict[str, Any] = {"trials": 10, "sampler": "grid", "grid_steps": 2, "seed": 3, "progress": None}
+    cfg.write_text(CONFIG.replace("density: {search: [0.2, 1.0], log: true}", "density: 0.5").replace(
+        "weight: [{search: [0.5, 1.5]}, 1.0]", "weight: 1.0"
+    ).replace("density: 0.8", "density: {search: [0.3, 0.9]}"))  # fmt: skip
+    local = tune(cfg, tasks, tmp_path / "local", write_best=False, **common)
+    ray = tune(cfg, tasks, tmp_path / "ray", executor="ray", workers=2, **common)
+    assert local.trials == ray.trials == 5  # the starting values and a 2 x 2 grid
+    assert ray.best_values == local.best_values
+    assert ray.best_objective == local.best_objective
+    summary = json.loads((tmp_path / "ray" / "tune_summary.json").read_text())
+    assert summary["best"]["objective"] == local.best_objective
+    best = tmp_path / "ray" / "best"
+    assert (best / "model.safetensors").is_file() and (best / "eval_report.md").is_file()
+    assert (tmp_path / "ray" / "best.yml").is_file() and (tmp_path / "ray" / "search.png").is_file()
