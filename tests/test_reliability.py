@@ -55,7 +55,7 @@ def hidden(parent: Path) -> list[str]:
 # Runs a merge in a child process whose shard writer pauses after each tensor and says when the
 # first one is on disk, so the parent can kill it in the middle of writing.
 CHILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from mergesmith import _safetensors
 from mergesmith.cli import main
@@ -67,6 +67,8 @@ def slow_write(self, name, tensor):
     Path(sys.argv[1]).touch()
     time.sleep(0.2)
 _safetensors.ShardWriter.write = slow_write
+# as in a terminal: a background test runner may start children with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(["merge", sys.argv[2], sys.argv[3], "--no-progress"]))
 """
 
