@@ -96,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
+    dg = sub.add_parser(
+        "diagnose", help="lineage, task-vector sizes and conflicts of a merge config's models"
+    )
+    dg.add_argument("config", help="merge config with a base_model")
+    dg.add_argument(
+        "--out", help="also write diagnosis.json, diagnosis.html and its plots into this directory"
+    )
+    dg.add_argument(
+        "--density",
+        type=float,
+        help="trim to this density for the sign conflicts (default: the config's, else 0.2)",
+    )
+
     t = sub.add_parser(
         "tune", help="search merge parameters marked {search: [low, high]} against the evaluation"
     )
@@ -247,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "diagnose":
+            from mergesmith.diagnose import diagnose, write_diagnosis
+
+            found = diagnose(args.config, density=args.density)
+            print(found.summary())
+            if args.out:
+                print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out)))
+            return 0
         if args.command == "lora":
             from mergesmith.extract import extract_lora
 

@@ -1,0 +1,165 @@
+"""mergesmith diagnose: lineage verdicts on the zoo, and conflict figures checked in numpy."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergesmith.cli import main
+from mergesmith.diagnose import diagnose, write_diagnosis
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = ROOT / "zoo" / "models"
+
+
+def config(base: Path, models: list[Path], density: float | None = None) -> dict[str, object]:
+    params: dict[str, float] = {"weight": 1.0}
+    if density is not None:
+        params["density"] = density
+    return {
+        "merge_method": "ties" if density is not None else "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": params} for m in models],
+    }
+
+
+def test_zoo_fine_tunes_share_the_base_and_a_fresh_model_is_unrelated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tiny.load_state(ZOO / "base")
+    gen = torch.Generator().manual_seed(5)
+    # the same architecture from another initialization: every tensor drawn afresh with the same spread
+    other = {
+        k: (torch.randn(v.shape, generator=gen) * v.float().std() + v.float().mean()).half()
+        for k, v in base.items()
+    }
+    cfg = json.loads((ZOO / "base" / "config.json").read_text())
+    stranger = tiny.save(tmp_path / "stranger", other, cfg)
+    found = diagnose(config(ZOO / "base", [ZOO / "add", ZOO / "rev", stranger]))
+    add, rev, far = (str(ZOO / "add"), str(ZOO / "rev"), str(stranger))
+    assert found.relative_norm[add] == pytest.approx(0.0265, abs=0.001)  # zoo/build_report.json: 0.02649
+    assert found.relative_norm[rev] == pytest.approx(0.0461, abs=0.001)
+    assert found.relative_norm[far] > 1.0
+    assert len(found.verdicts) == 1
+    assert found.verdicts[0].startswith(f"{far} was not fine-tuned from {ZOO / 'base'}")
+    assert "merging them averages unrelated weights" in found.verdicts[0]
+    assert main(["diagnose", json_config(tmp_path, found.base, [add, rev])]) == 0
+    printed = capsys.readouterr().out
+    assert "warning" not in printed and "task vector 2.65% of the base's norm" in printed
+
+
+def json_config(tmp_path: Path, base: str, models: list[str]) -> str:
+    path = tmp_path / "cfg.yml"
+    path.write_text(json.dumps(config(Path(base), [Path(m) for m in models])))
+    return str(path)
+
+
+def test_cosine_and_sign_conflicts_equal_numpy_on_hand_built_task_vectors(tmp_path: Path) -> None:
+    base, cfg = tiny.llama_state(0, num_hidden_layers=2)
+    rng = np.random.default_rng(0)
+    deltas = []
+    for i in range(3):
+        d = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in base.items()}
+        if i == 2:  # partly aligned with the first, partly opposed
+            d = {k: 0.6 * deltas[0][k] - 0.3 * v for k, v in d.items()}
+        deltas.append(d)
+    paths = [tiny.save(tmp_path / "base", base, cfg)]
+    for i, d in enumerate(deltas):
+        state = {k: base[k] + torch.from_numpy(d[k]) for k in base}
+        paths.append(tiny.save(tmp_path / f"m{i}", state, cfg))
+        deltas[i] = {k: (state[k] - base[k]).numpy() for k in base}  # exactly what is on disk
+    density = 0.3
+    found = diagnose(config(paths[0], paths[1:], density))
+
+    def layer(name: str) -> str:
+        parts = name.split(".")
+        return parts[2] if parts[1] == "layers" else ("embed" if "embed" in name else "other")
+
+    def trim(x: np.ndarray) -> np.ndarray:
+        flat = np.abs(x).ravel()
+        k = max(1, int(density * flat.size))
+        threshold = np.sort(flat)[-k]
+        return np.where(np.abs(x) >= threshold, x, 0.0)
+
+    names = [str(p) for p in paths[1:]]
+    for a, b in combinations(range(3), 2):
+        pair = f"{names[a]} | {names[b]}"
+        va = np.concatenate([deltas[a][k].ravel() for k in base]).astype(np.float64)
+        vb = np.concatenate([deltas[b][k].ravel() for k in base]).astype(np.float64)
+        assert found.cosine[pair] == pytest.approx(
+            va @ vb / np.linalg.norm(va) / np.linalg.norm(vb), rel=1e-9
+        )
+        both = opposite = 0
+        per_layer: dict[str, list[int]] = {}
+        for k in base:
+            ta, tb = trim(deltas[a][k]), trim(deltas[b][k])
+            kept = (ta != 0) & (tb != 0)
+            opp = kept & ((ta > 0) != (tb > 0))
+            both += int(kept.sum())
+            opposite += int(opp.sum())
+            counts = per_layer.setdefault(layer(k), [0, 0])
+            counts[0] += int(opp.sum())
+            counts[1] += int(kept.sum())
+        assert found.sign_conflict[pair] == pytest.approx(opposite / both, rel=1e-12)
+        for key, (opp_n, kept_n) in per_layer.items():
+            assert found.layer_sign_conflict[pair][key] == pytest.approx(opp_n / kept_n, rel=1e-12)
+        l0 = [k for k in base if layer(k) == "0"]
+        la = np.concatenate([deltas[a][k].ravel() for k in l0]).astype(np.float64)
+        lb = np.concatenate([deltas[b][k].ravel() for k in l0]).astype(np.float64)
+        assert found.layer_cosine[pair]["0"] == pytest.approx(
+            la @ lb / np.linalg.norm(la) / np.linalg.norm(lb), rel=1e-9
+        )
+    assert found.cosine[f"{names[0]} | {names[2]}"] > 0.8  # the built-in alignment shows
+    for i, name in enumerate(names):
+        kept = sum(float((trim(deltas[i][k]).astype(np.float64) ** 2).sum()) for k in base)
+        total = sum(float((deltas[i][k].astype(np.float64) ** 2).sum()) for k in base)
+        assert found.dropped_energy[name] == pytest.approx(1 - kept / total, rel=1e-9)
+    written = write_diagnosis(found, tmp_path / "report")
+    assert sorted(p.name for p in written) == [
+        "conflicts.png",
+        "diagnosis.html",
+        "diagnosis.json",
+        "norms.png",
+        "similarity.png",
+    ]
+    html = (tmp_path / "report" / "diagnosis.html").read_text()
+    for png in ("norms.png", "similarity.png", "conflicts.png"):
+        assert f"src='{png}'" in html
+
+
+def test_html_report_renders_with_its_plots_in_headless_chromium(tmp_path: Path) -> None:
+    """Runs where Debian's chromium is installed (apt-get install chromium); skipped elsewhere."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed")
+    from matplotlib.image import imread
+
+    found = diagnose(config(ZOO / "base", [ZOO / "add", ZOO / "rev", ZOO / "sort"], 0.5))
+    write_diagnosis(found, tmp_path / "report")
+    html = tmp_path / "report" / "diagnosis.html"
+    bare = tmp_path / "report" / "bare.html"
+    bare.write_text(html.read_text().replace("<img ", "<img hidden "))
+
+    def ink(page: Path) -> float:
+        shot = tmp_path / f"{page.stem}.png"
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,1700"]
+        subprocess.run(
+            [browser, *args, f"--screenshot={shot}", page.as_uri()],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        pixels = imread(shot)[..., :3]
+        return float((pixels.min(axis=-1) < 0.9).mean())  # share of pixels that are not near white
+
+    with_plots, without = ink(html), ink(bare)
+    assert with_plots > 3 * without and with_plots > 0.05, (with_plots, without)
