@@ -220,19 +220,24 @@ def _plots(d: Diagnosis, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for m in d.models:
-        ax.plot(d.layers, [d.layer_norm[m][k] for k in d.layers], marker="o", label=m)
-    ax.set_ylabel("|θ − θ_base| / |θ_base|")
-    ax.set_xlabel("layer")
-    ax.set_title("task vector size per layer", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "norms.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
+    def save(fig: Any, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        return out / name
+
+    def per_layer(series: dict[str, dict[str, float]], ylabel: str, title: str, name: str) -> Path:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for label, values in series.items():
+            ax.plot(d.layers, [values[k] for k in d.layers], marker="o", label=label)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("layer")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        return save(fig, name)
+
+    paths = [per_layer(d.layer_norm, "|θ − θ_base| / |θ_base|", "task vector size per layer", "norms.png")]
     n = len(d.models)
     grid = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
     for i, j in combinations(range(n), 2):
@@ -247,23 +252,12 @@ def _plots(d: Diagnosis, out: Path) -> list[Path]:
             ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title("task vector cosine similarity", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    paths.append(out / "similarity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
+    paths.append(save(fig, "similarity.png"))
     if d.layer_sign_conflict:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for pair, values in d.layer_sign_conflict.items():
-            ax.plot(d.layers, [values[k] for k in d.layers], marker="o", label=pair)
-        ax.set_ylabel("opposite signs among kept entries")
-        ax.set_xlabel("layer")
-        ax.set_title("sign conflicts per layer (what TIES resolves)", fontsize=10)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "conflicts.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        title = "sign conflicts per layer (what TIES resolves)"
+        paths.append(
+            per_layer(d.layer_sign_conflict, "opposite signs among kept entries", title, "conflicts.png")
+        )
     return paths
 
 
