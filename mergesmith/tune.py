@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -328,14 +329,17 @@ class _RayActors(_Executor):
             actor.remote(dict(doc), list(task_files), device=device, threads=threads) for _ in range(workers)
         ]
         self.busy = [0] * workers
+        self.lock = threading.Lock()
 
     def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
-        i = self.busy.index(min(self.busy))
-        self.busy[i] += 1
+        with self.lock:  # the counts are lowered from Ray's callback thread
+            i = self.busy.index(min(self.busy))
+            self.busy[i] += 1
         fut: Future[dict[str, float]] = self.actors[i].run.remote(dict(values)).future()
 
         def done(_: Future[dict[str, float]]) -> None:
-            self.busy[i] -= 1
+            with self.lock:
+                self.busy[i] -= 1
 
         fut.add_done_callback(done)
         return fut
