@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -405,7 +405,8 @@ def _recover(study: Any) -> int:
 def _reference_scores(
     doc: Mapping[str, Any], tasks: Sequence[str], batch_size: int, device: str
 ) -> dict[str, Any]:
-    """Accuracy of the base and each parent on every task, evaluated once per study."""
+    """Scores of the base and each parent on every task (``TaskScore`` fields), evaluated once per
+    study: the objective normalizes by them and the best merge's report reuses them."""
     from mergesmith.config import load_config
     from mergesmith.evaluate import evaluate, load_task
 
@@ -415,10 +416,10 @@ def _reference_scores(
     base = str(cfg.base_model) if cfg.base_model else None
     parents = [str(r) for r in cfg.referenced_models() if str(r) != base]
 
-    def acc(model: str) -> dict[str, float]:
-        return {s.task: s.accuracy for s in evaluate(model, loaded, batch_size=batch_size, device=device)}
+    def scores(model: str) -> dict[str, dict[str, Any]]:
+        return {s.task: asdict(s) for s in evaluate(model, loaded, batch_size=batch_size, device=device)}
 
-    return {"base": acc(base) if base else None, "parents": {p: acc(p) for p in parents}}
+    return {"base": scores(base) if base else None, "parents": {p: scores(p) for p in parents}}
 
 
 def tune(
@@ -489,8 +490,8 @@ def tune(
     ref = study.user_attrs["reference"]
     names = [Path(t).stem for t in tasks]
     objective = Objective(
-        {t: max(p[t] for p in ref["parents"].values()) for t in names},
-        ref["base"],
+        {t: max(p[t]["accuracy"] for p in ref["parents"].values()) for t in names},
+        {t: s["accuracy"] for t, s in ref["base"].items()} if ref["base"] else None,
         dict(task_weights or {}),
         penalty,
     )
@@ -556,7 +557,7 @@ def tune(
     (out / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     files.append(out / "tune_summary.json")
     if write_best:
-        files += _write_best(out, files[0], tasks, batch_size, device)
+        files += _write_best(out, files[0], tasks, ref, batch_size, device)
     return TuneResult(dict(best.params), best_value, default, count, seconds, out, files)
 
 
@@ -587,21 +588,34 @@ def _write_yaml(target: Path, doc: Mapping[str, Any], source: Path) -> Path:
     return target
 
 
-def _write_best(out: Path, best_yml: Path, tasks: Sequence[str], batch_size: int, device: str) -> list[Path]:
-    """Merge the best config to ``out/best`` and write its merge report there."""
+def _write_best(
+    out: Path,
+    best_yml: Path,
+    tasks: Sequence[str],
+    reference: Mapping[str, Any],
+    batch_size: int,
+    device: str,
+) -> list[Path]:
+    """Merge the best config to ``out/best`` and write its merge report there; the base's and the
+    parents' scores come from ``reference``, so only the merged model is evaluated."""
     import mergesmith
-    from mergesmith.config import load_config
-    from mergesmith.evaluate import load_task
-    from mergesmith.report import compare, labels, write_report
+    from mergesmith.evaluate import TaskScore, evaluate, load_task
+    from mergesmith.report import Entry, build_report, labels, write_report
 
     model = out / "best"
     mergesmith.merge(best_yml, model, force=True, progress=False)
-    cfg = load_config(best_yml)
-    base = str(cfg.base_model) if cfg.base_model else None
-    refs = [str(r) for r in cfg.referenced_models() if str(r) != base]
-    parents = dict(zip(labels(refs), refs))
-    report = compare([load_task(t) for t in tasks], parents, {"best": (str(model), list(parents))}, base=base,
-                     batch_size=batch_size, device=device)  # fmt: skip
+
+    def entry(name: str, path: str, scores: Mapping[str, Mapping[str, Any]]) -> Entry:
+        return Entry(name, path, {t: TaskScore(**s) for t, s in scores.items()})
+
+    refs = list(reference["parents"])
+    parents = [entry(n, r, reference["parents"][r]) for n, r in zip(labels(refs), refs)]
+    base = reference["base"]
+    got = evaluate(model, [load_task(t) for t in tasks], batch_size=batch_size, device=device)
+    best = Entry("best", str(model), {s.task: s for s in got}, tuple(p.name for p in parents))
+    report = build_report(
+        [Path(t).stem for t in tasks], parents, [best], base=entry("base", "base", base) if base else None
+    )
     return [model, *write_report(report, model)]
 
 
