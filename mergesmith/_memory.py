@@ -21,6 +21,7 @@ HELD_LIMIT = 512 << 20
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 class _MallInfo2(ctypes.Structure):
@@ -66,6 +67,7 @@ def tune() -> None:
         return
     _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     _LIBC.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    _LIBC.mallopt(_M_ARENA_MAX, 1)
     _tuned = True
 
 

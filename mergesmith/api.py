@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ def merge(
     progress: bool | None = None,
     full_digests: bool = False,
     on_nonfinite: str = "error",
+    before: Callable[[Plan], None] | None = None,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -65,6 +66,7 @@ def merge(
     A merged tensor with NaN or infinities (or overflowing a float16 output) stops the merge and
     names the inputs that hold them; ``on_nonfinite="warn"`` writes it anyway, with a warning on
     stderr and in the model card. Two merges into the same ``out_dir`` at once are refused.
+    ``before`` is called with the validated plan just before the first tensor is merged.
     """
     if on_nonfinite not in ("error", "warn"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
@@ -77,6 +79,8 @@ def merge(
     plan = build_plan(cfg, max_shard_size=max_shard_size)
     out = Path(out_dir)
     _output.check_output(out, [d for m in plan.models for d in m.dirs], force)
+    if before is not None:
+        before(plan)
     with _output.staged_output(out) as stage:
         execute(
             plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite

@@ -7,8 +7,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from mergesmith import __version__
+
+if TYPE_CHECKING:
+    from mergesmith.plan import Plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         help="record the sha256 of every local input file in the model card (reads the inputs twice)",
     )
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
+    m.add_argument(
+        "--no-diagnose",
+        action="store_true",
+        help="skip the short diagnosis (task-vector sizes, conflicts, vocabulary, cost) printed before merging",
+    )
     m.add_argument(
         "--on-nonfinite",
         choices=["error", "warn"],
@@ -107,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
         "--density",
         type=float,
         help="trim to this density for the sign conflicts (default: the config's, else 0.2)",
+    )
+    dg.add_argument(
+        "--sample",
+        type=int,
+        default=1 << 16,
+        help="entries per tensor the figures are computed on, the same in every model; 0: every entry "
+        "(default 65536; smaller tensors are used whole)",
     )
 
     t = sub.add_parser(
@@ -261,10 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tune":
             return _tune(args)
         if args.command == "diagnose":
+            import time
+
             from mergesmith.diagnose import diagnose, write_diagnosis
 
-            found = diagnose(args.config, density=args.density)
+            start = time.perf_counter()
+            found = diagnose(args.config, density=args.density, sample=args.sample)
             print(found.summary())
+            print(f"diagnosed {found.tensors} tensors per model in {time.perf_counter() - start:.2f} s")
             if args.out:
                 print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out)))
             return 0
@@ -367,6 +387,7 @@ def _merge(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         full_digests=args.full_digests,
         on_nonfinite=args.on_nonfinite,
+        before=None if args.no_diagnose else _print_diagnosis,
     )
     took = time.perf_counter() - start
     print(
@@ -394,6 +415,18 @@ def _merge(args: argparse.Namespace) -> int:
         )
         _print_report(report, write_report(report, args.out_dir))
     return 0
+
+
+def _print_diagnosis(plan: Plan) -> None:
+    from mergesmith.diagnose import quick_summary
+
+    summary = quick_summary(plan)
+    if summary is not None:
+        print(
+            "before merging (`mergesmith diagnose` reads every tensor; --no-diagnose skips this):\n"
+            + summary,
+            file=sys.stderr,
+        )
 
 
 def _paths(models: Sequence[str]) -> list[str]:

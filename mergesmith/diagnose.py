@@ -16,23 +16,35 @@ tensor, as a merge reads them, each input tensor once:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from mergesmith.methods._steps import trim_to_top
+from mergesmith import _memory
+from mergesmith.api import _config
+from mergesmith.errors import CheckpointError, ConfigError
+from mergesmith.execute import read_inputs, to_compute
+from mergesmith.plan import Plan, build_plan
+from mergesmith.vocab import read_vocab
 
-__all__ = ["UNRELATED", "Diagnosis", "diagnose", "write_diagnosis"]
+__all__ = ["SAMPLE", "UNRELATED", "Diagnosis", "diagnose", "quick_summary", "write_diagnosis"]
 
 UNRELATED = 0.5  # a task vector this large against the base's weights is not a fine-tune
 DEFAULT_DENSITY = 0.2
+SAMPLE = 1 << 16  # entries per tensor the figures are computed on; smaller tensors are used whole
+PENDING = 8  # tensors whose (sampled) entries wait for the figures' thread at most
+CHUNK_BYTES = 1 << 20  # a sampled tensor is read in pieces of this size, each into a reused buffer
 
 
 @dataclass
@@ -50,32 +62,85 @@ class Diagnosis:
     layer_sign_conflict: dict[str, dict[str, float]]
     density: dict[str, float]  # model -> the density used for trimming
     dropped_energy: dict[str, float]  # model -> share of |d|^2 that trimming to density drops
+    vocabulary: dict[str, dict[str, Any]]  # model (base included) -> tokens, adds, lacks, aligned, filled
+    vocab_rows: int | None  # output embedding rows where rows are matched by token
     read_bytes: int
     write_bytes: int
     peak_job_bytes: int
     read_seconds: float
+    measured_bytes: int  # the bytes this pass read (read_bytes, or the probe's)
+    sample: int  # entries per tensor the figures come from (0: every entry)
+    probe: str | None = None  # the one tensor a quick diagnosis read
     verdicts: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"base: {self.base}"]
+        """What the terminal shows: one line per model and per pair, the vocabulary, the cost."""
+        lines = [
+            f"base: {self.base}" + (f"; measured on {self.probe}, one tensor per model" if self.probe else "")
+        ]
         for m in self.models:
+            unchanged = "" if self.probe else f"; {self.untouched[m]}/{self.tensors} tensors unchanged"
             lines.append(
-                f"  {m}: task vector {self.relative_norm[m]:.2%} of the base's norm; "
-                f"{self.untouched[m]}/{self.tensors} tensors unchanged; trimming to density "
-                f"{self.density[m]:g} drops {self.dropped_energy[m]:.1%} of its energy"
+                f"  {m}: task vector {self.relative_norm[m]:.2%} of the base's norm{unchanged}; "
+                f"trimming to density {self.density[m]:g} drops {self.dropped_energy[m]:.1%} of its energy"
             )
         for pair, cos in self.cosine.items():
             lines.append(
                 f"  {pair}: cosine {cos:+.3f}, opposite signs on {self.sign_conflict[pair]:.1%} of the entries both keep"
             )
-        speed = self.read_bytes / self.read_seconds if self.read_seconds > 0 else 0.0
+        lines += self.vocabulary_lines()
+        speed = self.measured_bytes / self.read_seconds if self.read_seconds > 0 else 0.0
+        estimate = (
+            f"; at the {speed / 1e9:.2f} GB/s read here, reading takes {self.read_bytes / speed:.1f} s"
+            if speed
+            else ""
+        )
         lines.append(
-            f"cost: reads {self.read_bytes / 1e9:.2f} GB, writes {self.write_bytes / 1e9:.2f} GB, largest job "
-            f"{self.peak_job_bytes / 1e6:.1f} MB of float32 inputs; at the {speed / 1e6:.0f} MB/s this pass read, "
-            f"reading takes {self.read_seconds:.1f} s"
+            f"cost: reads {_size(self.read_bytes)}, writes {_size(self.write_bytes)}, largest job "
+            f"{_size(self.peak_job_bytes)} of float32 inputs{estimate}"
         )
         lines += [f"warning: {v}" for v in self.verdicts]
         return "\n".join(lines)
+
+    def vocabulary_lines(self) -> list[str]:
+        known = {m: v for m, v in self.vocabulary.items() if v["tokens"] is not None}
+        if not known:
+            return ["vocabulary: no tokenizer files to compare"]
+        if self.vocab_rows is None and all(
+            not v.get("adds") and not v.get("lacks") and not v.get("moved") for v in known.values()
+        ):
+            return [
+                f"vocabulary: the models share the base's {self.vocabulary[self.base]['tokens']} tokens"
+                if self.vocabulary[self.base]["tokens"] is not None
+                else "vocabulary: the models share one tokenizer"
+            ]
+        lines = [
+            "vocabulary"
+            + (f": {self.vocab_rows} output rows matched by token" if self.vocab_rows is not None else "")
+            + ":"
+        ]
+        for m, v in self.vocabulary.items():
+            if v["tokens"] is None:
+                lines.append(f"  {m}: no tokenizer")
+                continue
+            text = f"  {m}: {v['tokens']} tokens"
+            if "adds" in v:
+                examples = ", ".join(repr(t) for t in v["added_examples"])
+                text += f", adds {v['adds']} the base lacks" + (
+                    f" ({examples}{', ...' if v['adds'] > 5 else ''})" if examples else ""
+                )
+                text += f", lacks {v['lacks']} of the base's, {v['moved']} at other ids"
+            if "aligned" in v:
+                text += (
+                    f"; {v['aligned']} of its rows move to their token's output row, "
+                    f"{v['filled']} output rows it lacks come from the others"
+                )
+            lines.append(text)
+        return lines
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _layer_key(job: Any) -> str:
@@ -84,102 +149,325 @@ def _layer_key(job: Any) -> str:
     return "embed" if "embed" in job.name or job.name.endswith("wte.weight") else "other"
 
 
-def diagnose(config: Any, *, density: float | None = None) -> Diagnosis:
-    """Read every input tensor of ``config``'s merge once and measure its task vectors."""
-    from mergesmith.api import _config
-    from mergesmith.errors import ConfigError
-    from mergesmith.execute import read_inputs, to_compute
-    from mergesmith.plan import build_plan
+@functools.lru_cache(maxsize=32)
+def _sample_index(n: int, sample: int) -> torch.Tensor:
+    """``sample`` positions drawn uniformly from ``range(n)`` (seeded by ``n``), sorted for locality."""
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(n, (sample,), generator=gen).sort().values
 
-    plan = build_plan(_config(config))
+
+def _pick(raw: list[torch.Tensor], sample: int) -> tuple[list[torch.Tensor], float]:
+    """The same ``sample`` entries of each tensor, drawn uniformly, and the factor that scales sums
+    over them to the whole tensor; tensors of at most ``sample`` entries whole, factor 1."""
+    n = raw[0].numel()
+    if sample <= 0 or n <= sample:
+        return [t.reshape(-1) for t in raw], 1.0
+    index = _sample_index(n, sample)
+    return [t.reshape(-1).index_select(0, index) for t in raw], n / sample
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: the stored bytes compare equal (values, where the dtypes differ)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return a.shape == b.shape and torch.equal(a.double(), b.double())
+    return _same_bytes(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two uint8 tensors hold the same bytes (compared eight at a time: memory speed)."""
+    x, y = a.numpy(), b.numpy()
+    whole = len(x) - len(x) % 8
+    return bool(
+        np.array_equal(x[:whole].view(np.int64), y[:whole].view(np.int64))
+        and np.array_equal(x[whole:], y[whole:])
+    )
+
+
+_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+class _SampledReader:
+    """Reads a job's input tensors chunk by chunk into small reused buffers, keeping only the sampled
+    entries and whether each model's bytes equal the base's, so memory traffic is the read itself.
+
+    Works where every input is a tensor of a safetensors file; :meth:`read` returns None otherwise.
+    """
+
+    def __init__(self, chunk_bytes: int | None = None) -> None:
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.handles: dict[Path, int] = {}
+        self.seconds = 0.0
+
+    def close(self) -> None:
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()
+
+    def read(self, plan: Any, job: Any, sample: int) -> tuple[list[torch.Tensor], float, list[bool]] | None:
+        entries = []
+        for ref in job.all_inputs():
+            source = plan.models[ref.model]
+            entry = source.entry(ref.name) if hasattr(source, "entry") else None
+            if entry is None:
+                return None
+            entries.append(entry)
+        first = entries[0]
+        n = math.prod(first.shape)
+        if any(e.dtype != first.dtype or e.shape != first.shape for e in entries) or n <= sample:
+            return None
+        if first.dtype.itemsize not in _BITS:
+            return None
+        start_time = time.perf_counter()
+        size = first.dtype.itemsize
+        step = max(1, self.chunk_bytes // size)
+        index = _sample_index(n, sample)
+        bounds = torch.searchsorted(index, torch.arange(0, n + step, step)).tolist()
+        bits = _BITS[size]  # entries are gathered as raw bit patterns: numpy has no bfloat16
+        picked = [np.empty(sample, dtype=bits) for _ in entries]
+        equal = [True] * (len(entries) - 1)
+        bufs = [self._buffer(k, step * size) for k in range(len(entries))]
+        views = [memoryview(b.numpy()) for b in bufs]  # type: ignore[arg-type]
+        arrays = [b.numpy()[: step * size].view(bits) for b in bufs]
+        local = (index % step).numpy()  # each sampled entry's place in its piece
+        fds = [self._fd(e.file) for e in entries]
+        for c, at in enumerate(range(0, n, step)):
+            count = min(step, n - at) * size
+            for e, view, fd in zip(entries, views, fds):
+                _pread_all(fd, view[:count], e.start + at * size, e.file)
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi > lo:
+                for array, out in zip(arrays, picked):
+                    np.take(array, local[lo:hi], out=out[lo:hi], mode="clip")
+            for k in range(len(equal)):
+                if equal[k]:
+                    equal[k] = _same_bytes(bufs[0][:count], bufs[k + 1][:count])
+        self.seconds += time.perf_counter() - start_time
+        return [torch.from_numpy(p).view(first.dtype) for p in picked], n / sample, equal
+
+    def _buffer(self, k: int, nbytes: int) -> torch.Tensor:
+        buf = self.buffers.get(k)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.buffers[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def _fd(self, path: Path) -> int:
+        if path not in self.handles:
+            self.handles[path] = os.open(path, os.O_RDONLY)
+        return self.handles[path]
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    got = os.preadv(fd, [view], offset)
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file while reading a tensor")
+        got += n
+
+
+class _Tally:
+    """Sums over the tensors read so far, per layer key (sampled sums scaled to whole tensors)."""
+
+    def __init__(self) -> None:
+        self.base_sq: dict[str, float] = defaultdict(float)
+        self.delta_sq: dict[tuple[int, str], float] = defaultdict(float)
+        self.dots: dict[tuple[int, int, str], float] = defaultdict(float)
+        self.kept_both: dict[tuple[int, int, str], float] = defaultdict(float)
+        self.opposite: dict[tuple[int, int, str], float] = defaultdict(float)
+        self.kept_sq: dict[int, float] = defaultdict(float)
+        self.untouched: dict[int, int] = defaultdict(int)
+        self.densities: dict[int, float] = {}
+        self.layers: list[str] = []
+
+    def add(
+        self,
+        key: str,
+        base: torch.Tensor,
+        models: list[int],
+        tensors: list[torch.Tensor],
+        densities: list[float],
+        scale: float,
+    ) -> list[bool]:
+        """Add one tensor's figures; return, per model, whether its entries equal the base's."""
+        if key not in self.layers:
+            self.layers.append(key)
+        b = base.double().numpy()
+        self.base_sq[key] += scale * float(np.einsum("i,i->", b, b))
+        # subtracted in the compute dtype, as a merge does, then summed in float64
+        deltas = (torch.stack(tensors) - base).double().numpy()
+        # einsum rather than BLAS: no thread pool spinning beside the reader for these small products
+        gram = np.einsum("ij,kj->ik", deltas, deltas).tolist()
+        kept = np.stack([np.where(_top(d, dens), d, 0.0) for d, dens in zip(deltas, densities)])
+        kept_sq = np.einsum("ij,ij->i", kept, kept).tolist()
+        signs = np.sign(kept)  # 0 where trimming dropped the entry
+        agree = np.einsum(
+            "ij,kj->ik", signs, signs
+        ).tolist()  # among entries both keep: same signs minus opposite ones
+        held = np.abs(signs)
+        both = np.einsum("ij,kj->ik", held, held).tolist()
+        for i, m in enumerate(models):
+            self.delta_sq[(m, key)] += scale * gram[i][i]
+            self.kept_sq[m] += scale * kept_sq[i]
+            self.densities.setdefault(m, densities[i])
+        for i, j in combinations(range(len(models)), 2):
+            pair = (min(models[i], models[j]), max(models[i], models[j]), key)
+            self.dots[pair] += scale * gram[i][j]
+            self.kept_both[pair] += scale * both[i][j]
+            self.opposite[pair] += scale * (both[i][j] - agree[i][j]) / 2
+        return [gram[i][i] == 0.0 for i in range(len(models))]
+
+
+def _top(d: np.ndarray, density: float) -> np.ndarray:
+    """What TIES keeps of ``d``: its ``max(1, floor(density * n))`` largest magnitudes, ties at the
+    threshold taken in index order (as :func:`mergesmith.methods._steps.trim_to_top`)."""
+    n = d.size
+    if density >= 1:
+        return np.ones(n, dtype=bool)
+    if density <= 0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    k = max(1, int(density * n))
+    magnitude = np.abs(d)
+    threshold = np.partition(magnitude, n - k)[n - k]
+    keep = magnitude > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[np.flatnonzero(magnitude == threshold)[:missing]] = True
+    return keep  # type: ignore[no-any-return]
+
+
+def measured_jobs(plan: Any) -> list[Any]:
+    """The jobs whose inputs can be compared with the base entry by entry."""
+    return [j for j in plan.jobs if j.base is not None and j.rows is None]
+
+
+def _probe(jobs: list[Any]) -> Any:
+    """One representative tensor: the largest of the middle layer (else the first job)."""
+    layered = sorted({j.layer for j in jobs if j.layer is not None})
+    if not layered:
+        return jobs[0]
+    middle = layered[len(layered) // 2]
+    return max((j for j in jobs if j.layer == middle), key=lambda j: math.prod(j.shape))
+
+
+def diagnose(
+    config: Any, *, density: float | None = None, sample: int = SAMPLE, quick: bool = False
+) -> Diagnosis:
+    """Read every input tensor of ``config``'s merge once and measure its task vectors.
+
+    The figures of a tensor are computed on ``sample`` of its entries, drawn uniformly, the same
+    ones in every model, and scaled to the whole tensor; tensors of at most ``sample`` entries, and
+    all of them with ``sample=0``, are used whole. Every byte is still read, to tell tensors the
+    fine-tune left bit-identical. ``quick`` reads one tensor per model (the largest of the middle
+    layer) instead of all of them: what the merge command prints before it merges.
+    """
+
+    plan = config if isinstance(config, Plan) else build_plan(_config(config))
     if plan.config.base_model is None:
         raise ConfigError("diagnose compares task vectors against a base: the config needs a base_model")
     base_index = plan.refs.index(plan.config.base_model)
     names = [str(r) for r in plan.refs]
     others = [i for i in range(len(names)) if i != base_index]
-    base_sq: dict[str, float] = defaultdict(float)
-    delta_sq: dict[tuple[int, str], float] = defaultdict(float)
-    dots: dict[tuple[int, int, str], float] = defaultdict(float)
-    kept_both: dict[tuple[int, int, str], int] = defaultdict(int)
-    opposite: dict[tuple[int, int, str], int] = defaultdict(int)
-    kept_sq: dict[int, float] = defaultdict(float)
-    untouched: dict[int, int] = defaultdict(int)
-    densities: dict[int, float] = {}
-    layers: list[str] = []
-    peak = 0
-    seconds = 0.0
-    jobs = [j for j in plan.jobs if j.base is not None and j.rows is None]
-    for job in jobs:
-        key = _layer_key(job)
-        if key not in layers:
-            layers.append(key)
-        start = time.perf_counter()
-        raw = read_inputs(plan, job)
-        seconds += time.perf_counter() - start
-        tensors = to_compute(plan, job, raw)
-        peak = max(peak, sum(t.numel() * 4 for t in tensors))
-        base = tensors[0]
-        base_sq[key] += float(base.double().pow(2).sum())
-        trimmed: dict[int, torch.Tensor] = {}
-        deltas: dict[int, torch.Tensor] = {}
-        for ref, t, mp in zip(job.inputs, tensors[1:], job.model_params):
-            m = ref.model
-            d = t - base
-            deltas[m] = d
-            energy = float(d.double().pow(2).sum())
-            delta_sq[(m, key)] += energy
-            if energy == 0.0:
-                untouched[m] += 1
-            dens = density if density is not None else float(mp.get("density", DEFAULT_DENSITY))
-            densities.setdefault(m, dens)
-            kept = trim_to_top(d.clone(), dens)
-            trimmed[m] = kept
-            kept_sq[m] += float(kept.double().pow(2).sum())
-        for a, b in combinations(sorted(deltas), 2):
-            dots[(a, b, key)] += float((deltas[a].double() * deltas[b].double()).sum())
-            both = (trimmed[a] != 0) & (trimmed[b] != 0)
-            kept_both[(a, b, key)] += int(both.sum())
-            opposite[(a, b, key)] += int((both & ((trimmed[a] > 0) != (trimmed[b] > 0))).sum())
+    jobs = measured_jobs(plan)
     if not jobs:
         raise ConfigError("no tensor of the config has a base to compare with")
+    if quick:
+        jobs = [_probe(jobs)]
+    tally = _Tally()
+
+    def measure(job: Any, picked: list[torch.Tensor], scale: float, equal: list[bool]) -> None:
+        values = to_compute(plan, job, picked)
+        models = [ref.model for ref in job.inputs]
+        dens = [
+            density if density is not None else float(mp.get("density", DEFAULT_DENSITY))
+            for mp in job.model_params
+        ]
+        tally.add(_layer_key(job), values[0], models, values[1:], dens, scale)
+        for m, e in zip(models, equal):
+            tally.untouched[m] += int(e)
+
+    _memory.tune()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
+    reader = _SampledReader()
+    read_seconds = 0.0
+    # the figures are worked out on a second thread, a few tensors behind the reading
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-diagnose") as worker:
+        try:
+            for job in jobs:
+                found = reader.read(plan, job, sample) if sample > 0 else None
+                if found is None:  # a small tensor, or not in a safetensors file: read it whole
+                    start = time.perf_counter()
+                    raw = read_inputs(plan, job)
+                    read_seconds += time.perf_counter() - start
+                    picked, scale = _pick(raw, sample)
+                    equal = [_identical(raw[0], r) for r in raw[1:]]
+                    del raw
+                else:
+                    picked, scale, equal = found
+                pending.append(worker.submit(measure, job, picked, scale, equal))
+                del picked
+                if len(pending) > PENDING:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            for task in pending:
+                task.cancel()
+            reader.close()
+            _memory.release()
+            torch.set_num_threads(threads)
+    read_seconds += reader.seconds
+    layers = tally.layers
 
     def ratio(num: float, den: float) -> float:
         return math.sqrt(num / den) if den > 0 else math.inf
 
-    total_base = sum(base_sq.values())
-    relative = {names[m]: ratio(sum(delta_sq[(m, k)] for k in layers), total_base) for m in others}
-    layer_norm = {names[m]: {k: ratio(delta_sq[(m, k)], base_sq[k]) for k in layers} for m in others}
+    total_base = sum(tally.base_sq.values())
+    total_sq = {m: sum(tally.delta_sq[(m, k)] for k in layers) for m in others}
+    relative = {names[m]: ratio(total_sq[m], total_base) for m in others}
+    layer_norm = {
+        names[m]: {k: ratio(tally.delta_sq[(m, k)], tally.base_sq[k]) for k in layers} for m in others
+    }
 
     def cos(a: int, b: int, keys: list[str]) -> float:
-        num = sum(dots[(a, b, k)] for k in keys)
-        den = math.sqrt(sum(delta_sq[(a, k)] for k in keys) * sum(delta_sq[(b, k)] for k in keys))
+        num = sum(tally.dots[(a, b, k)] for k in keys)
+        den = math.sqrt(sum(tally.delta_sq[(a, k)] for k in keys) * sum(tally.delta_sq[(b, k)] for k in keys))
         return num / den if den > 0 else 0.0
 
     def conflict(a: int, b: int, keys: list[str]) -> float:
-        both = sum(kept_both[(a, b, k)] for k in keys)
-        return sum(opposite[(a, b, k)] for k in keys) / both if both else 0.0
+        both = sum(tally.kept_both[(a, b, k)] for k in keys)
+        return sum(tally.opposite[(a, b, k)] for k in keys) / both if both else 0.0
 
     pairs = list(combinations(others, 2))
     label = {(a, b): f"{names[a]} | {names[b]}" for a, b in pairs}
-    total_sq = {m: sum(delta_sq[(m, k)] for k in layers) for m in others}
+    vocabulary, vocab_rows = _vocabulary(plan, base_index, names)
     diagnosis = Diagnosis(
         base=names[base_index],
         models=[names[m] for m in others],
         layers=layers,
         relative_norm=relative,
         layer_norm=layer_norm,
-        untouched={names[m]: untouched[m] for m in others},
+        untouched={names[m]: tally.untouched[m] for m in others},
         tensors=len(jobs),
         cosine={label[p]: cos(*p, layers) for p in pairs},
         layer_cosine={label[p]: {k: cos(*p, [k]) for k in layers} for p in pairs},
         sign_conflict={label[p]: conflict(*p, layers) for p in pairs},
         layer_sign_conflict={label[p]: {k: conflict(*p, [k]) for k in layers} for p in pairs},
-        density={names[m]: densities.get(m, DEFAULT_DENSITY) for m in others},
-        dropped_energy={names[m]: 1 - kept_sq[m] / total_sq[m] if total_sq[m] > 0 else 0.0 for m in others},
+        density={names[m]: tally.densities.get(m, DEFAULT_DENSITY) for m in others},
+        dropped_energy={
+            names[m]: 1 - tally.kept_sq[m] / total_sq[m] if total_sq[m] > 0 else 0.0 for m in others
+        },
+        vocabulary=vocabulary,
+        vocab_rows=vocab_rows,
         read_bytes=plan.read_bytes,
         write_bytes=plan.write_bytes,
-        peak_job_bytes=peak,
-        read_seconds=seconds,
+        peak_job_bytes=_peak_job_bytes(plan),
+        read_seconds=read_seconds,
+        measured_bytes=sum(plan.models[r.model].info(r.name).nbytes for j in jobs for r in j.all_inputs()),
+        sample=sample,
+        probe=jobs[0].name if quick else None,
     )
     for name in diagnosis.models:
         if relative[name] >= UNRELATED:
@@ -188,11 +476,54 @@ def diagnose(config: Any, *, density: float | None = None) -> Diagnosis:
                 "the base's weights, as large as the weights themselves; merging them averages unrelated "
                 "weights. Merge only fine-tunes of one base model"
             )
-        elif untouched_all(diagnosis, name):
+        elif not quick and untouched_all(diagnosis, name):
             diagnosis.verdicts.append(
                 f"{name} is identical to the base {diagnosis.base}: merging it changes nothing"
             )
     return diagnosis
+
+
+def quick_summary(plan: Any) -> str | None:
+    """The lines the merge command prints before merging: a diagnosis from one tensor per model
+    (see :func:`diagnose`), or None for a merge without a base to compare with."""
+
+    if plan.config.base_model is None or not measured_jobs(plan):
+        return None
+    try:
+        found = diagnose(plan, quick=True)
+    except ConfigError:
+        return None
+    return found.summary()
+
+
+def _peak_job_bytes(plan: Any) -> int:
+    """The float32 bytes of the largest job's inputs: what one merge step holds at once."""
+    return max((math.prod(j.shape) * 4 * len(j.all_inputs()) for j in plan.jobs), default=0)
+
+
+def _vocabulary(plan: Any, base_index: int, names: list[str]) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Per model: its tokens, those it adds to the base's and lacks from them, and, where the
+    config matches embedding rows by token, how many of its rows move and how many it lacks."""
+    vocabs = plan.vocab.vocabs if plan.vocab is not None else [read_vocab(m.dir) for m in plan.models]
+    base_vocab = vocabs[base_index]
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        v = vocabs[i]
+        entry: dict[str, Any] = {"tokens": len(v.ids) if v is not None else None}
+        if v is not None and base_vocab is not None and i != base_index:
+            added = sorted((t for t in v.ids if t not in base_vocab.ids), key=lambda t: v.ids[t])
+            entry["adds"] = len(added)
+            entry["added_examples"] = added[:5]
+            entry["lacks"] = sum(1 for t in base_vocab.ids if t not in v.ids)
+            entry["moved"] = sum(
+                1 for t, k in v.ids.items() if t in base_vocab.ids and base_vocab.ids[t] != k
+            )
+        if plan.vocab is not None:
+            rows = plan.vocab.maps[i]
+            entry["aligned"] = int(((rows >= 0) & (rows != torch.arange(len(rows)))).sum())
+            entry["filled"] = int((rows < 0).sum())
+        out[name] = entry
+    return out, len(plan.vocab.keys) if plan.vocab is not None else None
 
 
 def untouched_all(diagnosis: Diagnosis, model: str) -> bool:
@@ -274,6 +605,16 @@ def _html(d: Diagnosis, plots: list[Path]) -> str:
         for p, c in d.cosine.items()
     )
     warnings = "".join(f"<li class='warn'>{escape(v)}</li>" for v in d.verdicts)
+    vocab = "".join(
+        f"<tr><td>{escape(m)}</td>"
+        + "".join(
+            f"<td>{escape(str(v.get(k, '')))}</td>"
+            for k in ("tokens", "adds", "lacks", "moved", "aligned", "filled")
+        )
+        + "</tr>"
+        for m, v in d.vocabulary.items()
+    )
+    vocab_note = "; ".join(escape(line.strip()) for line in d.vocabulary_lines()[:1])
     images = "".join(f"<figure><img src='{p.name}' alt='{p.stem}'></figure>" for p in plots)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mergesmith diagnosis</title>
@@ -284,6 +625,8 @@ def _html(d: Diagnosis, plots: list[Path]) -> str:
 <h2>Models</h2><table><tr><th>model</th><th>task vector / base</th><th>unchanged tensors</th>
 <th>density</th><th>energy dropped by trimming</th></tr>{rows}</table>
 <h2>Pairs</h2><table><tr><th>pair</th><th>cosine</th><th>opposite signs among kept entries</th></tr>{pairs}</table>
+<h2>Vocabulary</h2><p>{vocab_note}</p><table><tr><th>model</th><th>tokens</th><th>adds</th>
+<th>lacks</th><th>at other ids</th><th>rows moved</th><th>rows filled</th></tr>{vocab}</table>
 <h2>Cost</h2><p>reads {d.read_bytes / 1e9:.3f} GB, writes {d.write_bytes / 1e9:.3f} GB;
 largest job {d.peak_job_bytes / 1e6:.1f} MB; reading took {d.read_seconds:.2f} s</p>
 {images}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from mergesmith.errors import MethodError
 from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
 
-__all__ = ["execute", "merge_job"]
+__all__ = ["InputStream", "execute", "merge_job"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -44,6 +45,50 @@ CHAT_TEMPLATES = {
 def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     """Read a job's input tensors (base first) as stored. Runs on the reader thread."""
     return [plan.models[ref.model].get(ref.name) for ref in job.all_inputs()]
+
+
+class InputStream:
+    """Each job's inputs as stored, in job order, read one job ahead on a reader thread.
+
+    Iterate it inside ``with``: leaving the block early cancels the read in flight. The reader's
+    time is summed in ``read_seconds``.
+    """
+
+    def __init__(self, plan: Plan, jobs: Sequence[Job]) -> None:
+        self.plan = plan
+        self.jobs = list(jobs)
+        self.read_seconds = 0.0
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read")
+        self._pending: Future[list[torch.Tensor]] | None = None
+
+    def _read(self, job: Job) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return read_inputs(self.plan, job)
+        finally:
+            self.read_seconds += time.perf_counter() - start
+
+    def __iter__(self) -> Iterator[tuple[Job, list[torch.Tensor]]]:
+        for i, job in enumerate(self.jobs):
+            # no local name holds the tensors, so they are freed as soon as the consumer drops them
+            yield job, self._take(i)
+
+    def _take(self, i: int) -> list[torch.Tensor]:
+        """Job ``i``'s inputs; the read of job ``i + 1`` starts before they are returned."""
+        if self._pending is None:
+            self._pending = self._reader.submit(self._read, self.jobs[i])
+        tensors = self._pending.result()
+        self._pending = self._reader.submit(self._read, self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
+        return tensors
+
+    def __enter__(self) -> InputStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self._reader.shutdown(wait=True)
 
 
 def to_compute(plan: Plan, job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -205,7 +250,7 @@ def execute(
     bar = _progress_bar(plan, progress)
     digests: dict[Path, str] = {}
     with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read") as reader,
+        InputStream(plan, plan.jobs) as stream,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher,
     ):
         digest_jobs = {
@@ -213,7 +258,7 @@ def execute(
             for ckpt in plan.models
             for p in ckpt.weight_files
         }
-        pending: Future[list[torch.Tensor]] | None = None
+        inputs = iter(stream)
         writer: ShardWriter | None = None
         try:
             for s, members in enumerate(plan.shards):
@@ -221,15 +266,8 @@ def execute(
                     stage / names[s],
                     {plan.jobs[i].name: (plan.jobs[i].out_dtype, plan.jobs[i].shape) for i in members},
                 )
-                for i in members:
-                    job = plan.jobs[i]
-                    if pending is None:
-                        pending = reader.submit(read_inputs, plan, job)
-                    tensors = pending.result()
-                    nxt = i + 1
-                    pending = (
-                        reader.submit(read_inputs, plan, plan.jobs[nxt]) if nxt < len(plan.jobs) else None
-                    )
+                for _ in members:
+                    job, tensors = next(inputs)
                     result = merge_job(plan, job, tensors, dev, thresholds, warnings)
                     del tensors
                     writer.write(job.name, result)
@@ -240,8 +278,6 @@ def execute(
                 writer.close()
                 writer = None
         finally:
-            if pending is not None:
-                pending.cancel()
             if writer is not None:
                 writer.f.close()
             if bar is not None:

@@ -9,6 +9,7 @@ matched on tensor names. :func:`evaluate` turns a setting into the value for one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,11 @@ def _num(x: float) -> str:
 
 def param_infos(cls: type) -> list[ParamInfo]:
     """The declared parameters of a parameter dataclass, in declaration order."""
+    return list(_param_infos(cls))
+
+
+@functools.cache
+def _param_infos(cls: type) -> tuple[ParamInfo, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -127,7 +133,7 @@ def param_infos(cls: type) -> list[ParamInfo]:
                 choices=meta.get("choices"),
             )
         )
-    return out
+    return tuple(out)
 
 
 @dataclass(frozen=True)

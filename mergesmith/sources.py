@@ -147,6 +147,10 @@ class Checkpoint:
         """Every directory this source reads (never to be written into)."""
         return [self.dir]
 
+    def entry(self, name: str) -> _safetensors.Entry | None:
+        """Where tensor ``name``'s bytes lie, when it is stored in a safetensors file (else None)."""
+        return self._st.get(name)
+
     def file_of(self, name: str) -> Path:
         if name in self._st:
             return self._st[name].file

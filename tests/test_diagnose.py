@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mergesmith.cli import main
-from mergesmith.diagnose import diagnose, write_diagnosis
+from mergesmith.diagnose import SAMPLE, diagnose, write_diagnosis
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,7 @@ def test_cosine_and_sign_conflicts_equal_numpy_on_hand_built_task_vectors(tmp_pa
         paths.append(tiny.save(tmp_path / f"m{i}", state, cfg))
         deltas[i] = {k: (state[k] - base[k]).numpy() for k in base}  # exactly what is on disk
     density = 0.3
+    assert max(v.numel() for v in base.values()) <= SAMPLE  # every tensor is used whole: exact figures
     found = diagnose(config(paths[0], paths[1:], density))
 
     def layer(name: str) -> str:
@@ -149,9 +150,9 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(tmp_path: Path)
     bare = tmp_path / "report" / "bare.html"
     bare.write_text(html.read_text().replace("<img ", "<img hidden "))
 
-    def ink(page: Path) -> float:
+    def colour(page: Path) -> float:
         shot = tmp_path / f"{page.stem}.png"
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,1700"]
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,2600"]
         subprocess.run(
             [browser, *args, f"--screenshot={shot}", page.as_uri()],
             check=True,
@@ -159,7 +160,75 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(tmp_path: Path)
             timeout=120,
         )
         pixels = imread(shot)[..., :3]
-        return float((pixels.min(axis=-1) < 0.9).mean())  # share of pixels that are not near white
+        # share of coloured pixels: the plots' lines and heatmap; the page's text is black on white
+        return float((pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3).mean())
 
-    with_plots, without = ink(html), ink(bare)
-    assert with_plots > 3 * without and with_plots > 0.05, (with_plots, without)
+    with_plots, without = colour(html), colour(bare)
+    assert with_plots > 0.01 and without == 0.0, (with_plots, without)
+
+
+def test_sampled_figures_estimate_the_exact_ones_and_every_byte_is_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, cfg = tiny.llama_state(3, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    assert max(v.numel() for v in base.values()) >= 2 * SAMPLE  # the mlp tensors are sampled
+    gen = torch.Generator().manual_seed(0)
+    shared = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in base.items()}
+    models = []
+    for i in range(3):
+        state = {
+            k: v + shared[k] + torch.randn(v.shape, generator=gen) * 0.005 * (i + 1) for k, v in base.items()
+        }
+        if i == 0:
+            state["model.layers.0.mlp.up_proj.weight"] = base["model.layers.0.mlp.up_proj.weight"].clone()
+            one = base["model.layers.1.mlp.up_proj.weight"].clone()
+            one[7, 11] += (
+                1.0  # one entry of 131072: the sample almost surely misses it, the full compare does not
+            )
+            state["model.layers.1.mlp.up_proj.weight"] = one
+        models.append(tiny.save(tmp_path / f"m{i}", state, cfg))
+    base_dir = tiny.save(tmp_path / "base", base, cfg)
+    cfg_map = config(base_dir, models, 0.4)
+    sampled, exact = diagnose(cfg_map), diagnose(cfg_map, sample=0)
+    assert sampled.sample == SAMPLE and exact.sample == 0
+    for m in exact.models:
+        assert sampled.relative_norm[m] == pytest.approx(exact.relative_norm[m], rel=0.01)
+        assert sampled.dropped_energy[m] == pytest.approx(exact.dropped_energy[m], abs=0.01)
+        for layer in exact.layers:
+            assert sampled.layer_norm[m][layer] == pytest.approx(exact.layer_norm[m][layer], rel=0.03)
+    for pair in exact.cosine:
+        assert sampled.cosine[pair] == pytest.approx(exact.cosine[pair], abs=0.01)
+        assert sampled.sign_conflict[pair] == pytest.approx(exact.sign_conflict[pair], abs=0.01)
+    assert exact.cosine[f"{models[0]} | {models[1]}"] > 0.3  # the shared direction shows
+    assert sampled.untouched == exact.untouched == {str(models[0]): 1, str(models[1]): 0, str(models[2]): 0}
+    # read in 4 KB pieces instead of whole: the same sampled entries, so the very same figures
+    monkeypatch.setattr("mergesmith.diagnose.CHUNK_BYTES", 4096)
+    pieces = diagnose(cfg_map)
+    assert (pieces.relative_norm, pieces.cosine, pieces.sign_conflict, pieces.untouched) == (
+        sampled.relative_norm,
+        sampled.cosine,
+        sampled.sign_conflict,
+        sampled.untouched,
+    )
+
+
+def test_merge_prints_a_quick_diagnosis_first_unless_told_not_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, cfg = tiny.llama_state(4)
+    base_dir = tiny.save(tmp_path / "base", base, cfg)
+    tuned = tiny.save(tmp_path / "tuned", tiny.finetune(base, 1), cfg)
+    stranger = tiny.save(tmp_path / "stranger", tiny.llama_state(5)[0], cfg)
+    path = tmp_path / "cfg.yml"
+    path.write_text(json.dumps(config(base_dir, [tuned, stranger])))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    probe = "model.layers.1.mlp.down_proj.weight"  # the largest tensor of the middle layer
+    assert "before merging" in err and f"measured on {probe}, one tensor per model" in err
+    delta = base[probe] - tiny.finetune(base, 1)[probe]
+    expected = float(delta.double().norm() / base[probe].double().norm())
+    assert f"{tuned}: task vector {expected:.2%} of the base's norm" in err
+    assert f"warning: {stranger} was not fine-tuned from {base_dir}" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["merge", str(path), str(tmp_path / "out2"), "--no-progress", "--no-diagnose"]) == 0
+    assert "before merging" not in capsys.readouterr().err

@@ -197,3 +197,37 @@ def test_tied_embeddings_are_aligned_once(models: dict[str, Path], tmp_path: Pat
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert model.lm_head.weight.shape[0] == len(ids)
+
+
+def test_diagnose_reports_added_tokens_and_the_rows_to_align_or_fill(models: dict[str, Path]) -> None:
+    from mergesmith.diagnose import diagnose
+
+    found = diagnose(task_arithmetic(models, "union"))
+    n = len(tiny.VOCAB)
+    base, code, chat = (str(models[k]) for k in ("base", "code", "chat"))
+    # the union's rows: the base's n tokens, then <code>, <chat>, <tool> in order of appearance
+    assert found.vocab_rows == n + 3
+    assert found.vocabulary[base] == {"tokens": n, "aligned": 0, "filled": 3}
+    assert found.vocabulary[code] == {
+        "tokens": n + 1,
+        "adds": 1,
+        "added_examples": ["<code>"],
+        "lacks": 0,
+        "moved": 0,
+        "aligned": 0,
+        "filled": 2,
+    }  # <code> keeps row n; it lacks <chat> and <tool>
+    assert found.vocabulary[chat] == {
+        "tokens": n + 2,
+        "adds": 2,
+        "added_examples": ["<chat>", "<tool>"],
+        "lacks": 0,
+        "moved": 0,
+        "aligned": 2,  # <chat> and <tool> move from rows n, n+1 to n+1, n+2
+        "filled": 1,  # it lacks <code>
+    }
+    lines = "\n".join(found.vocabulary_lines())
+    assert f"{chat}: {n + 2} tokens, adds 2 the base lacks ('<chat>', '<tool>')" in lines
+    assert (
+        "2 of its rows move to their token's output row, 1 output rows it lacks come from the others" in lines
+    )
