@@ -44,6 +44,12 @@ def main() -> int:
         help="instead of the zoo, random Llama fine-tunes of this hidden size (8 layers; 1024 is ~110M "
         "parameters) scored on 8 prompts: where merging, writing and reloading outweigh scoring",
     )
+    parser.add_argument(
+        "--method",
+        default="ties",
+        choices=["ties", "task_arithmetic", "linear"],
+        help="with --hidden: the merge method (default ties, whose trimming makes the merge itself costly)",
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -52,7 +58,7 @@ def main() -> int:
     global TASKS
     if args.hidden:
         tmp_models = tempfile.mkdtemp(prefix="tune-bench-")
-        doc, TASKS = synthetic(Path(tmp_models), args.hidden)
+        doc, TASKS = synthetic(Path(tmp_models), args.hidden, args.method)
     else:
         doc = _yaml.load(CONFIG.read_text())
     space = search_space(doc)
@@ -105,7 +111,7 @@ def main() -> int:
     return 0
 
 
-def synthetic(root: Path, hidden: int) -> tuple[dict[str, object], list[str]]:
+def synthetic(root: Path, hidden: int, method: str = "ties") -> tuple[dict[str, object], list[str]]:
     """A random 8-layer Llama base and two small-delta fine-tunes in float16, and a task of 8 prompts."""
     import json
 
@@ -120,10 +126,16 @@ def synthetic(root: Path, hidden: int) -> tuple[dict[str, object], list[str]]:
     task = root / "probe.jsonl"
     task.write_text("".join(json.dumps({"prompt": "abc" * (k + 1), "answer": "d"}) + "\n" for k in range(8)))
     doc: dict[str, object] = {
-        "merge_method": "ties",
+        "merge_method": method,
         "base_model": str(root / "base"),
         "models": [
-            {"model": str(root / n), "parameters": {"weight": {"search": [0.2, 2.0]}, "density": 0.5}}
+            {
+                "model": str(root / n),
+                "parameters": {
+                    "weight": {"search": [0.2, 2.0]},
+                    **({"density": 0.5} if method == "ties" else {}),
+                },
+            }
             for n in ("a", "b")
         ],
         "dtype": "float32",

@@ -233,7 +233,12 @@ class TrialRunner:
         if unexpected:
             raise ConfigError(f"merged tensors the model does not have: {unexpected[:5]}")
         scores = score(
-            self.net, self.tokenizer, self.tasks, batch_size=self.batch_size, device=str(self.device)
+            self.net,
+            self.tokenizer,
+            self.tasks,
+            batch_size=self.batch_size,
+            device=str(self.device),
+            with_loss=False,
         )
         return {s.task: s.accuracy for s in scores}
 
