@@ -35,7 +35,7 @@ from mergesmith import _memory
 from mergesmith.api import _config
 from mergesmith.errors import CheckpointError, ConfigError
 from mergesmith.execute import read_inputs, to_compute
-from mergesmith.plan import Plan, build_plan
+from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.vocab import read_vocab
 
 __all__ = ["SAMPLE", "UNRELATED", "Diagnosis", "diagnose", "quick_summary", "write_diagnosis"]
@@ -143,7 +143,7 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def _layer_key(job: Any) -> str:
+def _layer_key(job: Job) -> str:
     if job.layer is not None:
         return str(job.layer)
     return "embed" if "embed" in job.name or job.name.endswith("wte.weight") else "other"
@@ -204,7 +204,7 @@ class _SampledReader:
             os.close(fd)
         self.handles.clear()
 
-    def read(self, plan: Any, job: Any, sample: int) -> tuple[list[torch.Tensor], float, list[bool]] | None:
+    def read(self, plan: Plan, job: Job, sample: int) -> tuple[list[torch.Tensor], float, list[bool]] | None:
         entries = []
         for ref in job.all_inputs():
             source = plan.models[ref.model]
@@ -288,8 +288,8 @@ class _Tally:
         tensors: list[torch.Tensor],
         densities: list[float],
         scale: float,
-    ) -> list[bool]:
-        """Add one tensor's figures; return, per model, whether its entries equal the base's."""
+    ) -> None:
+        """Add one tensor's figures (its sums scaled by ``scale``) under layer ``key``."""
         if key not in self.layers:
             self.layers.append(key)
         b = base.double().numpy()
@@ -315,7 +315,6 @@ class _Tally:
             self.dots[pair] += scale * gram[i][j]
             self.kept_both[pair] += scale * both[i][j]
             self.opposite[pair] += scale * (both[i][j] - agree[i][j]) / 2
-        return [gram[i][i] == 0.0 for i in range(len(models))]
 
 
 def _top(d: np.ndarray, density: float) -> np.ndarray:
@@ -336,12 +335,12 @@ def _top(d: np.ndarray, density: float) -> np.ndarray:
     return keep  # type: ignore[no-any-return]
 
 
-def measured_jobs(plan: Any) -> list[Any]:
+def measured_jobs(plan: Plan) -> list[Job]:
     """The jobs whose inputs can be compared with the base entry by entry."""
     return [j for j in plan.jobs if j.base is not None and j.rows is None]
 
 
-def _probe(jobs: list[Any]) -> Any:
+def _probe(jobs: list[Job]) -> Job:
     """One representative tensor: the largest of the middle layer (else the first job)."""
     layered = sorted({j.layer for j in jobs if j.layer is not None})
     if not layered:
@@ -361,7 +360,6 @@ def diagnose(
     fine-tune left bit-identical. ``quick`` reads one tensor per model (the largest of the middle
     layer) instead of all of them: what the merge command prints before it merges.
     """
-
     plan = config if isinstance(config, Plan) else build_plan(_config(config))
     if plan.config.base_model is None:
         raise ConfigError("diagnose compares task vectors against a base: the config needs a base_model")
@@ -373,52 +371,7 @@ def diagnose(
         raise ConfigError("no tensor of the config has a base to compare with")
     if quick:
         jobs = [_probe(jobs)]
-    tally = _Tally()
-
-    def measure(job: Any, picked: list[torch.Tensor], scale: float, equal: list[bool]) -> None:
-        values = to_compute(plan, job, picked)
-        models = [ref.model for ref in job.inputs]
-        dens = [
-            density if density is not None else float(mp.get("density", DEFAULT_DENSITY))
-            for mp in job.model_params
-        ]
-        tally.add(_layer_key(job), values[0], models, values[1:], dens, scale)
-        for m, e in zip(models, equal):
-            tally.untouched[m] += int(e)
-
-    _memory.tune()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
-    reader = _SampledReader()
-    read_seconds = 0.0
-    # the figures are worked out on a second thread, a few tensors behind the reading
-    pending: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-diagnose") as worker:
-        try:
-            for job in jobs:
-                found = reader.read(plan, job, sample) if sample > 0 else None
-                if found is None:  # a small tensor, or not in a safetensors file: read it whole
-                    start = time.perf_counter()
-                    raw = read_inputs(plan, job)
-                    read_seconds += time.perf_counter() - start
-                    picked, scale = _pick(raw, sample)
-                    equal = [_identical(raw[0], r) for r in raw[1:]]
-                    del raw
-                else:
-                    picked, scale, equal = found
-                pending.append(worker.submit(measure, job, picked, scale, equal))
-                del picked
-                if len(pending) > PENDING:
-                    pending.popleft().result()
-            while pending:
-                pending.popleft().result()
-        finally:
-            for task in pending:
-                task.cancel()
-            reader.close()
-            _memory.release()
-            torch.set_num_threads(threads)
-    read_seconds += reader.seconds
+    tally, read_seconds = _measure(plan, jobs, density, sample)
     layers = tally.layers
 
     def ratio(num: float, den: float) -> float:
@@ -483,10 +436,62 @@ def diagnose(
     return diagnosis
 
 
-def quick_summary(plan: Any) -> str | None:
+def _measure(plan: Plan, jobs: list[Job], density: float | None, sample: int) -> tuple[_Tally, float]:
+    """Read the inputs of ``jobs`` once, in order, and sum their figures; also the seconds spent reading.
+
+    The reading runs here; the figures of each tensor are worked out on a second thread, a few
+    tensors behind.
+    """
+    tally = _Tally()
+
+    def measure(job: Job, picked: list[torch.Tensor], scale: float, equal: list[bool]) -> None:
+        values = to_compute(plan, job, picked)
+        models = [ref.model for ref in job.inputs]
+        dens = [
+            density if density is not None else float(mp.get("density", DEFAULT_DENSITY))
+            for mp in job.model_params
+        ]
+        tally.add(_layer_key(job), values[0], models, values[1:], dens, scale)
+        for m, e in zip(models, equal):
+            tally.untouched[m] += int(e)
+
+    _memory.tune()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
+    reader = _SampledReader()
+    read_seconds = 0.0
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-diagnose") as worker:
+        try:
+            for job in jobs:
+                found = reader.read(plan, job, sample) if sample > 0 else None
+                if found is None:  # a small tensor, or not in a safetensors file: read it whole
+                    start = time.perf_counter()
+                    raw = read_inputs(plan, job)
+                    read_seconds += time.perf_counter() - start
+                    picked, scale = _pick(raw, sample)
+                    equal = [_identical(raw[0], r) for r in raw[1:]]
+                    del raw
+                else:
+                    picked, scale, equal = found
+                pending.append(worker.submit(measure, job, picked, scale, equal))
+                del picked
+                if len(pending) > PENDING:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            for task in pending:
+                task.cancel()
+            reader.close()
+            _memory.release()
+            torch.set_num_threads(threads)
+    return tally, read_seconds + reader.seconds
+
+
+def quick_summary(plan: Plan) -> str | None:
     """The lines the merge command prints before merging: a diagnosis from one tensor per model
     (see :func:`diagnose`), or None for a merge without a base to compare with."""
-
     if plan.config.base_model is None or not measured_jobs(plan):
         return None
     try:
@@ -496,12 +501,14 @@ def quick_summary(plan: Any) -> str | None:
     return found.summary()
 
 
-def _peak_job_bytes(plan: Any) -> int:
+def _peak_job_bytes(plan: Plan) -> int:
     """The float32 bytes of the largest job's inputs: what one merge step holds at once."""
     return max((math.prod(j.shape) * 4 * len(j.all_inputs()) for j in plan.jobs), default=0)
 
 
-def _vocabulary(plan: Any, base_index: int, names: list[str]) -> tuple[dict[str, dict[str, Any]], int | None]:
+def _vocabulary(
+    plan: Plan, base_index: int, names: list[str]
+) -> tuple[dict[str, dict[str, Any]], int | None]:
     """Per model: its tokens, those it adds to the base's and lacks from them, and, where the
     config matches embedding rows by token, how many of its rows move and how many it lacks."""
     vocabs = plan.vocab.vocabs if plan.vocab is not None else [read_vocab(m.dir) for m in plan.models]
