@@ -170,12 +170,13 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical: the stored bytes compare equal (values, where the dtypes differ)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return a.shape == b.shape and torch.equal(a.double(), b.double())
-    return _same_bytes(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    return _same_bytes(
+        a.contiguous().view(-1).view(torch.uint8).numpy(), b.contiguous().view(-1).view(torch.uint8).numpy()
+    )
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two uint8 tensors hold the same bytes (compared eight at a time: memory speed)."""
-    x, y = a.numpy(), b.numpy()
+def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two byte arrays hold the same bytes (compared eight at a time: memory speed)."""
     whole = len(x) - len(x) % 8
     return bool(
         np.array_equal(x[:whole].view(np.int64), y[:whole].view(np.int64))
@@ -195,7 +196,7 @@ class _SampledReader:
 
     def __init__(self, chunk_bytes: int | None = None) -> None:
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-        self.buffers: dict[int, torch.Tensor] = {}
+        self.buffer: torch.Tensor | None = None
         self.handles: dict[Path, int] = {}
         self.seconds = 0.0
 
@@ -224,11 +225,12 @@ class _SampledReader:
         index = _sample_index(n, sample)
         bounds = torch.searchsorted(index, torch.arange(0, n + step, step)).tolist()
         bits = _BITS[size]  # entries are gathered as raw bit patterns: numpy has no bfloat16
-        picked = [np.empty(sample, dtype=bits) for _ in entries]
+        picked = np.empty((len(entries), sample), dtype=bits)
         equal = [True] * (len(entries) - 1)
-        bufs = [self._buffer(k, step * size) for k in range(len(entries))]
-        views = [memoryview(b.numpy()) for b in bufs]  # type: ignore[arg-type]
-        arrays = [b.numpy()[: step * size].view(bits) for b in bufs]
+        buf = self._buffer(len(entries), step * size)
+        rows = buf.numpy()  # one row of bytes per input
+        views = [memoryview(row) for row in rows]
+        words = rows.view(bits)
         local = (index % step).numpy()  # each sampled entry's place in its piece
         fds = [self._fd(e.file) for e in entries]
         for c, at in enumerate(range(0, n, step)):
@@ -237,19 +239,18 @@ class _SampledReader:
                 _pread_all(fd, view[:count], e.start + at * size, e.file)
             lo, hi = bounds[c], bounds[c + 1]
             if hi > lo:
-                for array, out in zip(arrays, picked):
-                    np.take(array, local[lo:hi], out=out[lo:hi], mode="clip")
+                np.take(words, local[lo:hi], axis=1, out=picked[:, lo:hi], mode="clip")
             for k in range(len(equal)):
                 if equal[k]:
-                    equal[k] = _same_bytes(bufs[0][:count], bufs[k + 1][:count])
+                    equal[k] = _same_bytes(rows[0][:count], rows[k + 1][:count])
         self.seconds += time.perf_counter() - start_time
         return [torch.from_numpy(p).view(first.dtype) for p in picked], n / sample, equal
 
-    def _buffer(self, k: int, nbytes: int) -> torch.Tensor:
-        buf = self.buffers.get(k)
-        if buf is None or buf.numel() < nbytes:
-            buf = self.buffers[k] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
+    def _buffer(self, inputs: int, nbytes: int) -> torch.Tensor:
+        """A reused ``[inputs, nbytes]`` byte buffer."""
+        if self.buffer is None or self.buffer.shape[0] < inputs or self.buffer.shape[1] != nbytes:
+            self.buffer = torch.empty((inputs, nbytes), dtype=torch.uint8)
+        return self.buffer[:inputs]
 
     def _fd(self, path: Path) -> int:
         if path not in self.handles:
