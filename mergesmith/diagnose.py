@@ -196,11 +196,13 @@ class _SampledReader:
 
     def __init__(self, chunk_bytes: int | None = None) -> None:
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-        self.buffer: torch.Tensor | None = None
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read")
         self.handles: dict[Path, int] = {}
         self.seconds = 0.0
 
     def close(self) -> None:
+        self.helper.shutdown(wait=True)
         for fd in self.handles.values():
             os.close(fd)
         self.handles.clear()
@@ -226,31 +228,42 @@ class _SampledReader:
         bounds = torch.searchsorted(index, torch.arange(0, n + step, step)).tolist()
         bits = _BITS[size]  # entries are gathered as raw bit patterns: numpy has no bfloat16
         picked = np.empty((len(entries), sample), dtype=bits)
-        equal = [True] * (len(entries) - 1)
-        buf = self._buffer(len(entries), step * size)
-        rows = buf.numpy()  # one row of bytes per input
-        views = [memoryview(row) for row in rows]
-        words = rows.view(bits)
         local = (index % step).numpy()  # each sampled entry's place in its piece
         fds = [self._fd(e.file) for e in entries]
-        for c, at in enumerate(range(0, n, step)):
-            count = min(step, n - at) * size
-            for e, view, fd in zip(entries, views, fds):
-                _pread_all(fd, view[:count], e.start + at * size, e.file)
-            lo, hi = bounds[c], bounds[c + 1]
-            if hi > lo:
-                np.take(words, local[lo:hi], axis=1, out=picked[:, lo:hi], mode="clip")
-            for k in range(len(equal)):
-                if equal[k]:
-                    equal[k] = _same_bytes(rows[0][:count], rows[k + 1][:count])
+        chunks = -(-n // step)
+        half = chunks // 2 if chunks >= 4 else chunks  # large tensors: the second half on the helper thread
+
+        def scan(part: int, first_chunk: int, end_chunk: int) -> list[bool]:
+            rows = self._buffer(part, len(entries), step * size).numpy()  # a row of bytes per input
+            views = [memoryview(row) for row in rows]
+            words = rows.view(bits)
+            equal = [True] * (len(entries) - 1)
+            for c in range(first_chunk, end_chunk):
+                at = c * step
+                count = min(step, n - at) * size
+                for e, view, fd in zip(entries, views, fds):
+                    _pread_all(fd, view[:count], e.start + at * size, e.file)
+                lo, hi = bounds[c], bounds[c + 1]
+                if hi > lo:
+                    np.take(words, local[lo:hi], axis=1, out=picked[:, lo:hi], mode="clip")
+                for k in range(len(equal)):
+                    if equal[k]:
+                        equal[k] = _same_bytes(rows[0][:count], rows[k + 1][:count])
+            return equal
+
+        second = self.helper.submit(scan, 1, half, chunks) if half < chunks else None
+        equal = scan(0, 0, half)
+        if second is not None:
+            equal = [a and b for a, b in zip(equal, second.result())]
         self.seconds += time.perf_counter() - start_time
         return [torch.from_numpy(p).view(first.dtype) for p in picked], n / sample, equal
 
-    def _buffer(self, inputs: int, nbytes: int) -> torch.Tensor:
-        """A reused ``[inputs, nbytes]`` byte buffer."""
-        if self.buffer is None or self.buffer.shape[0] < inputs or self.buffer.shape[1] != nbytes:
-            self.buffer = torch.empty((inputs, nbytes), dtype=torch.uint8)
-        return self.buffer[:inputs]
+    def _buffer(self, part: int, inputs: int, nbytes: int) -> torch.Tensor:
+        """A reused ``[inputs, nbytes]`` byte buffer for each part of a tensor read at once."""
+        buf = self.buffers.get(part)
+        if buf is None or buf.shape[0] < inputs or buf.shape[1] != nbytes:
+            buf = self.buffers[part] = torch.empty((inputs, nbytes), dtype=torch.uint8)
+        return buf[:inputs]
 
     def _fd(self, path: Path) -> int:
         if path not in self.handles:
