@@ -11,8 +11,10 @@ cache, as in ``merge_speed.py``):
 * ``python -m mergesmith.cli diagnose CONFIG`` as a subprocess: its wall time (interpreter start and
   imports included) and the time it reports for the diagnosis itself.
 
-The floor runs before every measurement; the fastest run is the one the ratios are taken
-against, and all of them are printed, so the machine's noise shows. Results go to
+The floor runs once per repeat, before that repeat's measurements. Ratios are printed three ways:
+best over best floor, median over median floor, and the median of each run over the floor run of
+its own repeat ("paired", which cancels the machine's slow spells); every floor run is printed,
+so the noise shows. Results go to
 ``WORK/diagnose-SIZE.json``.
 
 Run from the repository root: ``python bench/diagnose_speed.py --size tiny`` (seconds) or
@@ -129,10 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{f:.2f}" for f in floors)
         + " s"
     )
-    print(f"{'measurement':<46} {'best s':>7} {'median s':>9} {'best/best floor':>16} {'median/median':>14}")
+    print(
+        f"{'measurement':<46} {'best s':>7} {'median s':>9} {'best/best floor':>16} {'median/median':>14} "
+        f"{'paired':>7}"
+    )
     for name, times in rows:
         best, median = min(times), statistics.median(times)
-        print(f"{name:<46} {best:>7.2f} {median:>9.2f} {best / floor:>16.2f} {median / floor_median:>14.2f}")
+        # each run against the floor measured just before it, so that slow spells of the machine cancel
+        paired = statistics.median(t / f for t, f in zip(times, floors))
+        print(
+            f"{name:<46} {best:>7.2f} {median:>9.2f} {best / floor:>16.2f} {median / floor_median:>14.2f} "
+            f"{paired:>7.2f}"
+        )
+    print("paired: the median over the repeats of each run's time over the floor run just before it")
     print()
     print(summary)
     out = work / f"diagnose-{args.size}.json"
