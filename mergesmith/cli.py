@@ -108,7 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     dg = sub.add_parser(
         "diagnose", help="lineage, task-vector sizes and conflicts of a merge config's models"
     )
-    dg.add_argument("config", help="merge config with a base_model")
+    dg.add_argument(
+        "config",
+        nargs="?",
+        help="merge config with a base_model; or, with --base, the models to compare with the base",
+    )
+    dg.add_argument("models", nargs="*", help=argparse.SUPPRESS)
+    dg.add_argument(
+        "--base", help="compare MODEL... with this base instead of reading a config: diagnose --base B M1 M2"
+    )
     dg.add_argument(
         "--out", help="also write diagnosis.json, diagnosis.html and its plots into this directory"
     )
@@ -281,9 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from mergesmith.diagnose import diagnose, write_diagnosis
 
+            config = _diagnose_config(args)
             _settle()
             start = time.perf_counter()
-            found = diagnose(args.config, density=args.density, sample=args.sample)
+            found = diagnose(config, density=args.density, sample=args.sample)
             print(found.summary())
             print(f"diagnosed {found.tensors} tensors per model in {time.perf_counter() - start:.2f} s")
             if args.out:
@@ -361,6 +370,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 2
+
+
+def _diagnose_config(args: argparse.Namespace) -> object:
+    """The config file to diagnose, or with ``--base B M1 M2 ...`` a task-arithmetic config of
+    weight 1 per model (the figures do not depend on the method)."""
+    from mergesmith.errors import ConfigError
+
+    if args.base is None:
+        if args.config is None or args.models:
+            raise ConfigError(
+                "diagnose: give one merge config, or --base BASE MODEL... to compare models with a base"
+            )
+        return args.config
+    models = ([args.config] if args.config is not None else []) + list(args.models)
+    if not models:
+        raise ConfigError("diagnose --base BASE: name the models to compare with it, e.g. --base B M1 M2")
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": args.base,
+        "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models],
+    }
 
 
 def _settle() -> None:

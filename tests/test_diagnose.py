@@ -232,3 +232,23 @@ def test_merge_prints_a_quick_diagnosis_first_unless_told_not_to(
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["merge", str(path), str(tmp_path / "out2"), "--no-progress", "--no-diagnose"]) == 0
     assert "before merging" not in capsys.readouterr().err
+
+
+def test_diagnose_base_and_models_without_a_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = [str(ZOO / "add"), str(ZOO / "rev")]
+
+    def figures() -> list[str]:  # the printed lines but the measured read speed and the time taken
+        return [
+            line
+            for line in capsys.readouterr().out.splitlines()
+            if not line.startswith(("cost:", "diagnosed"))
+        ]
+
+    assert main(["diagnose", json_config(tmp_path, str(ZOO / "base"), models)]) == 0
+    from_config = figures()
+    assert main(["diagnose", "--base", str(ZOO / "base"), *models]) == 0
+    assert figures() == from_config and len(from_config) == 5
+    assert main(["diagnose", "--base", str(ZOO / "base")]) == 1
+    assert "name the models to compare with it" in capsys.readouterr().err
