@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -50,23 +49,14 @@ def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
 class InputStream:
     """Each job's inputs as stored, in job order, read one job ahead on a reader thread.
 
-    Iterate it inside ``with``: leaving the block early cancels the read in flight. The reader's
-    time is summed in ``read_seconds``.
+    Iterate it inside ``with``: leaving the block early cancels the read in flight.
     """
 
     def __init__(self, plan: Plan, jobs: Sequence[Job]) -> None:
         self.plan = plan
         self.jobs = list(jobs)
-        self.read_seconds = 0.0
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read")
         self._pending: Future[list[torch.Tensor]] | None = None
-
-    def _read(self, job: Job) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        try:
-            return read_inputs(self.plan, job)
-        finally:
-            self.read_seconds += time.perf_counter() - start
 
     def __iter__(self) -> Iterator[tuple[Job, list[torch.Tensor]]]:
         for i, job in enumerate(self.jobs):
@@ -76,9 +66,11 @@ class InputStream:
     def _take(self, i: int) -> list[torch.Tensor]:
         """Job ``i``'s inputs; the read of job ``i + 1`` starts before they are returned."""
         if self._pending is None:
-            self._pending = self._reader.submit(self._read, self.jobs[i])
+            self._pending = self._reader.submit(read_inputs, self.plan, self.jobs[i])
         tensors = self._pending.result()
-        self._pending = self._reader.submit(self._read, self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
+        self._pending = (
+            self._reader.submit(read_inputs, self.plan, self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
+        )
         return tensors
 
     def __enter__(self) -> InputStream:
