@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="trim to this density for the sign conflicts (default: the config's, else 0.2)",
     )
+    dg.add_argument("--no-progress", action="store_true", help="no progress bar")
     dg.add_argument(
         "--sample",
         type=int,
@@ -292,7 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _diagnose_config(args)
             _settle()
             start = time.perf_counter()
-            found = diagnose(config, density=args.density, sample=args.sample)
+            found = diagnose(
+                config,
+                density=args.density,
+                sample=args.sample,
+                progress=sys.stderr.isatty() and not args.no_progress,
+            )
             print(found.summary())
             print(f"diagnosed {found.tensors} tensors per model in {time.perf_counter() - start:.2f} s")
             if args.out:

@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -230,6 +231,7 @@ class _SampledReader:
         picked = np.empty((len(entries), sample), dtype=bits)
         local = (index % step).numpy()  # each sampled entry's place in its piece
         fds = [self._fd(e.file) for e in entries]
+        names = [ref.name for ref in job.all_inputs()]
         chunks = -(-n // step)
         half = chunks // 2 if chunks >= 4 else chunks  # large tensors: the second half on the helper thread
 
@@ -241,8 +243,8 @@ class _SampledReader:
             for c in range(first_chunk, end_chunk):
                 at = c * step
                 count = min(step, n - at) * size
-                for e, view, fd in zip(entries, views, fds):
-                    _pread_all(fd, view[:count], e.start + at * size, e.file)
+                for e, name, view, fd in zip(entries, names, views, fds):
+                    _pread_all(fd, view[:count], e.start + at * size, e.file, name)
                 lo, hi = bounds[c], bounds[c + 1]
                 if hi > lo:
                     np.take(words, local[lo:hi], axis=1, out=picked[:, lo:hi], mode="clip")
@@ -271,12 +273,15 @@ class _SampledReader:
         return self.handles[path]
 
 
-def _pread_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+def _pread_all(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
     got = os.preadv(fd, [view], offset)
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
-            raise CheckpointError(f"{path}: unexpected end of file while reading a tensor")
+            raise CheckpointError(
+                f"{path}: the file ended while reading tensor {name!r} at byte {offset + got}; it is shorter "
+                "than its header says (changed while being read, or truncated): copy or download it again"
+            )
         got += n
 
 
@@ -364,7 +369,12 @@ def _probe(jobs: list[Job]) -> Job:
 
 
 def diagnose(
-    config: Any, *, density: float | None = None, sample: int = SAMPLE, quick: bool = False
+    config: Any,
+    *,
+    density: float | None = None,
+    sample: int = SAMPLE,
+    quick: bool = False,
+    progress: bool = False,
 ) -> Diagnosis:
     """Read every input tensor of ``config``'s merge once and measure its task vectors.
 
@@ -372,7 +382,8 @@ def diagnose(
     ones in every model, and scaled to the whole tensor; tensors of at most ``sample`` entries, and
     all of them with ``sample=0``, are used whole. Every byte is still read, to tell tensors the
     fine-tune left bit-identical. ``quick`` reads one tensor per model (the largest of the middle
-    layer) instead of all of them: what the merge command prints before it merges.
+    layer) instead of all of them: what the merge command prints before it merges. ``progress``
+    shows a bar of the bytes read on stderr.
     """
     plan = config if isinstance(config, Plan) else build_plan(_config(config))
     if plan.config.base_model is None:
@@ -385,7 +396,7 @@ def diagnose(
         raise ConfigError("no tensor of the config has a base to compare with")
     if quick:
         jobs = [_probe(jobs)]
-    tally, read_seconds = _measure(plan, jobs, density, sample)
+    tally, read_seconds = _measure(plan, jobs, density, sample, progress)
     layers = tally.layers
 
     def ratio(num: float, den: float) -> float:
@@ -432,7 +443,7 @@ def diagnose(
         write_bytes=plan.write_bytes,
         peak_job_bytes=_peak_job_bytes(plan),
         read_seconds=read_seconds,
-        measured_bytes=sum(plan.models[r.model].info(r.name).nbytes for j in jobs for r in j.all_inputs()),
+        measured_bytes=sum(_input_bytes(plan, j) for j in jobs),
         sample=sample,
         probe=jobs[0].name if quick else None,
     )
@@ -450,7 +461,9 @@ def diagnose(
     return diagnosis
 
 
-def _measure(plan: Plan, jobs: list[Job], density: float | None, sample: int) -> tuple[_Tally, float]:
+def _measure(
+    plan: Plan, jobs: list[Job], density: float | None, sample: int, progress: bool
+) -> tuple[_Tally, float]:
     """Read the inputs of ``jobs`` once, in order, and sum their figures; also the seconds spent reading.
 
     The reading runs here; the figures of each tensor are worked out on a second thread, a few
@@ -475,6 +488,7 @@ def _measure(plan: Plan, jobs: list[Job], density: float | None, sample: int) ->
     reader = _SampledReader()
     read_seconds = 0.0
     pending: deque[Future[None]] = deque()
+    bar = _progress_bar(plan, jobs) if progress else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-diagnose") as worker:
         try:
             for job in jobs:
@@ -490,6 +504,8 @@ def _measure(plan: Plan, jobs: list[Job], density: float | None, sample: int) ->
                     picked, scale, equal = found
                 pending.append(worker.submit(measure, job, picked, scale, equal))
                 del picked
+                if bar is not None:
+                    bar.update(_input_bytes(plan, job))
                 if len(pending) > PENDING:
                     pending.popleft().result()
             while pending:
@@ -498,9 +514,23 @@ def _measure(plan: Plan, jobs: list[Job], density: float | None, sample: int) ->
             for task in pending:
                 task.cancel()
             reader.close()
+            if bar is not None:
+                bar.close()
             _memory.release()
             torch.set_num_threads(threads)
     return tally, read_seconds + reader.seconds
+
+
+def _input_bytes(plan: Plan, job: Job) -> int:
+    return sum(plan.models[r.model].info(r.name).nbytes for r in job.all_inputs())
+
+
+def _progress_bar(plan: Plan, jobs: list[Job]) -> Any:
+    """A bar on stderr counting the input bytes read."""
+    from tqdm import tqdm
+
+    total = sum(_input_bytes(plan, j) for j in jobs)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="diagnosing", file=sys.stderr)
 
 
 def quick_summary(plan: Plan) -> str | None:

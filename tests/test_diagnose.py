@@ -252,3 +252,29 @@ def test_diagnose_base_and_models_without_a_config(
     assert figures() == from_config and len(from_config) == 5
     assert main(["diagnose", "--base", str(ZOO / "base")]) == 1
     assert "name the models to compare with it" in capsys.readouterr().err
+
+
+def test_a_file_shorter_than_its_header_names_the_file_and_tensor(tmp_path: Path) -> None:
+    import os
+
+    from mergesmith.diagnose import _pread_all
+    from mergesmith.errors import CheckpointError
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(CheckpointError) as info:
+            _pread_all(fd, memoryview(bytearray(64)), 80, path, "model.norm.weight")
+    finally:
+        os.close(fd)
+    message = str(info.value)
+    assert str(path) in message and "'model.norm.weight' at byte 100" in message and "again" in message
+
+
+def test_progress_counts_the_input_bytes_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    found = diagnose(config(ZOO / "base", [ZOO / "add"]), progress=True)
+    err = capsys.readouterr().err
+    total = f"{found.measured_bytes / 1e6:.2f}M"
+    assert found.measured_bytes == found.read_bytes  # every input tensor, once
+    assert f"diagnosing: 100%|██████████| {total}/{total}" in err
