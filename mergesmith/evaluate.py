@@ -3,6 +3,8 @@
 A task is a JSONL file, one ``{"prompt": ..., "answer": ...}`` object per line; the task's name is
 the file's stem. For each example the model continues the prompt greedily; the continuation, cut
 at the end-of-sequence token or the first newline and stripped, must equal the stripped answer.
+One teacher-forced pass settles almost every example (see :func:`judge_batch`); the rest are
+decoded with ``generate``.
 The loss is the mean cross-entropy of the answer's tokens given the prompt (teacher forcing), and
 the perplexity its exponential. Needs ``transformers`` (``pip install mergesmith[eval]``).
 """
@@ -133,9 +135,11 @@ def score(
     progress: bool = False,
     label: str = "model",
     with_loss: bool = True,
+    encoded: dict[str, list[int]] | None = None,
 ) -> list[TaskScore]:
     """Score a loaded model (see :func:`load_model`) on every task; without ``with_loss`` only
-    accuracy is measured (loss and perplexity are NaN), which saves a forward pass per batch."""
+    accuracy is measured (loss and perplexity are NaN). ``encoded`` keeps the token ids of each
+    prompt and answer between calls that score the same tasks again."""
     scores = []
     bar = None
     if progress:
@@ -149,8 +153,10 @@ def score(
             total_tokens = 0
             for start in range(0, len(task.examples), batch_size):
                 batch = task.examples[start : start + batch_size]
-                got, loss, tokens = _score_batch(net, tokenizer, batch, device, with_loss)
-                correct += got
+                flags, loss, tokens = judge_batch(
+                    net, tokenizer, batch, device, with_loss=with_loss, encoded=encoded
+                )
+                correct += sum(flags)
                 total_loss += loss
                 total_tokens += tokens
                 if bar is not None:
@@ -164,56 +170,126 @@ def score(
     return scores
 
 
-def _answer_loss(
-    net: Any, prompts: list[list[int]], answers: list[list[int]], pad: int, device: str
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of the answer tokens given the prompts, and their count."""
-    # loss: prompt + answer, right-padded; only answer positions count
+def judge_batch(
+    net: Any,
+    tokenizer: Any,
+    batch: Sequence[Example],
+    device: str,
+    *,
+    with_loss: bool = False,
+    counts: dict[str, int] | None = None,
+    encoded: dict[str, list[int]] | None = None,
+) -> tuple[list[bool], float, int]:
+    """Whether the greedy continuation of each prompt is its answer; the summed answer loss and the
+    number of answer tokens (0 and 0 without ``with_loss``).
+
+    One forward pass over prompt + answer (teacher forcing) gives the greedy token at every answer
+    position. Where the predictions follow the answer and then end it (end of sequence or a
+    newline), greedy decoding would produce exactly the answer; where they leave it for text that
+    no continuation can turn into the answer, it would not. Only the examples neither settles (a
+    prediction that could still lead to the answer along other tokens, such as a trailing space)
+    are decoded with ``generate``, under the same token budget as the whole batch. ``counts``
+    receives how many examples each way settled: ``right``, ``wrong`` and ``generated``;
+    ``encoded`` caches token ids by text.
+    """
+    memo = {} if encoded is None else encoded
+    prompts = [_encode(tokenizer, e.prompt, memo) for e in batch]
+    answers = [_encode(tokenizer, e.answer, memo) for e in batch]
+    pad = tokenizer.pad_token_id
     rows = [p + a for p, a in zip(prompts, answers)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        mask[i, : len(p) + len(a)] = 1
-        target[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-    logits = net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    shifted = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1).to(device), reduction="sum"
-    )
-    tokens = int((target[:, 1:] != -100).sum())
-    return shifted, tokens
-
-
-def _score_batch(
-    net: Any, tokenizer: Any, batch: Sequence[Example], device: str, with_loss: bool = True
-) -> tuple[int, float, int]:
-    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
-    answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in batch]
-    pad = tokenizer.pad_token_id
-    shifted, tokens = torch.zeros(()), 0
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    logits = net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    shifted, tokens = 0.0, 0
     if with_loss:
-        shifted, tokens = _answer_loss(net, prompts, answers, pad, device)
-    # accuracy: greedy continuation of left-padded prompts
+        target = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            target[i, len(p) : len(p) + len(a)] = torch.tensor(a, dtype=torch.long)
+        shifted = float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                target[:, 1:].reshape(-1).to(device),
+                reduction="sum",
+            )
+        )
+        tokens = int((target[:, 1:] != -100).sum())
+    picks = logits.argmax(-1).cpu()
+    del logits
+    flags: list[bool | None] = []
+    for i, (p, a, example) in enumerate(zip(prompts, answers, batch)):
+        if not p:  # nothing to predict the first token from
+            flags.append(None)
+            continue
+        predicted = picks[i, len(p) - 1 : len(p) + len(a)].tolist()
+        flags.append(_settle(tokenizer, a, predicted, example.answer.strip()))
+    budget = max(len(a) for a in answers) + 2
+    open_ = [i for i, f in enumerate(flags) if f is None]
+    if counts is not None:
+        counts["right"] = counts.get("right", 0) + flags.count(True)
+        counts["wrong"] = counts.get("wrong", 0) + flags.count(False)
+        counts["generated"] = counts.get("generated", 0) + len(open_)
+    if open_:
+        generated = _generate_flags(
+            net, tokenizer, [prompts[i] for i in open_], [batch[i] for i in open_], device, budget
+        )
+        for i, flag in zip(open_, generated):
+            flags[i] = flag
+    return [bool(f) for f in flags], shifted, tokens
+
+
+def _encode(tokenizer: Any, text: str, memo: dict[str, list[int]]) -> list[int]:
+    ids = memo.get(text)
+    if ids is None:
+        ids = memo[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _settle(tokenizer: Any, answer: list[int], predicted: list[int], want: str) -> bool | None:
+    """Right, wrong, or None when undecided, from the greedy token at each answer position and the
+    one after it (``len(answer) + 1`` predictions)."""
+    j = next((k for k, (got, tok) in enumerate(zip(predicted, answer)) if got != tok), len(answer))
+    token = predicted[j]
+    if token == tokenizer.eos_token_id:  # decoding stops here
+        return _continuation(tokenizer.decode(answer[:j], skip_special_tokens=True)) == want
+    text = tokenizer.decode([*answer[:j], token], skip_special_tokens=True)
+    if "\n" in text:  # the continuation is cut here whatever follows
+        return _continuation(text) == want
+    if "\ufffd" not in text and not want.startswith(text.strip()):
+        return False  # what follows can only lengthen the text, which already differs
+    return None
+
+
+def _generate_flags(
+    net: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    batch: Sequence[Example],
+    device: str,
+    budget: int,
+) -> list[bool]:
+    """Greedy decoding of left-padded prompts for at most ``budget`` tokens, checked against the answers."""
+    pad = tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    new = max(len(a) for a in answers) + 2
+        if p:
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
     out = net.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
-        max_new_tokens=new,
+        max_new_tokens=budget,
         do_sample=False,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
     )
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    correct = sum(_continuation(t) == e.answer.strip() for t, e in zip(texts, batch))
-    return correct, float(shifted), tokens
+    return [_continuation(t) == e.answer.strip() for t, e in zip(texts, batch)]
 
 
 # -- EleutherAI lm-evaluation-harness ---------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,8 +103,12 @@ def merge_job(
     device: torch.device,
     thresholds: Mapping[int, float] | None = None,
     warnings: list[str] | None = None,
+    reuse: Sequence[MutableMapping[str, Any]] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor from its inputs as read (:func:`read_inputs`); the list is emptied.
+
+    ``reuse`` (one store per entry of ``job.inputs``) is handed to the method as
+    ``MergeInputs.reuse`` when the same inputs are merged repeatedly (tuning trials).
 
     A result holding NaN or infinities, or overflowing a float16 output, raises a MethodError;
     with a ``warnings`` list the problem is appended there instead and the tensor is kept.
@@ -136,6 +141,7 @@ def merge_job(
                 model_params=[model_params[i] for i in members],
                 seed=plan.config.seed,
                 thresholds=[job_thresholds[i] for i in members] if job_thresholds is not None else None,
+                reuse=[reuse[i] for i in members] if reuse is not None and job.rows is None else None,
             )
         )
 

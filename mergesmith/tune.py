@@ -209,6 +209,9 @@ class TrialRunner:
                 if key not in self.cache:
                     self.cache[key] = plan.models[ref.model].get(ref.name)
         self.net, self.tokenizer = _model_from(plan)
+        self.encoded: dict[str, list[int]] = {}  # token ids of the prompts and answers
+        # per output tensor and input model: what methods keep between trials (see MergeInputs.reuse)
+        self.reuse: dict[str, list[dict[str, Any]]] = {}
 
     def merged_state(self, values: Mapping[str, float]) -> dict[str, torch.Tensor]:
         from mergesmith.config import load_config
@@ -220,7 +223,8 @@ class TrialRunner:
         state = {}
         for job in plan.jobs:
             tensors = [self.cache[(str(plan.refs[r.model]), r.name)].clone() for r in job.all_inputs()]
-            state[job.name] = merge_job(plan, job, tensors, self.device, thresholds)
+            reuse = self.reuse.setdefault(job.name, [{} for _ in job.inputs])
+            state[job.name] = merge_job(plan, job, tensors, self.device, thresholds, reuse=reuse)
         return state
 
     def run(self, values: Mapping[str, float]) -> dict[str, float]:
@@ -239,6 +243,7 @@ class TrialRunner:
             batch_size=self.batch_size,
             device=str(self.device),
             with_loss=False,
+            encoded=self.encoded,
         )
         return {s.task: s.accuracy for s in scores}
 

@@ -127,3 +127,32 @@ def test_harness_without_a_usable_metric_or_package(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as when not installed
     with pytest.raises(ConfigError, match=r"pip install 'mergesmith\[lm-eval\]'"):
         evaluate_harness("m", ["odd"])
+
+
+def test_one_forward_pass_judges_every_example_as_greedy_decoding_does() -> None:
+    # The zoo's fine-tunes and base, and an even mix of two of them, on every zoo task; plus the
+    # addition task with a space before each answer, which the teacher-forced pass cannot settle
+    # (the model answers without the space, and the space could still come) and hands to generate.
+    from mergesmith.evaluate import Example, _generate_flags, judge_batch, load_model
+
+    root = Path(__file__).resolve().parent.parent / "zoo"
+    tasks = [load_task(root / "tasks" / f"{t}.jsonl") for t in ("add", "rev", "sort", "shift")]
+    spaced = [Example(e.prompt, " " + e.answer) for e in tasks[0].examples[:64]]
+    add, tok = load_model(root / "models" / "add")
+    rev, _ = load_model(root / "models" / "rev")
+    base, _ = load_model(root / "models" / "base")
+    mix, _ = load_model(root / "models" / "add")
+    mix.load_state_dict({k: (v + rev.state_dict()[k]) / 2 for k, v in add.state_dict().items()})
+    counts: dict[str, int] = {}
+    right = 0
+    with torch.no_grad():
+        for net in (add, rev, base, mix):
+            for batch in [*(t.examples[i : i + 50] for t in tasks for i in range(0, 200, 50)), spaced]:
+                flags, _, _ = judge_batch(net, tok, batch, "cpu", counts=counts)
+                prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
+                budget = max(len(tok(e.answer, add_special_tokens=False)["input_ids"]) for e in batch) + 2
+                assert flags == _generate_flags(net, tok, prompts, batch, "cpu", budget)
+                right += sum(flags)
+    assert counts["right"] > 300 and counts["wrong"] > 1000 and counts["generated"] >= 64
+    assert counts["right"] + counts["wrong"] + counts["generated"] == 4 * (800 + 64)
+    assert right > counts["right"]  # some of those generate settled were right

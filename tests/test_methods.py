@@ -204,6 +204,22 @@ def test_trim_matches_numpy_top_k_across_chunks(monkeypatch: pytest.MonkeyPatch)
         np.testing.assert_allclose(l1, expected * np.abs(values).sum() / np.abs(expected).sum(), rtol=1e-5)
 
 
+def test_trim_with_kept_sorted_magnitudes_equals_the_selection() -> None:
+    rng = np.random.default_rng(4)
+    values = torch.tensor(rng.integers(-20, 21, size=4321).astype(np.float32) / 4)  # many ties
+    store: dict[str, object] = {}
+    for density in (0.5, 0.01, 0.37, 0.99, 0.5):
+        want = _steps.trim_to_top(values.clone(), density)
+        got = _steps.trim_to_top(values.clone(), density, reuse=store)
+        assert torch.equal(got, want), density
+        if density == 0.5 and "first" not in store:
+            store["first"] = store["sorted_magnitudes"]
+    assert store["sorted_magnitudes"] is store["first"]  # sorted once
+    sorted_ = store["sorted_magnitudes"]
+    assert isinstance(sorted_, torch.Tensor)
+    assert torch.equal(sorted_, values.abs().sort().values)
+
+
 # -- DARE -----------------------------------------------------------------------------------------
 
 

@@ -92,16 +92,21 @@ def test_a_trial_equals_the_merge_written_to_disk_and_its_evaluation(
 ) -> None:
     cfg, tasks = setup
     doc = _yaml.load(cfg.read_text())
-    values = {"add.weight": 1.3, "rev.weight[0]": 0.7, "rev.density": 0.4}
     runner = TrialRunner(doc, tasks)
-    state = runner.merged_state(values)
-    mergesmith.merge(substitute(doc, search_space(doc), values), tmp_path / "merged")
-    written = tiny.load_state(tmp_path / "merged")
-    assert state.keys() == written.keys()
-    for name, tensor in written.items():
-        assert torch.equal(state[name], tensor), name
+    # the first trial sorts each trimmed task vector's magnitudes; the second looks its thresholds up
+    first = {"add.weight": 0.9, "rev.weight[0]": 1.1, "rev.density": 0.7}
+    values = {"add.weight": 1.3, "rev.weight[0]": 0.7, "rev.density": 0.4}
+    for i, trial in enumerate((first, values)):
+        state = runner.merged_state(trial)
+        mergesmith.merge(substitute(doc, search_space(doc), trial), tmp_path / f"merged{i}")
+        written = tiny.load_state(tmp_path / f"merged{i}")
+        assert state.keys() == written.keys()
+        for name, tensor in written.items():
+            assert torch.equal(state[name], tensor), name
+    kept = [store for stores in runner.reuse.values() for store in stores if "sorted_magnitudes" in store]
+    assert len(kept) == 2 * len(state)  # both models trim every tensor (density below 1)
     got = runner.run(values)
-    want = {s.task: s.accuracy for s in evaluate(tmp_path / "merged", [load_task(t) for t in tasks])}
+    want = {s.task: s.accuracy for s in evaluate(tmp_path / "merged1", [load_task(t) for t in tasks])}
     assert got == want
     assert runner.run(values) == got  # the cached parents are not changed by a trial
 

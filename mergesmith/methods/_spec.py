@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -39,6 +39,14 @@ class MergeInputs(Generic[P, M]):
     model_params: Sequence[M]
     seed: int = 0
     thresholds: Sequence[float] | None = None  # whole-model magnitude thresholds, per input
+    # Per input, a store kept while the same inputs are merged again and again with other
+    # parameters (tuning trials); None in a one-off merge. Steps keep there what depends on that
+    # input's task vector alone, such as its sorted magnitudes (see _steps.trim_to_top).
+    reuse: Sequence[MutableMapping[str, Any]] | None = None
+
+    def store(self, index: int) -> MutableMapping[str, Any] | None:
+        """The store of input ``index`` (see ``reuse``), or None."""
+        return None if self.reuse is None else self.reuse[index]
 
     def generator(self, index: int) -> torch.Generator:
         """A CPU random generator for input ``index``, seeded from the run seed and tensor name."""

@@ -8,8 +8,8 @@ tensor plus fixed-size scratch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Iterator, MutableMapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -30,16 +30,25 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[to
     return [t.sub_(base) for t in tensors]
 
 
-def trim_to_top(delta: torch.Tensor, density: float, rescale: RescaleMode = "none") -> torch.Tensor:
+def trim_to_top(
+    delta: torch.Tensor,
+    density: float,
+    rescale: RescaleMode = "none",
+    reuse: MutableMapping[str, Any] | None = None,
+) -> torch.Tensor:
     """Keep the ``k = max(1, floor(density * n))`` entries of ``delta`` with largest magnitude.
 
     Works in place and returns ``delta``. Entries tied at the threshold magnitude are kept in index
     order, so exactly ``k`` entries survive. ``rescale`` is applied to the survivors as in
     :func:`apply_mask`. Scratch memory is one magnitude copy plus fixed-size chunks, never a
     full-size boolean mask.
+
+    With ``reuse`` (a store that belongs to this task vector, see ``MergeInputs.reuse``) the
+    magnitudes are sorted once and kept there, so that trimming the same task vector again at any
+    density finds its threshold by lookup instead of a selection.
     """
     if not delta.is_contiguous():  # work on a flat copy, then write the result back
-        return delta.copy_(trim_to_top(delta.contiguous(), density, rescale))
+        return delta.copy_(trim_to_top(delta.contiguous(), density, rescale, reuse))
     flat = delta.view(-1)
     n = flat.numel()
     if density >= 1 or n == 0:
@@ -49,7 +58,10 @@ def trim_to_top(delta: torch.Tensor, density: float, rescale: RescaleMode = "non
         flat.zero_()
         return delta
     k = max(1, int(density * n))
-    threshold, tied, below = _kth_largest_magnitude(flat, k)
+    if reuse is None:
+        threshold, tied, below = _kth_largest_magnitude(flat, k)
+    else:
+        threshold, tied, below = _kth_from_sorted(flat, k, reuse)
     if threshold > 0:  # else fewer than k entries are non-zero, and all of them are kept
         _keep_top(flat, threshold, tied if below else None)
     _rescale(delta, before, rescale, density)
@@ -95,6 +107,23 @@ def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[float, int, int]
     above = int(torch.count_nonzero(mags > kth))
     equal = int(torch.count_nonzero(mags == kth))
     return float(kth), k - above, equal - (k - above)
+
+
+def _kth_from_sorted(flat: torch.Tensor, k: int, reuse: MutableMapping[str, Any]) -> tuple[float, int, int]:
+    """As :func:`_kth_largest_magnitude`, from the magnitudes sorted once and kept in ``reuse``."""
+    n = flat.numel()
+    order = reuse.get("sorted_magnitudes")
+    if order is None or order.numel() != n:
+        mags = flat.abs()
+        if mags.device.type == "cpu" and mags.dtype in (torch.float32, torch.float64):
+            order = torch.from_numpy(np.sort(mags.numpy()))
+        else:
+            order = torch.sort(mags).values
+        reuse["sorted_magnitudes"] = order
+    kth = order[n - k : n - k + 1]
+    first = int(torch.searchsorted(order, kth, side="left"))
+    after = int(torch.searchsorted(order, kth, side="right"))
+    return float(kth), after - (n - k), (n - k) - first
 
 
 def random_mask(

@@ -46,7 +46,7 @@ def merge(inputs: MergeInputs[TiesParams, TiesModelParams]) -> torch.Tensor:
         if paper and inputs.thresholds is not None:
             _steps.keep_at_least(delta, inputs.thresholds[i])
         elif mp.density < 1:
-            _steps.trim_to_top(delta, mp.density, rescale)
+            _steps.trim_to_top(delta, mp.density, rescale, reuse=inputs.store(i))
     return _steps.combine(
         base,
         deltas,
