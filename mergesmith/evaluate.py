@@ -11,6 +11,7 @@ the perplexity its exponential. Needs ``transformers`` (``pip install mergesmith
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -195,36 +196,47 @@ def judge_batch(
     memo = {} if encoded is None else encoded
     prompts = [_encode(tokenizer, e.prompt, memo) for e in batch]
     answers = [_encode(tokenizer, e.answer, memo) for e in batch]
-    pad = tokenizer.pad_token_id
+    # prompt + answer, left-padded as generate pads prompts, with the same position ids; only the
+    # last `keep` positions need logits: they predict every answer token and the one after it
     rows = [p + a for p, a in zip(prompts, answers)]
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    keep = max(len(a) for a in answers) + 1
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    logits = net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    extra: dict[str, Any] = {}
+    accepts = inspect.signature(net.forward).parameters
+    if "position_ids" in accepts:  # as generate numbers left-padded prompts
+        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(device)
+    if "logits_to_keep" in accepts:
+        extra["logits_to_keep"] = keep
+    out = net(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
+    logits = out.logits[:, -keep:]
     shifted, tokens = 0.0, 0
     if with_loss:
-        target = torch.full((len(rows), width), -100, dtype=torch.long)
+        target = torch.full((len(rows), keep), -100, dtype=torch.long)
         for i, (p, a) in enumerate(zip(prompts, answers)):
-            target[i, len(p) : len(p) + len(a)] = torch.tensor(a, dtype=torch.long)
+            # logits index keep - len(a) - 1 + j predicts a[j]; a[0] of an empty prompt has no predictor
+            skip = 0 if p else 1
+            if len(a) > skip:
+                target[i, keep - len(a) - 1 + skip : keep - 1] = torch.tensor(a[skip:], dtype=torch.long)
         shifted = float(
             torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                target[:, 1:].reshape(-1).to(device),
-                reduction="sum",
+                logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1).to(device), reduction="sum"
             )
         )
-        tokens = int((target[:, 1:] != -100).sum())
+        tokens = int((target != -100).sum())
     picks = logits.argmax(-1).cpu()
-    del logits
+    del out, logits
     flags: list[bool | None] = []
     for i, (p, a, example) in enumerate(zip(prompts, answers, batch)):
         if not p:  # nothing to predict the first token from
             flags.append(None)
             continue
-        predicted = picks[i, len(p) - 1 : len(p) + len(a)].tolist()
+        predicted = picks[i, keep - len(a) - 1 :].tolist()
         flags.append(_settle(tokenizer, a, predicted, example.answer.strip()))
     budget = max(len(a) for a in answers) + 2
     open_ = [i for i, f in enumerate(flags) if f is None]

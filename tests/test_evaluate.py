@@ -63,6 +63,30 @@ def test_batched_loss_equals_one_example_at_a_time(models: dict[str, Path], tmp_
     assert batched.loss == pytest.approx(total / count, rel=1e-5)
 
 
+def test_batched_loss_of_a_model_with_absolute_positions_equals_one_at_a_time(tmp_path: Path) -> None:
+    # GPT-2 adds a learned embedding per position: the left-padded batch must number each row's
+    # tokens from 0, as generate does, or every logit changes.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tiny.VOCAB), n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tiny.save_tokenizer(tmp_path / "gpt2")
+    rows = [("abcdefgh", "ij"), ("a", "bcd"), ("hello", "x"), ("ba", "abcde")]
+    task = load_task(write_task(tmp_path / "t.jsonl", rows))
+    batched = evaluate(tmp_path / "gpt2", [task], batch_size=4)[0]
+    net = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in rows:
+            p = [tiny.VOCAB.index(c) for c in prompt]
+            a = [tiny.VOCAB.index(c) for c in answer]
+            logp = torch.log_softmax(net(torch.tensor([p + a])).logits[0], -1)
+            total -= sum(float(logp[len(p) + j - 1, t]) for j, t in enumerate(a))
+            count += len(a)
+    assert batched.loss == pytest.approx(total / count, rel=1e-5)
+
+
 def test_task_files_are_checked(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
