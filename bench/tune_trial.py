@@ -106,6 +106,7 @@ def main() -> int:
     print(f"{'merge + eval as two commands':<44} {commands:>8.3f} {commands / t:>8.2f}")
     print(f"{'  of which, trial merge into the model':<44} {tm:>8.3f} {tm / t:>8.2f}")
     print(f"{'  of which, merge to disk + load':<44} {fm:>8.3f} {fm / t:>8.2f}")
+    print(f"{'  scoring (trial less its merge)':<44} {t - tm:>8.3f} {(t - tm) / t:>8.2f}")
     print(f"merge part: in memory {tm:.3f} s vs to disk and back {fm:.3f} s ({fm / tm:.1f}x)")
     print(f"accuracy at the default values: {got}")
     return 0

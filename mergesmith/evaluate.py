@@ -94,10 +94,14 @@ def load_model(model: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
     net: Any = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=torch.float32)
     if ref.lora is not None:
+        from mergesmith.lora import AdaptedCheckpoint
         from mergesmith.plan import open_models
 
         adapted = open_models([ref])[0]
-        state = {name: adapted.get(name).float() for name in adapted.keys()}  # noqa: SIM118
+        assert isinstance(adapted, AdaptedCheckpoint)
+        # the base is loaded already: read only the tensors the adapter changes or replaces
+        changed = dict.fromkeys([*adapted.adapter.modules, *adapted.adapter.replaced])
+        state = {name: adapted.get(name).float() for name in changed}
         _missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError(f"{model}: tensors the model does not have: {unexpected[:5]}")

@@ -137,12 +137,21 @@ def merge_adapters(
             f"adapter merge method {method!r} is not available; use linear (exact sum) or one merged in the "
             f"shared basis: {', '.join(basis_methods())}"
         )
-    settings = {"lambda": lambda_, **(params or {})}
-    if method not in ("linear", "knots_ties"):
-        known = {i.key for i in REGISTRY[method].param_infos}
-        unknown = sorted(set(params or {}) - known)
+    settings: dict[str, Any] = {"lambda": lambda_}
+    if method != "linear":
+        infos = {i.key: i for i in REGISTRY["ties" if method == "knots_ties" else method].param_infos}
+        unknown = sorted(set(params or {}) - set(infos))
         if unknown:
-            raise ConfigError(f"{method} has no parameters {unknown}; its parameters: {sorted(known)}")
+            raise ConfigError(f"{method} has no parameters {unknown}; its parameters: {sorted(infos)}")
+        bad = []
+        for key, value in (params or {}).items():
+            settings[key], problem = infos[key].check_scalar(value)
+            if problem:
+                bad.append(f"--param {key}={value!r}: {problem}")
+        if bad:
+            raise ConfigError(bad, f"{method} parameters")
+    elif params:
+        raise ConfigError(f"linear adapter merges take no --param (found {sorted(params)}); use --weights")
     if densities is not None and len(densities) != len(adapters):
         raise ConfigError(f"{len(densities)} densities for {len(adapters)} adapters; give one per adapter")
     if densities is not None and any(not 0 < d <= 1 for d in densities):

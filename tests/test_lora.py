@@ -200,3 +200,28 @@ def test_missing_adapter_files_are_named(adapters: dict[str, Any], tmp_path: Pat
         mergesmith.validate(
             f"merge_method: linear\nmodels:\n  - model: {adapters['base']}+{tmp_path / 'empty'}\n    parameters: {{weight: 1}}\n"
         )
+
+
+def test_evaluating_base_plus_adapter_loads_peft_merge_reading_only_changed_tensors(
+    adapters: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from mergesmith.evaluate import load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(adapters["base"], base)
+    tiny.save_tokenizer(base)
+    read: list[str] = []
+    original = AdaptedCheckpoint.get
+
+    def counted(self: AdaptedCheckpoint, name: str) -> torch.Tensor:
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(AdaptedCheckpoint, "get", counted)
+    net, _tok = load_model(f"{base}+{adapters['code']}")
+    state = net.state_dict()
+    for name, want in adapters["code-merged"].items():
+        torch.testing.assert_close(state[name], want.float(), rtol=1e-5, atol=1e-6, msg=name)
+    assert sorted(read) == sorted(n for n in state if n.endswith(("q_proj.weight", "up_proj.weight")))

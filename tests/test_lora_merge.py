@@ -191,6 +191,12 @@ def test_unavailable_methods_and_parameters_are_refused(three: dict[str, Any], t
         merge_adapters(ads, tmp_path / "x", method="slerp")
     with pytest.raises(mergesmith.ConfigError, match=r"ties has no parameters \['densty'\]"):
         merge_adapters(ads, tmp_path / "x", method="ties", params={"densty": 0.5})
+    with pytest.raises(mergesmith.ConfigError, match=r"--param mode='fast': expected one of mergekit, paper"):
+        merge_adapters(ads, tmp_path / "x", method="ties", params={"mode": "fast"})
+    with pytest.raises(mergesmith.ConfigError, match=r"--param normalize=3: expected true or false"):
+        merge_adapters(ads, tmp_path / "x", method="knots_ties", params={"normalize": 3})
+    with pytest.raises(mergesmith.ConfigError, match=r"linear adapter merges take no --param"):
+        merge_adapters(ads, tmp_path / "x", params={"normalize": False})
     assert (
         main(
             [
