@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["HELD_LIMIT", "release", "tune"]
+__all__ = ["HELD_LIMIT", "available", "release", "tune"]
 
 HELD_LIMIT = 512 << 20
 
@@ -80,3 +80,15 @@ def release(limit: int = HELD_LIMIT) -> None:
     """Return free heap memory to the operating system when more than ``limit`` bytes are held."""
     if _LIBC is not None and held() > limit:
         _LIBC.malloc_trim(0)
+
+
+def available() -> int | None:
+    """Bytes of memory the system can still hand out (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

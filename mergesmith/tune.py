@@ -38,6 +38,7 @@ from mergesmith.errors import ConfigError
 __all__ = ["Dimension", "Objective", "TrialRunner", "TuneResult", "search_space", "substitute", "tune"]
 
 SAMPLERS = ("tpe", "cmaes", "grid")
+KEEP_UNKNOWN = 4 << 30  # what trials may keep between them where the free memory is unknown
 EXECUTORS = ("local", "ray")
 
 
@@ -210,8 +211,14 @@ class TrialRunner:
                     self.cache[key] = plan.models[ref.model].get(ref.name)
         self.net, self.tokenizer = _model_from(plan)
         self.encoded: dict[str, list[int]] = {}  # token ids of the prompts and answers
-        # per output tensor and input model: what methods keep between trials (see MergeInputs.reuse)
+        # per output tensor and input model: what methods keep between trials (see MergeInputs.reuse),
+        # at most a float32 copy of each input; kept only when that fits in half the free memory
         self.reuse: dict[str, list[dict[str, Any]]] = {}
+        most = sum(
+            4 * self.cache[(str(plan.refs[r.model]), r.name)].numel() for job in plan.jobs for r in job.inputs
+        )
+        free = _memory.available()
+        self.keeps = most <= (free // 2 if free is not None else KEEP_UNKNOWN)
 
     def merged_state(self, values: Mapping[str, float]) -> dict[str, torch.Tensor]:
         from mergesmith.config import load_config
@@ -223,7 +230,7 @@ class TrialRunner:
         state = {}
         for job in plan.jobs:
             tensors = [self.cache[(str(plan.refs[r.model]), r.name)].clone() for r in job.all_inputs()]
-            reuse = self.reuse.setdefault(job.name, [{} for _ in job.inputs])
+            reuse = self.reuse.setdefault(job.name, [{} for _ in job.inputs]) if self.keeps else None
             state[job.name] = merge_job(plan, job, tensors, self.device, thresholds, reuse=reuse)
         return state
 

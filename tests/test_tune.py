@@ -111,6 +111,25 @@ def test_a_trial_equals_the_merge_written_to_disk_and_its_evaluation(
     assert runner.run(values) == got  # the cached parents are not changed by a trial
 
 
+def test_trials_keep_nothing_between_them_where_memory_is_short(
+    setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergesmith import _memory
+
+    cfg, tasks = setup
+    doc = _yaml.load(cfg.read_text())
+    values = {"add.weight": 1.3, "rev.weight[0]": 0.7, "rev.density": 0.4}
+    roomy = TrialRunner(doc, tasks)
+    monkeypatch.setattr(_memory, "available", lambda: 1 << 20)  # 1 MiB free: less than twice the copies
+    short = TrialRunner(doc, tasks)
+    assert roomy.keeps and not short.keeps
+    for _ in range(2):
+        kept, anew = roomy.merged_state(values), short.merged_state(values)
+        assert kept.keys() == anew.keys()
+        assert all(torch.equal(kept[name], anew[name]) for name in kept)
+    assert short.reuse == {} and any("sorted_magnitudes" in s for v in roomy.reuse.values() for s in v)
+
+
 def completed(db: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(db) as con:
         rows = con.execute(
