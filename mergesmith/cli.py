@@ -170,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         help="weight of a task in the objective",
     )
     t.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    t.add_argument(
+        "--stop-early",
+        action="store_true",
+        help="stop scoring a trial once it cannot beat the best trial even if every example left were "
+        "right (recorded as pruned; the best trial is the same)",
+    )
     t.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     t.add_argument(
         "--no-best", action="store_true", help="do not merge and evaluate the best config at the end"
@@ -508,11 +514,13 @@ def _tune(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         write_best=not args.no_best,
+        stop_early=args.stop_early,
     )
     start = f"{result.default_objective:.4f}" if result.default_objective is not None else "n/a"
+    stopped = f" ({result.stopped_early} stopped early)" if result.stopped_early else ""
     print(
-        f"best objective {result.best_objective:.4f} (starting values: {start}) after {result.trials} trials, "
-        f"{result.seconds_per_trial:.2f} s per trial: "
+        f"best objective {result.best_objective:.4f} (starting values: {start}) after {result.trials} trials"
+        f"{stopped}, {result.seconds_per_trial:.2f} s per trial: "
         + ", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items())
     )
     print("written: " + ", ".join(str(p) for p in result.files))

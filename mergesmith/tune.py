@@ -166,6 +166,17 @@ class Objective:
     weights: Mapping[str, float] = field(default_factory=dict)
     penalty: float = 1.0
 
+    @property
+    def rises_with_accuracy(self) -> bool:
+        """No task's accuracy lowers the objective by rising (weights and penalty not negative),
+        which is what lets :meth:`bound` stop a trial early."""
+        return self.penalty >= 0 and all(w >= 0 for w in self.weights.values())
+
+    def bound(self, right: Mapping[str, int], seen: Mapping[str, int], total: Mapping[str, int]) -> float:
+        """The objective if every example not scored yet were answered right: with
+        :attr:`rises_with_accuracy`, no merge that got ``right`` of the ``seen`` examples scores more."""
+        return self(optimistic(right, seen, total))
+
     def __call__(self, accuracy: Mapping[str, float]) -> float:
         tasks = [t for t in self.owner_accuracy if self.owner_accuracy[t] > 0]
         total = sum(self.weights.get(t, 1.0) for t in tasks)
@@ -175,6 +186,24 @@ class Objective:
                 max(0.0, self.base_accuracy[t] - accuracy[t]) for t in self.base_accuracy
             )
         return value
+
+
+def optimistic(
+    right: Mapping[str, int], seen: Mapping[str, int], total: Mapping[str, int]
+) -> dict[str, float]:
+    """Per task, the accuracy if every example not scored yet were answered right."""
+    return {t: (right[t] + total[t] - seen[t]) / total[t] for t in total}
+
+
+@dataclass(frozen=True)
+class TrialScores:
+    """What a trial measured. ``stopped``: scoring ended early because even with every example
+    left answered right the objective would stay below the best trial's; ``accuracy`` is then
+    that optimistic accuracy."""
+
+    accuracy: dict[str, float]
+    scored: int  # examples scored
+    stopped: bool = False
 
 
 class TrialRunner:
@@ -188,6 +217,7 @@ class TrialRunner:
         device: str = "cpu",
         batch_size: int = 64,
         threads: int | None = None,
+        objective: Objective | None = None,
     ) -> None:
         from mergesmith import _memory
         from mergesmith.config import load_config
@@ -202,6 +232,7 @@ class TrialRunner:
         self.tasks = [load_task(t) for t in task_files]
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.objective = objective
         plan = build_plan(load_config(substitute(doc, self.space, midpoint(self.space))))
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
         for job in plan.jobs:
@@ -236,23 +267,45 @@ class TrialRunner:
 
     def run(self, values: Mapping[str, float]) -> dict[str, float]:
         """Per-task accuracy of the merge with ``values``."""
-        from mergesmith.evaluate import score
+        return self.trial(values).accuracy
+
+    def trial(self, values: Mapping[str, float], beat: float | None = None) -> TrialScores:
+        """Merge with ``values`` and score the merge on every task, a batch of each task in turn.
+        With ``beat`` (the best objective so far) scoring stops as soon as the runner's objective
+        could no longer exceed it even if every example left were answered right."""
+        from mergesmith.evaluate import judge_batch
 
         state = self.merged_state(values)
         with torch.no_grad():
             _missing, unexpected = self.net.load_state_dict(state, strict=False)
+        del state
         if unexpected:
             raise ConfigError(f"merged tensors the model does not have: {unexpected[:5]}")
-        scores = score(
-            self.net,
-            self.tokenizer,
-            self.tasks,
-            batch_size=self.batch_size,
-            device=str(self.device),
-            with_loss=False,
-            encoded=self.encoded,
-        )
-        return {s.task: s.accuracy for s in scores}
+        total = {t.name: len(t.examples) for t in self.tasks}
+        right = dict.fromkeys(total, 0)
+        seen = dict.fromkeys(total, 0)
+        judge = self.objective if self.objective is not None and self.objective.rises_with_accuracy else None
+        rounds = max(math.ceil(n / self.batch_size) for n in total.values())
+        with torch.no_grad():
+            for r in range(rounds):
+                for task in self.tasks:
+                    batch = task.examples[r * self.batch_size : (r + 1) * self.batch_size]
+                    if not batch:
+                        continue
+                    flags, _, _ = judge_batch(
+                        self.net, self.tokenizer, batch, str(self.device), encoded=self.encoded
+                    )
+                    right[task.name] += sum(flags)
+                    seen[task.name] += len(batch)
+                    scored = sum(seen.values())
+                    if (
+                        judge is not None
+                        and beat is not None
+                        and scored < sum(total.values())  # some left to score
+                        and judge.bound(right, seen, total) < beat
+                    ):
+                        return TrialScores(optimistic(right, seen, total), scored, True)
+        return TrialScores({t: right[t] / total[t] for t in total}, sum(seen.values()))
 
 
 def _model_from(plan: Any) -> tuple[Any, Any]:
@@ -277,18 +330,20 @@ def _model_from(plan: Any) -> tuple[Any, Any]:
 _WORKER: TrialRunner | None = None
 
 
-def _init_worker(doc: Mapping[str, Any], task_files: Sequence[str], device: str, threads: int) -> None:
+def _init_worker(
+    doc: Mapping[str, Any], task_files: Sequence[str], device: str, threads: int, objective: Objective
+) -> None:
     global _WORKER
-    _WORKER = TrialRunner(doc, task_files, device=device, threads=threads)
+    _WORKER = TrialRunner(doc, task_files, device=device, threads=threads, objective=objective)
 
 
-def _run_in_worker(values: Mapping[str, float]) -> dict[str, float]:
+def _run_in_worker(values: Mapping[str, float], beat: float | None) -> TrialScores:
     assert _WORKER is not None
-    return _WORKER.run(values)
+    return _WORKER.trial(values, beat)
 
 
 class _Executor:
-    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+    def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -296,17 +351,26 @@ class _Executor:
 
 
 class _InProcess(_Executor):
-    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str) -> None:
-        self.runner = TrialRunner(doc, task_files, device=device)
+    def __init__(
+        self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, objective: Objective
+    ) -> None:
+        self.runner = TrialRunner(doc, task_files, device=device, objective=objective)
 
-    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
-        fut: Future[dict[str, float]] = Future()
-        fut.set_result(self.runner.run(values))
+    def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
+        fut: Future[TrialScores] = Future()
+        fut.set_result(self.runner.trial(values, beat))
         return fut
 
 
 class _LocalPool(_Executor):
-    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, workers: int) -> None:
+    def __init__(
+        self,
+        doc: Mapping[str, Any],
+        task_files: Sequence[str],
+        device: str,
+        workers: int,
+        objective: Objective,
+    ) -> None:
         import multiprocessing
 
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -314,11 +378,11 @@ class _LocalPool(_Executor):
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(dict(doc), list(task_files), device, threads),
+            initargs=(dict(doc), list(task_files), device, threads, objective),
         )
 
-    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
-        return self.pool.submit(_run_in_worker, dict(values))
+    def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
+        return self.pool.submit(_run_in_worker, dict(values), beat)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
@@ -327,7 +391,14 @@ class _LocalPool(_Executor):
 class _RayActors(_Executor):
     """One Ray actor per worker, each holding a TrialRunner; values go to the least busy actor."""
 
-    def __init__(self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, workers: int) -> None:
+    def __init__(
+        self,
+        doc: Mapping[str, Any],
+        task_files: Sequence[str],
+        device: str,
+        workers: int,
+        objective: Objective,
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -343,18 +414,19 @@ class _RayActors(_Executor):
         threads = max(1, (os.cpu_count() or 1) // workers)
         actor: Any = ray.remote(num_cpus=1)(TrialRunner)
         self.actors: list[Any] = [
-            actor.remote(dict(doc), list(task_files), device=device, threads=threads) for _ in range(workers)
+            actor.remote(dict(doc), list(task_files), device=device, threads=threads, objective=objective)
+            for _ in range(workers)
         ]
         self.busy = [0] * workers
         self.lock = threading.Lock()
 
-    def submit(self, values: Mapping[str, float]) -> Future[dict[str, float]]:
+    def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
         with self.lock:  # the counts are lowered from Ray's callback thread
             i = self.busy.index(min(self.busy))
             self.busy[i] += 1
-        fut: Future[dict[str, float]] = self.actors[i].run.remote(dict(values)).future()
+        fut: Future[TrialScores] = self.actors[i].trial.remote(dict(values), beat).future()
 
-        def done(_: Future[dict[str, float]]) -> None:
+        def done(_: Future[TrialScores]) -> None:
             with self.lock:
                 self.busy[i] -= 1
 
@@ -380,6 +452,7 @@ class TuneResult:
     seconds_per_trial: float
     out_dir: Path
     files: list[Path]
+    stopped_early: int = 0  # trials whose scoring stopped once they could not beat the best
 
 
 def _sampler(name: str, space: Sequence[Dimension], seed: int, grid_steps: int) -> Any:
@@ -456,6 +529,7 @@ def tune(
     device: str = "cpu",
     batch_size: int = 64,
     write_best: bool = True,
+    stop_early: bool = False,
     progress: Callable[[str], None] | None = print,
 ) -> TuneResult:
     """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc."""
@@ -515,7 +589,7 @@ def tune(
     recovered = _recover(study)
     if recovered:
         say(f"resuming: {recovered} trial(s) interrupted earlier are asked again")
-    done = len(_complete(study))
+    done = len(_finished(study))
     remaining = max(0, trials - done)
     say(
         f"study {study.study_name}: {done} trial(s) done, {remaining} to run with {workers} worker(s) ({executor})"
@@ -525,33 +599,43 @@ def tune(
     }
     runner: _Executor
     if executor == "ray":
-        runner = _RayActors(doc, tasks, device, workers)
+        runner = _RayActors(doc, tasks, device, workers, objective)
     elif workers > 1:
-        runner = _LocalPool(doc, tasks, device, workers)
+        runner = _LocalPool(doc, tasks, device, workers, objective)
     else:
-        runner = _InProcess(doc, tasks, device)
+        runner = _InProcess(doc, tasks, device, objective)
+    best_value = float(study.best_value) if _complete(study) else None
     start = time.perf_counter()
     ran = 0
     try:
-        in_flight: dict[Future[dict[str, float]], Any] = {}
+        in_flight: dict[Future[TrialScores], Any] = {}
         asked = 0
         while asked < remaining or in_flight:
             while asked < remaining and len(in_flight) < workers:
                 trial = study.ask(distributions)
-                in_flight[runner.submit(trial.params)] = trial
+                beat = best_value if stop_early else None
+                in_flight[runner.submit(trial.params, beat)] = (trial, beat)
                 asked += 1
             finished = _first_done(in_flight)
-            trial = in_flight.pop(finished)
-            accuracy = finished.result()
-            value = objective(accuracy)
-            for task, acc in accuracy.items():
+            trial, beat = in_flight.pop(finished)
+            result = finished.result()
+            value = objective(result.accuracy)
+            trial.set_user_attr("examples_scored", result.scored)
+            values = " ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+            ran += 1
+            if result.stopped:
+                trial.report(value, 0)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                say(
+                    f"trial {trial.number}: stopped after {result.scored} examples, at most {value:.4f} "
+                    f"(best {beat:.4f}) {values}"
+                )
+                continue
+            for task, acc in result.accuracy.items():
                 trial.set_user_attr(f"accuracy.{task}", acc)
             study.tell(trial, value)
-            ran += 1
-            say(
-                f"trial {trial.number}: objective {value:.4f} "
-                + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
-            )
+            best_value = value if best_value is None else max(best_value, value)
+            say(f"trial {trial.number}: objective {value:.4f} {values}")
     finally:
         runner.close()
     seconds = (time.perf_counter() - start) / max(1, ran)
@@ -561,12 +645,14 @@ def tune(
     files = [_write_yaml(out / "best.yml", substitute(doc, space, best.params), path)]
     if _plot(study, out / "search.png"):
         files.append(out / "search.png")
-    count = len(_complete(study))
+    count = len(_finished(study))
+    stopped = count - len(_complete(study))
     best_value = float(best.value) if best.value is not None else math.nan
     summary = {
         "best": {"values": best.params, "objective": best_value, "trial": best.number},
         "default": {"objective": default},
         "trials": count,
+        "stopped_early": stopped,
         "seconds_per_trial": seconds,
         "objective": "mean normalized accuracy - penalty x accuracy lost below the base",
         "penalty": penalty,
@@ -575,7 +661,7 @@ def tune(
     files.append(out / "tune_summary.json")
     if write_best:
         files += _write_best(out, files[0], tasks, ref, batch_size, device)
-    return TuneResult(dict(best.params), best_value, default, count, seconds, out, files)
+    return TuneResult(dict(best.params), best_value, default, count, seconds, out, files, stopped)
 
 
 def _complete(study: Any) -> list[Any]:
@@ -584,7 +670,15 @@ def _complete(study: Any) -> list[Any]:
     return list(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
 
 
-def _first_done(futures: Mapping[Future[dict[str, float]], Any]) -> Future[dict[str, float]]:
+def _finished(study: Any) -> list[Any]:
+    """Trials scored to the end, and those stopped early (PRUNED) because they could not win."""
+    import optuna
+
+    states = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    return list(study.get_trials(deepcopy=False, states=states))
+
+
+def _first_done(futures: Mapping[Future[TrialScores], Any]) -> Future[TrialScores]:
     from concurrent.futures import FIRST_COMPLETED, wait
 
     # the oldest finished first, so that the order of results is the order of asking when it can be

@@ -130,11 +130,46 @@ def test_trials_keep_nothing_between_them_where_memory_is_short(
     assert short.reuse == {} and any("sorted_magnitudes" in s for v in roomy.reuse.values() for s in v)
 
 
+def test_trials_that_cannot_win_stop_scoring_early_and_the_best_is_unchanged(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    import optuna
+
+    cfg, tasks = setup
+    common: dict[str, Any] = {
+        "trials": 9,
+        "sampler": "grid",
+        "grid_steps": 2,
+        "batch_size": 10,  # 4 batches per task, scored add, rev, add, rev, ...
+        "write_best": False,
+        "progress": None,
+    }
+    full = tune(cfg, tasks, tmp_path / "full", **common)
+    early = tune(cfg, tasks, tmp_path / "early", stop_early=True, **common)
+    assert full.stopped_early == 0 and early.stopped_early >= 2
+    assert (early.best_values, early.best_objective) == (full.best_values, full.best_objective)
+
+    def trials(name: str) -> dict[str, Any]:
+        study = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / name / 'study.db'}")
+        return {json.dumps(t.params, sort_keys=True): t for t in study.trials}
+
+    whole, cut = trials("full"), trials("early")
+    assert whole.keys() == cut.keys() and len(whole) == 9
+    for key, t in cut.items():
+        if t.state == optuna.trial.TrialState.PRUNED:
+            # the bound it stopped at is above what full scoring gives, and below the best
+            assert whole[key].value <= t.intermediate_values[0] < full.best_objective
+            assert t.user_attrs["examples_scored"] < 80 == whole[key].user_attrs["examples_scored"]
+        else:
+            assert t.value == whole[key].value
+
+
 def completed(db: Path) -> list[tuple[int, str]]:
+    """The finished trials (scored to the end, or stopped early) and their values."""
     with sqlite3.connect(db) as con:
         rows = con.execute(
             "SELECT t.number, group_concat(p.param_name || '=' || p.param_value, ',') FROM trials t "
-            "JOIN trial_params p ON p.trial_id = t.trial_id WHERE t.state = 'COMPLETE' "
+            "JOIN trial_params p ON p.trial_id = t.trial_id WHERE t.state IN ('COMPLETE', 'PRUNED') "
             "GROUP BY t.trial_id ORDER BY t.number"
         ).fetchall()
     return [(int(n), str(p)) for n, p in rows]
