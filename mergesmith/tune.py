@@ -755,6 +755,13 @@ def _plot(study: Any, target: Path) -> bool:
     fig, axes = plt.subplots(1, 2 if importance else 1, figsize=(10 if importance else 6, 3.6), squeeze=False)
     ax = axes[0][0]
     ax.plot(numbers, values, "o", alpha=0.6, label="trial")
+    stopped = [
+        (t.number, float(t.intermediate_values[0]))
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.PRUNED])
+        if 0 in t.intermediate_values
+    ]
+    if stopped:
+        ax.plot(*zip(*stopped), "x", color="C7", label="stopped early (its bound)")
     ax.plot(numbers, best, "-", color="C3", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("objective")
