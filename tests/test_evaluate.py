@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -180,3 +182,102 @@ def test_one_forward_pass_judges_every_example_as_greedy_decoding_does() -> None
     assert counts["right"] > 300 and counts["wrong"] > 1000 and counts["generated"] >= 64
     assert counts["right"] + counts["wrong"] + counts["generated"] == 4 * (800 + 64)
     assert right > counts["right"]  # some of those generate settled were right
+
+
+class _ChainModel:
+    """A stand-in causal LM whose greedy next token depends on the last token alone (``table``):
+    ``forward`` and ``generate`` follow the interface the evaluation calls."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> Any:
+        logits = torch.nn.functional.one_hot(self.table[input_ids], len(self.table)).float()
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+    __call__ = forward
+
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, pad_token_id: int, eos_token_id: int, **_: Any
+    ) -> torch.Tensor:
+        rows = []
+        for row in input_ids.tolist():
+            new: list[int] = []
+            while len(new) < max_new_tokens and (not new or new[-1] != eos_token_id):
+                new.append(int(self.table[(new or row)[-1]]))
+            rows.append(row + new + [pad_token_id] * (max_new_tokens - len(new)))
+        return torch.tensor(rows)
+
+
+def test_one_pass_verdicts_equal_generate_with_a_byte_level_bpe_tokenizer() -> None:
+    # Byte-level BPE splits characters across tokens and spells one text several ways; answers are
+    # built from each prompt's own greedy continuation: as generated (right), re-spaced, cut short,
+    # lengthened, or the same text in other tokens (which generate may still produce).
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergesmith.evaluate import Example, _generate_flags, judge_batch
+
+    corpus = [
+        "the cat sat, isn't it?",
+        "café crème brûlée",
+        "数字 中文",
+        "hello\nworld\n",
+        "ab abc 🙂 12+34=46",
+    ]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(
+        corpus * 20,
+        trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "</s>"], initial_alphabet=alphabet),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    size = len(tok)
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    rng = random.Random(0)
+    table = torch.tensor([rng.randrange(2, size) for _ in range(size)])
+    for t in rng.sample(range(2, size), size // 4):
+        table[t] = tok.eos_token_id
+    for t in rng.sample(range(2, size), size // 8):
+        table[t] = newline
+    # after "zz" the model spells "é" byte by byte, where the tokenizer has "é" as one token: the
+    # one pass sees a half character and must leave the verdict to generate
+    split = tok.convert_tokens_to_ids(["Ã", "©"])  # the bytes C3 A9 of "é"
+    assert tok("é", add_special_tokens=False)["input_ids"] != split
+    table[tok("zz", add_special_tokens=False)["input_ids"][-1]] = split[0]
+    table[split[0]], table[split[1]] = split[1], tok.eos_token_id
+    net = _ChainModel(table)
+    texts = ["zz", "the ", "café", "数字", "ab", "12+", "isn't", "🙂", "crème b", "hello\n", "sat, "]
+    examples = []
+    for prompt in texts:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        (said,) = tok.batch_decode(net.generate(torch.tensor([ids]), 6, 0, tok.eos_token_id)[:, len(ids) :])
+        said = said.replace("</s>", "").replace("<pad>", "").split("\n")[0]
+        variants = [said, said.strip(), " " + said, said + " ", said[:-1], said + "x", said[1:], "q" + said]
+        for answer in dict.fromkeys(variants):
+            if answer.strip():
+                examples.append(Example(prompt, answer))
+    counts: dict[str, int] = {}
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 7):
+            batch = examples[start : start + 7]
+            flags, _, _ = judge_batch(net, tok, batch, "cpu", counts=counts)
+            prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
+            budget = max(len(tok(e.answer, add_special_tokens=False)["input_ids"]) for e in batch) + 2
+            assert flags == _generate_flags(net, tok, prompts, batch, "cpu", budget), batch
+            right += sum(flags)
+            if start == 0:
+                assert batch[0] == Example("zz", "é") and flags[0]
+    # every way of settling is taken, and generate finds right answers the one pass could not settle
+    assert min(counts.values()) >= 4 and right > counts["right"], (counts, right)
