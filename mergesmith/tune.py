@@ -38,8 +38,8 @@ from mergesmith.errors import ConfigError
 __all__ = ["Dimension", "Objective", "TrialRunner", "TuneResult", "search_space", "substitute", "tune"]
 
 SAMPLERS = ("tpe", "cmaes", "grid")
-KEEP_UNKNOWN = 4 << 30  # what trials may keep between them where the free memory is unknown
 EXECUTORS = ("local", "ray")
+KEEP_UNKNOWN = 4 << 30  # bytes trials may keep between them where the free memory is unknown
 
 
 @dataclass(frozen=True)
