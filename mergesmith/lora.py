@@ -212,6 +212,13 @@ class AdaptedCheckpoint(Checkpoint):
     def dirs(self) -> list[Path]:
         return [self.base.dir, self.adapter.dir]
 
+    def entry(self, name: str) -> _safetensors.Entry | None:
+        """Where a tensor's bytes lie: only for tensors the adapter leaves as the base has them; a
+        tensor it changes or replaces exists only through :meth:`get`."""
+        if name in self.adapter.modules or name in self.adapter.replaced:
+            return None
+        return self.base.entry(name)
+
     def get(self, name: str) -> torch.Tensor:
         if name in self.adapter.replaced:
             tensor = self.adapter.tensor(self.adapter.replaced[name]).to(self.base_dtype(name)).clone()

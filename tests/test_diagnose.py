@@ -278,3 +278,15 @@ def test_progress_counts_the_input_bytes_on_stderr(capsys: pytest.CaptureFixture
     total = f"{found.measured_bytes / 1e6:.2f}M"
     assert found.measured_bytes == found.read_bytes  # every input tensor, once
     assert f"diagnosing: 100%|██████████| {total}/{total}" in err
+
+
+def test_a_base_plus_adapter_model_is_measured_with_its_update_when_sampling() -> None:
+    # With a sample below the tensors' size the figures come from stored bytes; the tensors a LoRA
+    # adapter changes have none of their own and must be read with the adapter applied.
+    adapted = f"{ZOO / 'base'}+{ZOO.parent / 'adapters' / 'add'}"
+    doc = config(ZOO / "base", [Path(adapted), ZOO / "rev"])
+    sampled, exact = diagnose(doc, sample=100, progress=False), diagnose(doc, sample=0, progress=False)
+    assert exact.relative_norm[adapted] > 0.01
+    assert sampled.relative_norm[adapted] == pytest.approx(exact.relative_norm[adapted], rel=0.1)
+    assert sampled.untouched[adapted] == exact.untouched[adapted] < 39
+    assert not any("identical to the base" in v for v in sampled.verdicts)
