@@ -145,6 +145,26 @@ def read_tensor(entry: Entry, handle: io.RawIOBase | None = None) -> torch.Tenso
     return out
 
 
+def map_tensor(entry: Entry, maps: dict[Path, Any]) -> torch.Tensor:
+    """A tensor over ``entry``'s bytes in a copy-on-write map of its file (kept in ``maps``, one
+    per file): the page cache holds the bytes, shared by every process mapping the file, and a
+    write would stay private to this process. A copy (:func:`read_tensor`) where the bytes do not
+    start at a multiple of the element size."""
+    import numpy as np
+
+    if entry.nbytes == 0 or entry.start % entry.dtype.itemsize:
+        return read_tensor(entry)
+    mapped = maps.get(entry.file)
+    if mapped is None:
+        mapped = maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="c")
+    if entry.end > mapped.size:
+        raise CheckpointError(
+            f"{entry.file}: the file ends at byte {mapped.size}, before the tensor stored up to byte "
+            f"{entry.end}; it is shorter than its header says: copy or download it again"
+        )
+    return torch.from_numpy(mapped[entry.start : entry.end]).view(entry.dtype).reshape(entry.shape)
+
+
 def header_bytes(
     tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:

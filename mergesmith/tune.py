@@ -219,7 +219,7 @@ class TrialRunner:
         threads: int | None = None,
         objective: Objective | None = None,
     ) -> None:
-        from mergesmith import _memory
+        from mergesmith import _memory, _safetensors
         from mergesmith.config import load_config
         from mergesmith.evaluate import load_task
         from mergesmith.plan import build_plan
@@ -234,12 +234,21 @@ class TrialRunner:
         self.batch_size = batch_size
         self.objective = objective
         plan = build_plan(load_config(substitute(doc, self.space, midpoint(self.space))))
+        # the parents' tensors: views of their safetensors files mapped copy-on-write where they
+        # can be (the page cache holds them once for every worker), else read into memory
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.maps: dict[Path, Any] = {}
         for job in plan.jobs:
             for ref in job.all_inputs():
                 key = (str(plan.refs[ref.model]), ref.name)
                 if key not in self.cache:
-                    self.cache[key] = plan.models[ref.model].get(ref.name)
+                    source = plan.models[ref.model]
+                    entry = source.entry(ref.name) if hasattr(source, "entry") else None
+                    self.cache[key] = (
+                        _safetensors.map_tensor(entry, self.maps)
+                        if entry is not None
+                        else source.get(ref.name)
+                    )
         self.net, self.tokenizer = _model_from(plan)
         self.encoded: dict[str, list[int]] = {}  # token ids of the prompts and answers
         # per output tensor and input model: what methods keep between trials (see MergeInputs.reuse),

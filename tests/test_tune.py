@@ -164,6 +164,21 @@ def test_trials_that_cannot_win_stop_scoring_early_and_the_best_is_unchanged(
             assert t.value == whole[key].value
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_the_runner_maps_the_parents_files_rather_than_copying_them(setup: tuple[Path, list[str]]) -> None:
+    cfg, tasks = setup
+    runner = TrialRunner(_yaml.load(cfg.read_text()), tasks)
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 6:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((low, high, fields[5]))
+    for (model, name), tensor in runner.cache.items():
+        where = [f for low, high, f in spans if low <= tensor.data_ptr() < high]
+        assert where == [str((Path(model) / "model.safetensors").resolve())], name
+
+
 def completed(db: Path) -> list[tuple[int, str]]:
     """The finished trials (scored to the end, or stopped early) and their values."""
     with sqlite3.connect(db) as con:
