@@ -287,9 +287,14 @@ class TrialRunner:
         state = self.merged_state(values)
         with torch.no_grad():
             _missing, unexpected = self.net.load_state_dict(state, strict=False)
+        # a parameter the merge does not give (tied ones are listed once, under the name it gives)
+        unset = [name for name, _ in self.net.named_parameters() if name not in state]
         del state
-        if unexpected:
-            raise ConfigError(f"merged tensors the model does not have: {unexpected[:5]}")
+        if unexpected or unset:
+            raise ConfigError(
+                f"the merge's tensors do not match the {type(self.net).__name__} built from its config: "
+                f"not in the model {unexpected[:5]}, not merged {unset[:5]}"
+            )
         total = {t.name: len(t.examples) for t in self.tasks}
         right = dict.fromkeys(total, 0)
         seen = dict.fromkeys(total, 0)
@@ -317,6 +322,22 @@ class TrialRunner:
         return TrialScores({t: right[t] / total[t] for t in total}, sum(seen.values()))
 
 
+def _without_initial_values() -> Any:
+    """A context in which models are built without drawing initial values: every parameter comes
+    from the merge, so they would be thrown away."""
+    import importlib
+    from contextlib import nullcontext
+
+    for where in ("transformers.initialization", "transformers.modeling_utils"):  # 5.x, 4.x
+        try:
+            found = getattr(importlib.import_module(where), "no_init_weights", None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found()
+    return nullcontext()
+
+
 def _model_from(plan: Any) -> tuple[Any, Any]:
     """An in-memory model of the merge's output architecture, and the output's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -325,7 +346,9 @@ def _model_from(plan: Any) -> tuple[Any, Any]:
     cfg.pop("torch_dtype", None)
     cfg.pop("dtype", None)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    net: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    with _without_initial_values():
+        net: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    net.tie_weights()
     net = net.eval()
     source = plan.models[plan.tokenizer_model if plan.tokenizer_model is not None else plan.reference]
     tokenizer = AutoTokenizer.from_pretrained(source.dirs[0])

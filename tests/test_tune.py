@@ -179,6 +179,33 @@ def test_the_runner_maps_the_parents_files_rather_than_copying_them(setup: tuple
         assert where == [str((Path(model) / "model.safetensors").resolve())], name
 
 
+def test_a_model_with_tied_embeddings_keeps_them_tied_and_scores_as_written(
+    tmp_path: Path,
+) -> None:
+    base, cfg = tiny.llama_state(0, tie_word_embeddings=True)
+    base.pop("lm_head.weight", None)  # stored once, under the embedding's name
+    tiny.save(tmp_path / "base", base, cfg, tokenizer=True)
+    tiny.save(tmp_path / "a", tiny.finetune(base, 1, scale=0.5), cfg, tokenizer=True)
+    task = tmp_path / "t.jsonl"
+    task.write_text(
+        "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in [("ab", "c"), ("ba", "ab")])
+    )
+    doc = _yaml.load(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}\n    parameters: {{weight: {{search: [0, 1]}}}}\n"
+        f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1.0}}\n"
+    )
+    runner = TrialRunner(doc, [str(task)])
+    net = runner.net
+    assert net.lm_head.weight.data_ptr() == net.model.embed_tokens.weight.data_ptr()
+    values = {search_space(doc)[0].name: 0.3}
+    scored = runner.trial(values)
+    mergesmith.merge(substitute(doc, search_space(doc), values), tmp_path / "merged")
+    want = {s.task: s.accuracy for s in evaluate(tmp_path / "merged", [load_task(task)])}
+    assert scored.accuracy == want and scored.scored == 2
+    for name, tensor in tiny.load_state(tmp_path / "merged").items():
+        assert torch.equal(net.state_dict()[name], tensor.float()), name
+
+
 def completed(db: Path) -> list[tuple[int, str]]:
     """The finished trials (scored to the end, or stopped early) and their values."""
     with sqlite3.connect(db) as con:
