@@ -23,7 +23,17 @@ import torch
 
 from mergesmith.errors import ConfigError
 
-__all__ = ["Example", "Task", "TaskScore", "evaluate", "evaluate_harness", "load_model", "load_task", "score"]
+__all__ = [
+    "Example",
+    "Task",
+    "TaskScore",
+    "evaluate",
+    "evaluate_harness",
+    "judge_batch",
+    "load_model",
+    "load_task",
+    "score",
+]
 
 
 @dataclass(frozen=True)
