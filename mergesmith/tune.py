@@ -359,14 +359,28 @@ def _model_from(plan: Any) -> tuple[Any, Any]:
 
 # -- executors: each holds runners and evaluates values, returning per-task accuracy ---------------
 
+
+@dataclass(frozen=True)
+class _RunnerArgs:
+    """What every executor builds its TrialRunners from (picklable, for worker processes and Ray)."""
+
+    doc: dict[str, Any]
+    task_files: list[str]
+    device: str
+    objective: Objective
+
+    def kwargs(self, workers: int = 1) -> dict[str, Any]:
+        """TrialRunner's arguments, with the cores shared evenly among ``workers`` runners."""
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        return {**asdict(self), "objective": self.objective, "threads": threads}
+
+
 _WORKER: TrialRunner | None = None
 
 
-def _init_worker(
-    doc: Mapping[str, Any], task_files: Sequence[str], device: str, threads: int, objective: Objective
-) -> None:
+def _init_worker(kwargs: dict[str, Any]) -> None:
     global _WORKER
-    _WORKER = TrialRunner(doc, task_files, device=device, threads=threads, objective=objective)
+    _WORKER = TrialRunner(**kwargs)
 
 
 def _run_in_worker(values: Mapping[str, float], beat: float | None) -> TrialScores:
@@ -383,10 +397,8 @@ class _Executor:
 
 
 class _InProcess(_Executor):
-    def __init__(
-        self, doc: Mapping[str, Any], task_files: Sequence[str], device: str, objective: Objective
-    ) -> None:
-        self.runner = TrialRunner(doc, task_files, device=device, objective=objective)
+    def __init__(self, args: _RunnerArgs) -> None:
+        self.runner = TrialRunner(**args.kwargs())
 
     def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
         fut: Future[TrialScores] = Future()
@@ -395,22 +407,14 @@ class _InProcess(_Executor):
 
 
 class _LocalPool(_Executor):
-    def __init__(
-        self,
-        doc: Mapping[str, Any],
-        task_files: Sequence[str],
-        device: str,
-        workers: int,
-        objective: Objective,
-    ) -> None:
+    def __init__(self, args: _RunnerArgs, workers: int) -> None:
         import multiprocessing
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(dict(doc), list(task_files), device, threads, objective),
+            initargs=(args.kwargs(workers),),
         )
 
     def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
@@ -423,14 +427,7 @@ class _LocalPool(_Executor):
 class _RayActors(_Executor):
     """One Ray actor per worker, each holding a TrialRunner; values go to the least busy actor."""
 
-    def __init__(
-        self,
-        doc: Mapping[str, Any],
-        task_files: Sequence[str],
-        device: str,
-        workers: int,
-        objective: Objective,
-    ) -> None:
+    def __init__(self, args: _RunnerArgs, workers: int) -> None:
         try:
             import ray
         except ImportError:
@@ -443,12 +440,8 @@ class _RayActors(_Executor):
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        threads = max(1, (os.cpu_count() or 1) // workers)
         actor: Any = ray.remote(num_cpus=1)(TrialRunner)
-        self.actors: list[Any] = [
-            actor.remote(dict(doc), list(task_files), device=device, threads=threads, objective=objective)
-            for _ in range(workers)
-        ]
+        self.actors: list[Any] = [actor.remote(**args.kwargs(workers)) for _ in range(workers)]
         self.busy = [0] * workers
         self.lock = threading.Lock()
 
@@ -630,12 +623,13 @@ def tune(
         d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
     }
     runner: _Executor
+    args = _RunnerArgs(doc, list(tasks), device, objective)
     if executor == "ray":
-        runner = _RayActors(doc, tasks, device, workers, objective)
+        runner = _RayActors(args, workers)
     elif workers > 1:
-        runner = _LocalPool(doc, tasks, device, workers, objective)
+        runner = _LocalPool(args, workers)
     else:
-        runner = _InProcess(doc, tasks, device, objective)
+        runner = _InProcess(args)
     best_value = float(study.best_value) if _complete(study) else None
     start = time.perf_counter()
     ran = 0

@@ -271,3 +271,24 @@ def test_ray_with_two_workers_finds_the_same_best_trial(
     best = tmp_path / "ray" / "best"
     assert (best / "model.safetensors").is_file() and (best / "eval_report.md").is_file()
     assert (tmp_path / "ray" / "best.yml").is_file() and (tmp_path / "ray" / "search.png").is_file()
+
+
+def test_two_local_worker_processes_find_the_same_best_trial(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    cfg, tasks = setup
+    common: dict[str, Any] = {
+        "trials": 5,
+        "sampler": "grid",
+        "grid_steps": 2,
+        "seed": 3,
+        "progress": None,
+        "write_best": False,
+    }
+    cfg.write_text(CONFIG.replace("density: {search: [0.2, 1.0], log: true}", "density: 0.5").replace(
+        "weight: [{search: [0.5, 1.5]}, 1.0]", "weight: 1.0"
+    ).replace("density: 0.8", "density: {search: [0.3, 0.9]}"))  # fmt: skip
+    alone = tune(cfg, tasks, tmp_path / "alone", **common)
+    pool = tune(cfg, tasks, tmp_path / "pool", workers=2, **common)
+    assert alone.trials == pool.trials == 5
+    assert (pool.best_values, pool.best_objective) == (alone.best_values, alone.best_objective)
