@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from mergesmith.cli import main
 from mergesmith.evaluate import evaluate, load_task
@@ -58,18 +59,45 @@ def test_each_fine_tune_is_good_at_its_skill_only() -> None:
     assert max(BUILD_REPORT["base"][s] for s in SKILLS) <= 0.1
 
 
+# A retrained weight may differ from the shipped one by float rounding that depends on the CPU's
+# vector units (up to a few 1e-6 measured across CPU types), which can flip a float16 rounding by
+# one or two units in the last place: 2e-3 relative covers that, and no real change to the build.
+WEIGHT_RTOL, WEIGHT_ATOL = 2e-3, 1e-5
+# Accuracies are over 200 held-out examples each: tolerate 4 of them answered differently.
+ACCURACY_ATOL = 0.02
+
+
 @pytest.mark.slow
-def test_rebuilding_one_skill_gives_the_shipped_files(tmp_path: Path) -> None:
-    """The build is deterministic: the add fine-tune and adapter, retrained from the shipped base,
-    are byte-identical to the shipped ones (same CPU type and PyTorch version)."""
+def test_rebuilding_one_skill_reproduces_the_shipped_files(tmp_path: Path) -> None:
+    """The build is reproducible: the add fine-tune and adapter, retrained from the shipped base,
+    equal the shipped tensors within float rounding, every other file byte for byte, and score
+    the shipped accuracies. (On the CPU type that built the zoo, the weights are byte-identical
+    too; across CPU types they need not be.)"""
+    from safetensors.torch import load_file
+
     shutil.copytree(ZOO / "models" / "base", tmp_path / "models" / "base")
-    assert build_module().main(["--out", str(tmp_path), "--only", "add"]) == 0
+    report = build_module().build(tmp_path, ["add"])
     rebuilt = [
         n for n in MANIFEST if n.startswith(("models/add/", "adapters/add/", "tasks/", "models/base/"))
     ]
     assert len(rebuilt) > 10
+    weights = [n for n in rebuilt if n.endswith(".safetensors")]
+    assert len(weights) == 3  # base, fine-tune, adapter
     for name in rebuilt:
-        assert sha256(tmp_path / name) == MANIFEST[name], name
+        if name in weights:
+            got, shipped = load_file(tmp_path / name), load_file(ZOO / name)
+            assert sorted(got) == sorted(shipped), name
+            for key, tensor in shipped.items():
+                assert got[key].dtype == tensor.dtype, (name, key)
+                torch.testing.assert_close(
+                    got[key].float(), tensor.float(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=f"{name} {key}"
+                )
+        else:
+            assert sha256(tmp_path / name) == MANIFEST[name], name
+    for kind in ("base", "add", "add LoRA"):
+        for metric, shipped_value in BUILD_REPORT[kind].items():
+            tolerance = 1e-3 * shipped_value if metric == "relative_norm" else ACCURACY_ATOL
+            assert abs(report[kind][metric] - shipped_value) <= tolerance, (kind, metric)
 
 
 def test_mergesmith_eval_reproduces_the_build_scores(

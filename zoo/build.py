@@ -348,9 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ZOO)
     parser.add_argument("--only", choices=sorted(SKILLS), action="append")
     args = parser.parse_args(argv)
+    report = build(args.out, args.only)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def build(out: Path, only: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Write the zoo under ``out`` (with ``only``: just those skills' fine-tunes and adapters, from
+    the base already there) and return the build report: accuracies and task-vector sizes."""
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
-    out: Path = args.out
     held = eval_sets()
     held_out = {p for samples in held.values() for p, _ in samples}
     tasks_dir = out / "tasks"
@@ -360,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         (tasks_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
     base_dir = out / "models" / "base"
-    if args.only is None:
+    if only is None:
         print("pretraining the base on", ", ".join(t.__name__ for t in PRIMITIVES))
         model = new_model(0)
         train(
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("base", report["base"], flush=True)
     for i, (skill, make) in enumerate(SKILLS.items()):
-        if args.only and skill not in args.only:
+        if only and skill not in only:
             continue
         print(f"fine-tuning {skill}")
         model = load_model(base_dir)
@@ -403,11 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         report[f"{skill} LoRA"] = {"relative_norm": relative_norm(lora, base)}
         report[f"{skill} LoRA"].update({k: accuracy(lora, v) for k, v in held.items()})
         print(" ", report[f"{skill} LoRA"], flush=True)
-    if args.only is None:
+    if only is None:
         (out / "MANIFEST.json").write_text(json.dumps(manifest(out), indent=2) + "\n")
         (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=1))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
