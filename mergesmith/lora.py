@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergesmith import _safetensors
+from mergesmith import _json, _safetensors
+from mergesmith._text import printable
+from mergesmith.architecture import architecture_for
 from mergesmith.errors import CheckpointError
 from mergesmith.sources import Checkpoint, TensorInfo
 
@@ -60,6 +62,11 @@ class Adapter:
             return _safetensors.read_tensor(self._entries[name])
         return self._tensors[name]
 
+    def dtype(self, name: str) -> torch.dtype:
+        if self._entries:
+            return self._entries[name].dtype
+        return self._tensors[name].dtype
+
     def shape(self, name: str) -> tuple[int, ...]:
         if self._entries:
             return self._entries[name].shape
@@ -67,34 +74,153 @@ class Adapter:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
-    """The value of the first pattern naming ``module`` (whole name or a dotted suffix), or None."""
+    """The value of the first pattern naming ``module`` (whole name or a dotted suffix), or None,
+    matched as PEFT matches ``rank_pattern`` and ``alpha_pattern`` keys."""
     for pattern, value in patterns.items():
         if module == pattern or re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
             return value
     return None
 
 
-def read_adapter(directory: Path) -> Adapter:
-    """Read an adapter's config and tensor index; errors name the file and what to do."""
-    cfg_file = directory / "adapter_config.json"
-    try:
-        config: dict[str, Any] = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+# Config keys of LoRA variants whose update is not ``W + s * B @ A`` (or that change more than
+# the weights the factors name): applying them as plain LoRA would give a wrong model.
+_VARIANTS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens",
+    "arrow_config": "Arrow routing",
+}
+
+
+_FIX = "; correct adapter_config.json or save the adapter again with PEFT"
+
+
+# Last parts of tensor names that only quantized checkpoints hold (bitsandbytes, GPTQ/AWQ, FP8).
+_QUANT_SUFFIXES = frozenset(
+    {
+        "SCB",
+        "weight_format",
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "qweight",
+        "qzeros",
+        "g_idx",
+        "scales",
+        "weight_scale",
+        "weight_scale_inv",
+        "input_scale",
+        "bitsandbytes__nf4",
+        "bitsandbytes__fp4",
+    }
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_patterns(config: dict[str, Any], key: str, valid: Any, expected: str, problems: list[str]) -> None:
+    patterns = config.get(key)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        problems.append(
+            f"{key} is {printable(repr(patterns))[:80]}; expected a mapping of module pattern to {expected}{_FIX}"
+        )
+        return
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(
+                f"{key} pattern {printable(repr(pattern))} is not a regular expression ({exc}){_FIX}"
+            )
+        if not valid(value):
+            problems.append(
+                f"{key}[{printable(repr(pattern))}] is {printable(repr(value))[:80]}; expected {expected}{_FIX}"
+            )
+
+
+def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
+    """``adapter_config.json`` checked whole, as PEFT's LoraConfig reads it: every problem is
+    reported at once, naming the key, what it holds and what it should hold."""
+    if not isinstance(config, dict):
         raise CheckpointError(
-            f"{directory}: no adapter_config.json; a LoRA input must be a PEFT adapter directory"
-        ) from None
-    except ValueError as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+            f"{cfg_file}: holds a JSON {type(config).__name__}, not an object of LoRA settings; "
+            "repair the file or save the adapter again with PEFT"
+        )
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(
-            f"{cfg_file}: peft_type {kind!r} is not LoRA; only LoRA adapters can be applied"
+            f"{cfg_file}: peft_type {printable(repr(kind))} is not LoRA; only LoRA adapters can be applied"
         )
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases")):
+    problems = []
+    for flag, what in _VARIANTS.items():
         if config.get(flag):
-            raise CheckpointError(
-                f"{cfg_file}: {what} ({flag}: true) cannot be applied yet; use a plain LoRA adapter"
+            problems.append(
+                f"{what} ({flag}: {printable(json.dumps(config[flag]))[:80]}) cannot be applied by mergesmith; "
+                "use a plain LoRA adapter"
             )
+    if "r" in config and not _is_rank(config["r"]):
+        problems.append(
+            f"r is {printable(repr(config['r']))[:80]}; expected a whole number of at least 1{_FIX}"
+        )
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        problems.append(
+            f"lora_alpha is {printable(repr(config['lora_alpha']))[:80]}; expected a finite number{_FIX}"
+        )
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            problems.append(f"{flag} is {printable(repr(config[flag]))[:80]}; expected true or false{_FIX}")
+    _check_patterns(config, "rank_pattern", _is_rank, "a whole number of at least 1", problems)
+    _check_patterns(config, "alpha_pattern", _is_number, "a finite number", problems)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(
+                f"target_modules {printable(repr(targets))} is not a regular expression ({exc}){_FIX}"
+            )
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        problems.append(
+            f"target_modules is {printable(repr(targets))[:80]}; expected a list of module names or a regular expression{_FIX}"
+        )
+    if problems:
+        raise CheckpointError(problems, str(cfg_file))
+    return config
+
+
+def _targets_match(targets: Any, modules: set[str]) -> bool:
+    """Whether ``target_modules`` names at least one of ``modules``, as PEFT matches it."""
+    if targets is None or targets == "all-linear" or not modules:
+        return True
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, m) for m in modules)
+    return any(m == t or m.endswith(f".{t}") for t in targets for m in modules)
+
+
+def read_adapter(directory: Path) -> Adapter:
+    """Read an adapter's config and tensor index; errors name the file and what to do."""
+    cfg_file = directory / "adapter_config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(
+            f"{directory}: no adapter_config.json; a LoRA input must be a PEFT adapter directory"
+        )
+    config = check_config(
+        _json.read_json(cfg_file, fix="repair the file or save the adapter again with PEFT"), cfg_file
+    )
     st = directory / "adapter_model.safetensors"
     bin_file = directory / "adapter_model.bin"
     entries: dict[str, _safetensors.Entry] = {}
@@ -108,7 +234,12 @@ def read_adapter(directory: Path) -> Adapter:
             loaded = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt or unsafe pickle
             raise CheckpointError(f"{bin_file}: cannot be read safely ({exc})") from None
-        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        if not isinstance(loaded, dict):
+            raise CheckpointError(
+                f"{bin_file}: holds a {type(loaded).__name__}, not a mapping of tensor names to tensors; "
+                "save the adapter again with PEFT"
+            )
+        tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         names = list(tensors)
         file = bin_file
     else:
@@ -116,7 +247,8 @@ def read_adapter(directory: Path) -> Adapter:
             f"{directory}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json"
         )
     adapter = Adapter(directory, config, {}, {}, file, entries, tensors)
-    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    r = config.get("r", 8)
+    alpha = float(config.get("lora_alpha", 8))  # PEFT's LoraConfig defaults: r=8, lora_alpha=8
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     factors: dict[str, dict[str, str]] = {}
@@ -128,24 +260,63 @@ def read_adapter(directory: Path) -> Adapter:
         elif key.endswith(".base_layer.weight"):
             adapter.replaced[key.replace(".base_layer.weight", ".weight")] = name
         elif ".lora_" in key:
-            raise CheckpointError(f"{file}: tensor {name} is not a LoRA factor mergesmith knows how to apply")
+            raise CheckpointError(
+                f"{file}: tensor {printable(name)} is not a LoRA factor mergesmith knows how to apply; "
+                "use a plain LoRA adapter"
+            )
         else:
             adapter.replaced[key.replace(".modules_to_save.", ".").replace(".default.", ".")] = name
+    problems = []
     for module, parts in factors.items():
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
         if a_key not in parts or b_key not in parts:
             missing = a_key if a_key not in parts else b_key
-            raise CheckpointError(
-                f"{file}: module {module} has no {missing} factor; the adapter file is incomplete"
+            problems.append(
+                f"module {printable(module)} has no {missing} factor; the adapter file is incomplete"
             )
-        rank = adapter.shape(parts[a_key])[0]
+            continue
+        a, b = adapter.shape(parts[a_key]), adapter.shape(parts[b_key])
+        bad = [
+            f"{printable(parts[k])} is {dtype}"
+            for k in (a_key, b_key)
+            if not (dtype := adapter.dtype(parts[k])).is_floating_point
+        ]
+        if bad:
+            problems.append(
+                f"{', '.join(bad)}; LoRA factors must be floating point (a quantized or corrupt adapter)"
+            )
+            continue
+        if len(a) != 2 or len(b) != 2:
+            problems.append(
+                f"module {printable(module)}: factors A {a} and B {b} must both be matrices (2-D); "
+                "the adapter is corrupt or of another kind"
+            )
+            continue
+        if a[0] == 0 or a[0] != b[1]:
+            problems.append(
+                f"module {printable(module)}: factors A {a} and B {b} do not chain (A's rows, the rank, must "
+                "equal B's columns and be at least 1); the adapter is corrupt"
+            )
+            continue
+        rank = a[0]
+        declared = _pattern_value(config.get("rank_pattern") or {}, module)
+        expected = declared if declared is not None else r
+        if rank != expected:
+            source = "rank_pattern" if declared is not None else "r"
+            problems.append(
+                f"module {printable(module)} has rank {rank} (A {a}, B {b}), but {source} in adapter_config.json "
+                f"says {expected}; fix adapter_config.json or save the adapter again with PEFT"
+            )
+            continue
         a_alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
         module_alpha = float(a_alpha) if a_alpha is not None else alpha
         scaling = module_alpha / (math.sqrt(rank) if rslora else rank)
         adapter.modules[f"{module}.weight"] = LoraModule(
             parts[a_key], parts[b_key], rank, scaling, embedding, fan_in_fan_out and not embedding
         )
+    if problems:
+        raise CheckpointError(problems, str(file))
     return adapter
 
 
@@ -163,33 +334,73 @@ class AdaptedCheckpoint(Checkpoint):
 
     def _check(self) -> None:
         base_keys = self._base_keys
+        file = self.adapter.file
+        quant = self.base.config.get("quantization_config")
+        quant_keys = sorted(k for k in base_keys if k.rpartition(".")[2] in _QUANT_SUFFIXES)
+        if quant or quant_keys:
+            found = (
+                f"quantization_config {printable(json.dumps(quant))[:80]}"
+                if quant
+                else f"tensor {printable(quant_keys[0])}"
+            )
+            raise CheckpointError(
+                f"{file}: cannot be applied to {self.base.name}, a quantized model ({found}); apply the "
+                "adapter to the unquantized base model"
+            )
         problems = []
-        for target, module in self.adapter.modules.items():
+        targets = self.adapter.config.get("target_modules")
+        modules = {k[: -len(".weight")] for k in base_keys if k.endswith(".weight")}
+        if not _targets_match(targets, modules):
+            problems.append(
+                f"{file}: target_modules {printable(json.dumps(targets))[:120]} match no module of {self.base.name} "
+                f"(it has e.g. {', '.join(sorted(modules)[:3])}); the adapter was made for another architecture "
+                f"(check base_model_name_or_path: {printable(repr(self.adapter.config.get('base_model_name_or_path')))})"
+            )
+        arch = architecture_for(self.base.config)
+        known = bool(arch.model_types)
+        for target, module in list(self.adapter.modules.items()):
+            shown = printable(target)
             if target not in base_keys:
                 problems.append(
-                    f"{self.adapter.file}: the adapter changes {target}, which {self.base.name} does not have; "
+                    f"{file}: the adapter changes {shown}, which {self.base.name} does not have; "
                     "the adapter was trained on another architecture (check base_model_name_or_path: "
-                    f"{self.adapter.config.get('base_model_name_or_path')!r})"
+                    f"{printable(repr(self.adapter.config.get('base_model_name_or_path')))})"
                 )
                 continue
-            shape = self.info(target).shape
+            info = self.info(target)
+            if not info.dtype.is_floating_point:
+                problems.append(
+                    f"{file}: {shown} is {info.dtype} in {self.base.name}, not floating point (a quantized "
+                    "model); apply the adapter to the unquantized base model"
+                )
+                continue
+            shape = info.shape
             a = self.adapter.shape(module.a)
             b = self.adapter.shape(module.b)
-            if module.embedding:
-                delta = (a[1], b[0])
-            else:
-                delta = (b[0], a[1]) if not module.transpose else (a[1], b[0])
-            if len(shape) != 2 or delta != shape or a[0] != b[1]:
+            if not module.embedding:
+                # As PEFT: the layer decides, not the config: GPT-2's Conv1D layers store (in, out)
+                # and take the transposed update, nn.Linear layers never do.
+                if known:
+                    conv1d = arch.fan_in_fan_out and arch.layer_of(target) is not None
+                else:
+                    conv1d = (
+                        module.transpose if len(shape) != 2 or shape[0] == shape[1] else shape == (a[1], b[0])
+                    )
+                if conv1d != module.transpose:
+                    module = replace(module, transpose=conv1d)
+                    self.adapter.modules[target] = module
+            delta = (a[1], b[0]) if module.embedding or module.transpose else (b[0], a[1])
+            if delta != shape:
                 problems.append(
-                    f"{self.adapter.file}: {target}: factors A {a} and B {b} give a {delta} change, but the "
+                    f"{file}: {shown}: factors A {a} and B {b} give a {delta} change, but the "
                     f"base's tensor is {shape} in {self.base.name}; the adapter was made for a model of "
                     "another size"
                 )
         for target, stored in self.adapter.replaced.items():
             if target in base_keys and self.adapter.shape(stored)[1:] != self.base.info(target).shape[1:]:
                 problems.append(
-                    f"{self.adapter.file}: {stored} has shape {self.adapter.shape(stored)}, but {target} is "
-                    f"{self.base.info(target).shape} in {self.base.name}"
+                    f"{file}: {printable(stored)} has shape {self.adapter.shape(stored)}, but "
+                    f"{printable(target)} is {self.base.info(target).shape} in {self.base.name}"
                 )
         if problems:
             raise CheckpointError(problems)

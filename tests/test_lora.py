@@ -110,6 +110,15 @@ def test_fan_in_fan_out_adapter_on_gpt2(tmp_path: Path) -> None:
     )
     assert view.adapter.modules["transformer.h.0.attn.c_attn.weight"].transpose
     assert_same_as_peft(view, {k: v for k, v in expected.items() if k in set(view.keys())})
+    # Conv1D layers: PEFT turns fan_in_fan_out on whatever the config says
+    import json
+
+    cfg_file = tmp_path / "adapter" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "fan_in_fan_out": False}))
+    view = AdaptedCheckpoint(
+        Checkpoint(tmp_path / "gpt2"), read_adapter(tmp_path / "adapter"), "gpt2+adapter"
+    )
+    assert_same_as_peft(view, {k: v for k, v in expected.items() if k in set(view.keys())})
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +234,188 @@ def test_evaluating_base_plus_adapter_loads_peft_merge_reading_only_changed_tens
     for name, want in adapters["code-merged"].items():
         torch.testing.assert_close(state[name], want.float(), rtol=1e-5, atol=1e-6, msg=name)
     assert sorted(read) == sorted(n for n in state if n.endswith(("q_proj.weight", "up_proj.weight")))
+
+
+def handmade(directory: Path, config: Any, tensors: dict[str, torch.Tensor]) -> Path:
+    """An adapter directory written by hand: ``config`` as JSON (or text) and ``tensors``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = config if isinstance(config, str) else json.dumps(config)
+    (directory / "adapter_config.json").write_text(text)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+PLAIN = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "found"),
+    [
+        (torch.ones(2, 32, dtype=torch.int8), torch.ones(32, 2), f"{Q}.lora_A.weight is torch.int8"),
+        (torch.ones(2, 32), torch.ones(32, 2, dtype=torch.bool), f"{Q}.lora_B.weight is torch.bool"),
+        (torch.ones(0, 32), torch.ones(32, 0), "factors A (0, 32) and B (32, 0) do not chain"),
+        (torch.ones(64), torch.ones(32, 2), "factors A (64,) and B (32, 2) must both be matrices (2-D)"),
+        (torch.ones(1, 2, 32), torch.ones(32, 2), "factors A (1, 2, 32) and B (32, 2) must both be matrices"),
+        (torch.ones(2, 32), torch.ones(32, 3), "factors A (2, 32) and B (32, 3) do not chain"),
+    ],
+)
+def test_malformed_factors_are_refused_from_the_header(
+    tmp_path: Path, a: torch.Tensor, b: torch.Tensor, found: str
+) -> None:
+    ad = handmade(tmp_path / "ad", PLAIN, {f"{Q}.lora_A.weight": a, f"{Q}.lora_B.weight": b})
+    with pytest.raises(CheckpointError) as info:
+        read_adapter(ad)
+    text = str(info.value)
+    assert text.startswith(f"{ad / 'adapter_model.safetensors'}: ") and found in text
+    assert "floating point" in text or "corrupt" in text
+
+
+@pytest.mark.parametrize(
+    ("config", "found"),
+    [
+        ({**PLAIN, "r": 4}, "has rank 2 (A (2, 32), B (32, 2)), but r in adapter_config.json says 4"),
+        ({**PLAIN, "rank_pattern": {"q_proj": 3}}, "has rank 2 (A (2, 32), B (32, 2)), but rank_pattern"),
+    ],
+)
+def test_rank_disagreeing_with_the_config_is_refused(tmp_path: Path, config: Any, found: str) -> None:
+    ad = handmade(
+        tmp_path / "ad",
+        config,
+        {f"{Q}.lora_A.weight": torch.ones(2, 32), f"{Q}.lora_B.weight": torch.ones(32, 2)},
+    )
+    with pytest.raises(CheckpointError) as info:
+        read_adapter(ad)
+    text = str(info.value)
+    assert f"{ad / 'adapter_model.safetensors'}: module model.layers.0.self_attn.q_proj {found}" in text
+    assert "fix adapter_config.json or save the adapter again with PEFT" in text
+
+
+def test_target_modules_matching_nothing_in_the_base_are_refused(
+    adapters: dict[str, Any], tmp_path: Path
+) -> None:
+    ad = handmade(tmp_path / "ad", {**PLAIN, "target_modules": ["c_attn"]}, {})
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(adapters["base"]), read_adapter(ad), "x")
+    text = str(info.value)
+    assert f'{ad / "adapter_model.safetensors"}: target_modules ["c_attn"] match no module of' in text
+    assert "the adapter was made for another architecture" in text
+
+
+def quantized(directory: Path, base: Path, config: dict[str, Any] | None = None) -> Path:
+    import json
+
+    state = tiny.load_state(base)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name] = state[name].to(torch.int8)
+    cfg = {**json.loads((base / "config.json").read_text()), **(config or {})}
+    return tiny.save(directory, state, cfg)
+
+
+def test_a_quantized_base_is_refused(adapters: dict[str, Any], tmp_path: Path) -> None:
+    ad = read_adapter(adapters["code"])
+    int8 = quantized(tmp_path / "int8", adapters["base"])
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(int8), ad, "x")
+    assert (
+        f"{ad.file}: model.layers.0.self_attn.q_proj.weight is torch.int8 in {int8}, not floating point "
+        "(a quantized model); apply the adapter to the unquantized base model"
+    ) in str(info.value)
+    bnb = quantized(tmp_path / "bnb", adapters["base"], {"quantization_config": {"load_in_8bit": True}})
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(bnb), ad, "x")
+    assert str(info.value) == (
+        f'{ad.file}: cannot be applied to {bnb}, a quantized model (quantization_config {{"load_in_8bit": '
+        "true}); apply the adapter to the unquantized base model"
+    )
+
+
+def test_fan_in_fan_out_follows_the_layer_as_in_peft(adapters: dict[str, Any], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    ad = shutil.copytree(adapters["code"], tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    # nn.Linear layers: PEFT turns fan_in_fan_out off and applies B @ A untransposed
+    view = AdaptedCheckpoint(Checkpoint(adapters["base"]), read_adapter(ad), "x")
+    assert_same_as_peft(view, adapters["code-merged"])
+
+
+@pytest.mark.parametrize(
+    ("config", "found"),
+    [
+        ("[1, 2]", "holds a JSON list, not an object of LoRA settings"),
+        ('{"r": 2, "lora_alpha": 4', "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+        ('{"r": 2, "lora_alpha": null}', "lora_alpha is None; expected a finite number"),
+        ('{"r": 2, "lora_alpha": "16"}', "lora_alpha is '16'; expected a finite number"),
+        ('{"r": 2, "lora_alpha": true}', "lora_alpha is True; expected a finite number"),
+        ('{"r": 2, "lora_alpha": NaN}', "lora_alpha is nan; expected a finite number"),
+        ('{"r": 0}', "r is 0; expected a whole number of at least 1"),
+        ('{"r": 2.5}', "r is 2.5; expected a whole number of at least 1"),
+        ('{"r": 2, "fan_in_fan_out": "yes"}', "fan_in_fan_out is 'yes'; expected true or false"),
+        (
+            '{"r": 2, "alpha_pattern": {"q_(proj": 3}}',
+            "alpha_pattern pattern 'q_(proj' is not a regular expression",
+        ),
+        ('{"r": 2, "rank_pattern": {"q_proj": 0}}', "rank_pattern['q_proj'] is 0; expected a whole number"),
+        ('{"r": 2, "rank_pattern": [1]}', "rank_pattern is [1]; expected a mapping of module pattern"),
+        ('{"r": 2, "target_modules": 3}', "target_modules is 3; expected a list of module names"),
+        ('{"r": 2, "use_dora": true}', "DoRA (use_dora: true) cannot be applied by mergesmith"),
+        (
+            '{"r": 2, "trainable_token_indices": [3]}',
+            "trainable tokens (trainable_token_indices: [3]) cannot",
+        ),
+        ('{"r": 2, "peft_type": "IA3"}', "peft_type 'IA3' is not LoRA"),
+    ],
+)
+def test_adapter_config_is_checked_whole(tmp_path: Path, config: str, found: str) -> None:
+    ad = handmade(tmp_path / "ad", config, {})
+    with pytest.raises(CheckpointError) as info:
+        read_adapter(ad)
+    text = str(info.value)
+    assert text.startswith(f"{ad / 'adapter_config.json'}: ") and found in text
+    assert any(
+        fix in text
+        for fix in (
+            "correct adapter_config.json or save the adapter again with PEFT",
+            "repair the file or save the adapter again with PEFT",
+            "use a plain LoRA adapter",
+            "only LoRA adapters can be applied",
+        )
+    )
+
+
+def test_every_config_problem_is_reported_at_once(tmp_path: Path) -> None:
+    ad = handmade(tmp_path / "ad", '{"r": -1, "lora_alpha": "x", "alpha_pattern": {"[": 1}}', {})
+    with pytest.raises(CheckpointError) as info:
+        read_adapter(ad)
+    text = str(info.value)
+    assert text.startswith(f"3 problems reading the input models in {ad / 'adapter_config.json'}:")
+    assert "r is -1" in text and "lora_alpha is 'x'" in text and "alpha_pattern pattern '['" in text
+
+
+def test_missing_settings_take_peft_defaults(adapters: dict[str, Any], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ad = shutil.copytree(adapters["chat"], tmp_path / "ad")  # rank 3
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    read = read_adapter(ad)
+    assert read.modules["model.layers.0.self_attn.q_proj.weight"].scaling == pytest.approx(8 / 3)
+    want = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapters["base"]), ad)
+        .merge_and_unload()
+        .state_dict()
+    )
+    assert_same_as_peft(AdaptedCheckpoint(Checkpoint(adapters["base"]), read, "x"), want)
