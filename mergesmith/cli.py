@@ -227,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     lm.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="scale of the merged update")
     lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    lm.add_argument(
+        "--on-nonfinite",
+        choices=["error", "warn"],
+        default="error",
+        help="a factor with NaN/Inf or overflowing float32: stop (error, default) or write it and warn",
+    )
     return p
 
 
@@ -327,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     params=_key_values(args.param),
                     seed=args.seed,
                     force=args.force,
+                    on_nonfinite=args.on_nonfinite,
                 )
                 worst_merge = max(merged, key=lambda r: r.relative_error, default=None)
                 print(

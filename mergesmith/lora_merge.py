@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 
 from mergesmith import _hub, _output
 from mergesmith._safetensors import ShardWriter
-from mergesmith.errors import CompatibilityError, ConfigError
+from mergesmith._text import printable
+from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError, MergesmithError, MethodError
 from mergesmith.lora import Adapter, read_adapter
 from mergesmith.methods import REGISTRY, MergeInputs
 from mergesmith.methods.knots import shared_basis
@@ -128,10 +130,18 @@ def merge_adapters(
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
     force: bool = False,
+    on_nonfinite: str = "error",
 ) -> list[MergedModule]:
     """Write one PEFT adapter: the weighted sum of ``adapters`` (``linear``, exact) or their
     KnOTS-TIES merge (``knots_ties``, exact in rank ``Σ r_i``), or its best rank-``rank``
-    approximation per module."""
+    approximation per module.
+
+    A factor holding NaN or infinities, or a merged factor that overflows float32, stops the
+    merge naming the adapter and tensor; ``on_nonfinite="warn"`` writes it anyway and prints a
+    warning on stderr (also recorded in the adapter's README)."""
+    if on_nonfinite not in ("error", "warn"):
+        raise ConfigError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
+    warnings: list[str] | None = [] if on_nonfinite == "warn" else None
     if method != "linear" and method not in basis_methods():
         raise ConfigError(
             f"adapter merge method {method!r} is not available; use linear (exact sum) or one merged in the "
@@ -162,10 +172,27 @@ def merge_adapters(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise ConfigError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(
+            f"weights must be finite numbers, found {list(weights)}; give one finite weight per adapter"
+        )
+    if not math.isfinite(lambda_):
+        raise ConfigError(f"lambda must be a finite number, found {lambda_}")
     if rank is not None and rank < 1:
         raise ConfigError(f"rank must be at least 1, found {rank}")
-    read: list[Adapter] = [read_adapter(_hub.resolve(str(p))) for p in adapters]
+    read: list[Adapter] = []
     problems = []
+    for p in adapters:
+        try:
+            read.append(read_adapter(_hub.resolve(str(p))))
+        except CheckpointError as exc:
+            problems.extend(
+                exc.problems if exc.source is None else [f"{exc.source}: {q}" for q in exc.problems]
+            )
+        except MergesmithError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CheckpointError(problems)
     for ad in read:
         if ad.replaced:
             problems.append(
@@ -205,7 +232,12 @@ def merge_adapters(
             found = ad.modules.get(target)
             if found is not None and w != 0:
                 scale = w * found.scaling if method == "linear" else found.scaling
-                parts.append((ad.tensor(found.b), ad.tensor(found.a), scale))
+                b_i, a_i = ad.tensor(found.b), ad.tensor(found.a)
+                for name, t in ((found.b, b_i), (found.a, a_i)):
+                    _check_finite(
+                        t, f"{ad.file}: {printable(name)}", "repair or replace that adapter", warnings
+                    )
+                parts.append((b_i, a_i, scale))
                 members.append(i)
         module = target[: -len(".weight")]
         if not parts:
@@ -227,8 +259,19 @@ def merge_adapters(
         if b.shape[1] == 0:  # nothing left of this module's updates
             continue
         error = 0.0
-        if rank is not None and rank < b.shape[1]:
+        if (
+            rank is not None
+            and rank < b.shape[1]
+            and bool(torch.isfinite(b).all() and torch.isfinite(a).all())
+        ):
             b, a, error = truncate(b, a, rank)
+        for kind, t in (("B", b), ("A", a)):
+            _check_finite(
+                t,
+                f"{module}: merged factor {kind}",
+                f"the weights {list(weights)} (lambda {lambda_:g}) overflow float32; use smaller weights",
+                warnings,
+            )
         ranks[module] = b.shape[1]
         reports.append(MergedModule(module, b.shape[1], error))
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = a
@@ -265,6 +308,13 @@ def merge_adapters(
             )
             + "\n"
         )
+        if warnings:
+            inputs_note = (
+                "\n\nWritten with `--on-nonfinite warn`; these tensors were written as they came out:\n\n"
+            )
+            inputs_note += "\n".join(f"- {w}" for w in warnings)
+        else:
+            inputs_note = ""
         inputs = "\n".join(f"- `{p}` × {w:g}" for p, w in zip(adapters, weights))
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
@@ -274,5 +324,21 @@ def merge_adapters(
             f"{'The weighted sum' if method == 'linear' else f'The {method} merge (in the shared SVD basis)'} of these adapters' "
             f"updates, {how}:\n\n{inputs}\n\n"
             f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n"
+            f"{inputs_note}"
         )
+    for message in warnings or ():
+        print(f"warning: {message}", file=sys.stderr)
     return reports
+
+
+def _check_finite(tensor: torch.Tensor, where: str, cause: str, warnings: list[str] | None) -> None:
+    """Refuse (or, with ``warnings``, record) a tensor holding NaN or infinities."""
+    if bool(torch.isfinite(tensor.float().sum())):
+        return
+    bad = int((~torch.isfinite(tensor.float())).sum())
+    if not bad:
+        return
+    message = f"{where} holds {bad} NaN or infinite values; {cause}"
+    if warnings is None:
+        raise MethodError(message + " (or merge anyway with --on-nonfinite warn)")
+    warnings.append(message)

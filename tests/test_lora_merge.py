@@ -213,3 +213,71 @@ def test_unavailable_methods_and_parameters_are_refused(three: dict[str, Any], t
         == 0
     )
     assert not (tmp_path / "x").exists()
+
+
+def poisoned(source: Path, directory: Path, value: float) -> tuple[Path, str]:
+    """A copy of adapter ``source`` with one value of one factor set to ``value``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, directory)
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    name = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    tensors[name][3, 1] = value
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_factors_stop_the_merge_naming_adapter_and_tensor(
+    three: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float
+) -> None:
+    ads = three["adapters"]
+    bad, name = poisoned(ads[1], tmp_path / "bad", value)
+    out = tmp_path / "out"
+    assert main(["lora", "merge", str(out), str(ads[0]), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {bad / 'adapter_model.safetensors'}: {name} holds 1 NaN or infinite values; repair or replace "
+        "that adapter (or merge anyway with --on-nonfinite warn)\n"
+    )
+    assert not out.exists()
+    assert main(["lora", "merge", str(out), str(ads[0]), str(bad), "--on-nonfinite", "warn"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {bad / 'adapter_model.safetensors'}: {name} holds 1 NaN or infinite values" in err
+    assert "Traceback" not in err
+    assert "--on-nonfinite warn" in (out / "README.md").read_text()
+
+
+def test_weights_that_are_not_finite_or_overflow_are_refused(
+    three: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ads = [str(p) for p in three["adapters"][:2]]
+    out = tmp_path / "out"
+    assert main(["lora", "merge", str(out), *ads, "--weights", "nan", "1"]) == 1
+    assert capsys.readouterr().err == (
+        "error: weights must be finite numbers, found [nan, 1.0]; give one finite weight per adapter\n"
+    )
+    assert main(["lora", "merge", str(out), *ads, "--lambda", "inf"]) == 1
+    assert capsys.readouterr().err == "error: lambda must be a finite number, found inf\n"
+    assert main(["lora", "merge", str(out), *ads, "--weights", "3e38", "3e38"]) == 1
+    assert capsys.readouterr().err == (
+        "error: model.layers.0.mlp.up_proj: merged factor B holds 256 NaN or infinite values; the weights "
+        "[3e+38, 3e+38] (lambda 1) overflow float32; use smaller weights (or merge anyway with --on-nonfinite warn)\n"
+    )
+    assert not out.exists()
+
+
+def test_every_input_that_is_not_an_adapter_is_named_at_once(three: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    model = three["base"]  # a full model, not an adapter
+    with pytest.raises(mergesmith.CheckpointError) as info:
+        merge_adapters([tmp_path / "empty", three["adapters"][0], model], tmp_path / "out")
+    text = str(info.value)
+    assert text.startswith("2 problems reading the input models:")
+    assert (
+        f"{tmp_path / 'empty'}: no adapter_config.json; a LoRA input must be a PEFT adapter directory" in text
+    )
+    assert f"{model}: no adapter_config.json; a LoRA input must be a PEFT adapter directory" in text
+    assert not (tmp_path / "out").exists()
