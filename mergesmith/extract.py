@@ -19,8 +19,9 @@ import torch
 
 from mergesmith import _hub, _output
 from mergesmith._safetensors import ShardWriter
+from mergesmith._text import printable
 from mergesmith.architecture import architecture_for
-from mergesmith.errors import CompatibilityError, ConfigError
+from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError, MethodError
 from mergesmith.sources import Checkpoint
 
 __all__ = ["ModuleReport", "extract_lora"]
@@ -47,6 +48,19 @@ def _rank_for(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
         return 1
     reached = torch.cumsum(power, 0) / total
     return max(1, min(s.numel(), int(torch.searchsorted(reached, torch.tensor(energy * (1 - 1e-12)))) + 1))
+
+
+def _finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """Tensor ``name`` of ``ckpt``, refused when it holds NaN or infinities."""
+    tensor = ckpt.get(name)
+    if not bool(torch.isfinite(tensor.float().sum())):
+        bad = int((~torch.isfinite(tensor.float())).sum())
+        if bad:
+            raise CheckpointError(
+                f"{ckpt.name}: tensor {printable(name)} holds {bad} NaN or infinite values, which no adapter "
+                "can reproduce; repair or replace that model"
+            )
+    return tensor
 
 
 def extract_lora(
@@ -105,11 +119,16 @@ def extract_lora(
     for name, kind in plans:
         module = name[: -len(".weight")] if name.endswith(".weight") else name.rpartition(".")[0]
         if kind == "whole":
-            tensors[f"{_PREFIX}{name}"] = tuned.get(name)
+            tensors[f"{_PREFIX}{name}"] = _finite(tuned, name)
             if module not in others:
                 others.append(module)
             continue
-        delta = tuned.get(name).float() - base_ckpt.get(name).float()
+        delta = _finite(tuned, name).float() - _finite(base_ckpt, name).float()
+        if not bool(torch.isfinite(delta).all()):
+            raise MethodError(
+                f"{name}: the difference between {tuned.name} and {base_ckpt.name} overflows float32; "
+                "extract from the model's own base"
+            )
         if transpose:
             delta = delta.T
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)

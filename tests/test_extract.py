@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith import ConfigError, OutputError
+from mergesmith import ConfigError, MethodError, OutputError
 from mergesmith.cli import main
 from mergesmith.extract import extract_lora
 from mergesmith.lora import AdaptedCheckpoint, read_adapter
@@ -112,3 +112,50 @@ def test_gpt2_conv1d_weights_are_extracted_with_fan_in_fan_out(tmp_path: Path) -
     merged = model.merge_and_unload().state_dict()
     name = "transformer.h.1.attn.c_attn.weight"
     torch.testing.assert_close(merged[name], state[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_model_holding_nan_or_inf_is_refused_naming_the_tensor(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float
+) -> None:
+    base, tuned = pair
+    state = tiny.load_state(tuned)
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name][0, :3] = value
+    bad = tiny.save(tmp_path / "bad", state, json.loads((tuned / "config.json").read_text()))
+    out = tmp_path / "adapter"
+    assert main(["lora", "extract", str(base), str(bad), str(out), "--rank", "2"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {bad}: tensor {name} holds 3 NaN or infinite values, which no adapter can reproduce; "
+        "repair or replace that model\n"
+    )
+    assert not out.exists()
+    # the same from the base's side, and for tensors stored whole
+    assert main(["lora", "extract", str(bad), str(tuned), str(out), "--rank", "2", "--save-others"]) == 1
+    assert f"error: {bad}: tensor {name} holds 3 NaN" in capsys.readouterr().err
+    state = tiny.load_state(tuned)
+    state["model.norm.weight"][5] = value
+    norm = tiny.save(tmp_path / "norm", state, json.loads((tuned / "config.json").read_text()))
+    assert main(["lora", "extract", str(base), str(norm), str(out), "--rank", "2", "--save-others"]) == 1
+    assert f"error: {norm}: tensor model.norm.weight holds 1 NaN" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_difference_that_overflows_is_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, tuned = pair
+    config = json.loads((tuned / "config.json").read_text())
+    name = "model.layers.0.self_attn.o_proj.weight"
+    low, high = tiny.load_state(base), tiny.load_state(tuned)
+    low[name][1, 1], high[name][1, 1] = -3e38, 3e38
+    with pytest.raises(MethodError) as info:
+        extract_lora(
+            tiny.save(tmp_path / "low", low, config),
+            tiny.save(tmp_path / "high", high, config),
+            tmp_path / "a",
+            rank=2,
+        )
+    assert str(info.value) == (
+        f"{name}: the difference between {tmp_path / 'high'} and {tmp_path / 'low'} overflows float32; "
+        "extract from the model's own base"
+    )
+    assert not (tmp_path / "a").exists()
