@@ -122,6 +122,12 @@ _QUANT_SUFFIXES = frozenset(
 )
 
 
+def _shown(value: Any) -> str:
+    """A value read from adapter_config.json, as JSON writes it, shortened and safe to print."""
+    text = printable(json.dumps(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -136,20 +142,16 @@ def _check_patterns(config: dict[str, Any], key: str, valid: Any, expected: str,
         return
     if not isinstance(patterns, dict):
         problems.append(
-            f"{key} is {printable(repr(patterns))[:80]}; expected a mapping of module pattern to {expected}{_FIX}"
+            f"{key} is {_shown(patterns)}; expected a mapping of module pattern to {expected}{_FIX}"
         )
         return
     for pattern, value in patterns.items():
         try:
             re.compile(pattern)
         except re.error as exc:
-            problems.append(
-                f"{key} pattern {printable(repr(pattern))} is not a regular expression ({exc}){_FIX}"
-            )
+            problems.append(f"{key} pattern {_shown(pattern)} is not a regular expression ({exc}){_FIX}")
         if not valid(value):
-            problems.append(
-                f"{key}[{printable(repr(pattern))}] is {printable(repr(value))[:80]}; expected {expected}{_FIX}"
-            )
+            problems.append(f"{key}[{_shown(pattern)}] is {_shown(value)}; expected {expected}{_FIX}")
 
 
 def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
@@ -163,26 +165,22 @@ def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(
-            f"{cfg_file}: peft_type {printable(repr(kind))} is not LoRA; only LoRA adapters can be applied"
+            f"{cfg_file}: peft_type {_shown(kind)} is not LoRA; only LoRA adapters can be applied"
         )
     problems = []
     for flag, what in _VARIANTS.items():
         if config.get(flag):
             problems.append(
-                f"{what} ({flag}: {printable(json.dumps(config[flag]))[:80]}) cannot be applied by mergesmith; "
+                f"{what} ({flag}: {_shown(config[flag])}) cannot be applied by mergesmith; "
                 "use a plain LoRA adapter"
             )
     if "r" in config and not _is_rank(config["r"]):
-        problems.append(
-            f"r is {printable(repr(config['r']))[:80]}; expected a whole number of at least 1{_FIX}"
-        )
+        problems.append(f"r is {_shown(config['r'])}; expected a whole number of at least 1{_FIX}")
     if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
-        problems.append(
-            f"lora_alpha is {printable(repr(config['lora_alpha']))[:80]}; expected a finite number{_FIX}"
-        )
+        problems.append(f"lora_alpha is {_shown(config['lora_alpha'])}; expected a finite number{_FIX}")
     for flag in ("use_rslora", "fan_in_fan_out"):
         if config.get(flag) is not None and not isinstance(config[flag], bool):
-            problems.append(f"{flag} is {printable(repr(config[flag]))[:80]}; expected true or false{_FIX}")
+            problems.append(f"{flag} is {_shown(config[flag])}; expected true or false{_FIX}")
     _check_patterns(config, "rank_pattern", _is_rank, "a whole number of at least 1", problems)
     _check_patterns(config, "alpha_pattern", _is_number, "a finite number", problems)
     targets = config.get("target_modules")
@@ -190,12 +188,10 @@ def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
         try:
             re.compile(targets)
         except re.error as exc:
-            problems.append(
-                f"target_modules {printable(repr(targets))} is not a regular expression ({exc}){_FIX}"
-            )
+            problems.append(f"target_modules {_shown(targets)} is not a regular expression ({exc}){_FIX}")
     elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         problems.append(
-            f"target_modules is {printable(repr(targets))[:80]}; expected a list of module names or a regular expression{_FIX}"
+            f"target_modules is {_shown(targets)}; expected a list of module names or a regular expression{_FIX}"
         )
     if problems:
         raise CheckpointError(problems, str(cfg_file))
@@ -338,11 +334,7 @@ class AdaptedCheckpoint(Checkpoint):
         quant = self.base.config.get("quantization_config")
         quant_keys = sorted(k for k in base_keys if k.rpartition(".")[2] in _QUANT_SUFFIXES)
         if quant or quant_keys:
-            found = (
-                f"quantization_config {printable(json.dumps(quant))[:80]}"
-                if quant
-                else f"tensor {printable(quant_keys[0])}"
-            )
+            found = f"quantization_config {_shown(quant)}" if quant else f"tensor {printable(quant_keys[0])}"
             raise CheckpointError(
                 f"{file}: cannot be applied to {self.base.name}, a quantized model ({found}); apply the "
                 "adapter to the unquantized base model"
@@ -352,7 +344,7 @@ class AdaptedCheckpoint(Checkpoint):
         modules = {k[: -len(".weight")] for k in base_keys if k.endswith(".weight")}
         if not _targets_match(targets, modules):
             problems.append(
-                f"{file}: target_modules {printable(json.dumps(targets))[:120]} match no module of {self.base.name} "
+                f"{file}: target_modules {_shown(targets)} match no module of {self.base.name} "
                 f"(it has e.g. {', '.join(sorted(modules)[:3])}); the adapter was made for another architecture "
                 f"(check base_model_name_or_path: {printable(repr(self.adapter.config.get('base_model_name_or_path')))})"
             )

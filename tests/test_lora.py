@@ -352,18 +352,18 @@ def test_fan_in_fan_out_follows_the_layer_as_in_peft(adapters: dict[str, Any], t
         ("[1, 2]", "holds a JSON list, not an object of LoRA settings"),
         ('{"r": 2, "lora_alpha": 4', "not valid JSON"),
         ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
-        ('{"r": 2, "lora_alpha": null}', "lora_alpha is None; expected a finite number"),
-        ('{"r": 2, "lora_alpha": "16"}', "lora_alpha is '16'; expected a finite number"),
-        ('{"r": 2, "lora_alpha": true}', "lora_alpha is True; expected a finite number"),
-        ('{"r": 2, "lora_alpha": NaN}', "lora_alpha is nan; expected a finite number"),
+        ('{"r": 2, "lora_alpha": null}', "lora_alpha is null; expected a finite number"),
+        ('{"r": 2, "lora_alpha": "16"}', 'lora_alpha is "16"; expected a finite number'),
+        ('{"r": 2, "lora_alpha": true}', "lora_alpha is true; expected a finite number"),
+        ('{"r": 2, "lora_alpha": NaN}', "lora_alpha is NaN; expected a finite number"),
         ('{"r": 0}', "r is 0; expected a whole number of at least 1"),
         ('{"r": 2.5}', "r is 2.5; expected a whole number of at least 1"),
-        ('{"r": 2, "fan_in_fan_out": "yes"}', "fan_in_fan_out is 'yes'; expected true or false"),
+        ('{"r": 2, "fan_in_fan_out": "yes"}', 'fan_in_fan_out is "yes"; expected true or false'),
         (
             '{"r": 2, "alpha_pattern": {"q_(proj": 3}}',
-            "alpha_pattern pattern 'q_(proj' is not a regular expression",
+            'alpha_pattern pattern "q_(proj" is not a regular expression',
         ),
-        ('{"r": 2, "rank_pattern": {"q_proj": 0}}', "rank_pattern['q_proj'] is 0; expected a whole number"),
+        ('{"r": 2, "rank_pattern": {"q_proj": 0}}', 'rank_pattern["q_proj"] is 0; expected a whole number'),
         ('{"r": 2, "rank_pattern": [1]}', "rank_pattern is [1]; expected a mapping of module pattern"),
         ('{"r": 2, "target_modules": 3}', "target_modules is 3; expected a list of module names"),
         ('{"r": 2, "use_dora": true}', "DoRA (use_dora: true) cannot be applied by mergesmith"),
@@ -371,7 +371,7 @@ def test_fan_in_fan_out_follows_the_layer_as_in_peft(adapters: dict[str, Any], t
             '{"r": 2, "trainable_token_indices": [3]}',
             "trainable tokens (trainable_token_indices: [3]) cannot",
         ),
-        ('{"r": 2, "peft_type": "IA3"}', "peft_type 'IA3' is not LoRA"),
+        ('{"r": 2, "peft_type": "IA3"}', 'peft_type "IA3" is not LoRA'),
     ],
 )
 def test_adapter_config_is_checked_whole(tmp_path: Path, config: str, found: str) -> None:
@@ -397,7 +397,7 @@ def test_every_config_problem_is_reported_at_once(tmp_path: Path) -> None:
         read_adapter(ad)
     text = str(info.value)
     assert text.startswith(f"3 problems reading the input models in {ad / 'adapter_config.json'}:")
-    assert "r is -1" in text and "lora_alpha is 'x'" in text and "alpha_pattern pattern '['" in text
+    assert "r is -1" in text and 'lora_alpha is "x"' in text and 'alpha_pattern pattern "["' in text
 
 
 def test_missing_settings_take_peft_defaults(adapters: dict[str, Any], tmp_path: Path) -> None:
