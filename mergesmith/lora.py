@@ -194,7 +194,7 @@ def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
             f"target_modules is {_shown(targets)}; expected a list of module names or a regular expression{_FIX}"
         )
     if problems:
-        raise CheckpointError(problems, str(cfg_file))
+        raise CheckpointError([f"{cfg_file}: {p}" for p in problems])
     return config
 
 
@@ -312,7 +312,7 @@ def read_adapter(directory: Path) -> Adapter:
             parts[a_key], parts[b_key], rank, scaling, embedding, fan_in_fan_out and not embedding
         )
     if problems:
-        raise CheckpointError(problems, str(file))
+        raise CheckpointError([f"{file}: {p}" for p in problems])
     return adapter
 
 
@@ -360,10 +360,10 @@ class AdaptedCheckpoint(Checkpoint):
                 )
                 continue
             info = self.info(target)
-            if not info.dtype.is_floating_point:
+            if not info.dtype.is_floating_point or info.dtype.itemsize == 1:
                 problems.append(
-                    f"{file}: {shown} is {info.dtype} in {self.base.name}, not floating point (a quantized "
-                    "model); apply the adapter to the unquantized base model"
+                    f"{file}: {shown} is {info.dtype} in {self.base.name}, not a float of 16 bits or more (a "
+                    "quantized model); apply the adapter to the unquantized base model"
                 )
                 continue
             shape = info.shape

@@ -322,8 +322,8 @@ def test_a_quantized_base_is_refused(adapters: dict[str, Any], tmp_path: Path) -
     with pytest.raises(CheckpointError) as info:
         AdaptedCheckpoint(Checkpoint(int8), ad, "x")
     assert (
-        f"{ad.file}: model.layers.0.self_attn.q_proj.weight is torch.int8 in {int8}, not floating point "
-        "(a quantized model); apply the adapter to the unquantized base model"
+        f"{ad.file}: model.layers.0.self_attn.q_proj.weight is torch.int8 in {int8}, not a float of 16 bits or "
+        "more (a quantized model); apply the adapter to the unquantized base model"
     ) in str(info.value)
     bnb = quantized(tmp_path / "bnb", adapters["base"], {"quantization_config": {"load_in_8bit": True}})
     with pytest.raises(CheckpointError) as info:
@@ -331,6 +331,46 @@ def test_a_quantized_base_is_refused(adapters: dict[str, Any], tmp_path: Path) -
     assert str(info.value) == (
         f'{ad.file}: cannot be applied to {bnb}, a quantized model (quantization_config {{"load_in_8bit": '
         "true}); apply the adapter to the unquantized base model"
+    )
+
+
+def test_a_float8_base_with_scales_is_refused(adapters: dict[str, Any], tmp_path: Path) -> None:
+    import json
+
+    ad = read_adapter(adapters["code"])
+    state = tiny.load_state(adapters["base"])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    state[f"{name}_scale_inv"] = torch.ones(1, 1)
+    fp8 = tiny.save(tmp_path / "fp8", state, json.loads((adapters["base"] / "config.json").read_text()))
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(fp8), ad, "x")
+    assert str(info.value) == (
+        f"{ad.file}: cannot be applied to {fp8}, a quantized model (tensor {name}_scale_inv); apply the "
+        "adapter to the unquantized base model"
+    )
+    del state[f"{name}_scale_inv"]
+    tiny.save(fp8, state, json.loads((adapters["base"] / "config.json").read_text()))
+    with pytest.raises(
+        CheckpointError, match=f"{name} is torch.float8_e4m3fn in {fp8}, not a float of 16 bits"
+    ):
+        AdaptedCheckpoint(Checkpoint(fp8), ad, "x")
+
+
+def test_a_config_names_every_bad_adapter_at_once(adapters: dict[str, Any], tmp_path: Path) -> None:
+    one = handmade(tmp_path / "one", '{"r": 2, "lora_alpha": null}', {})
+    two = handmade(tmp_path / "two", {**PLAIN, "use_dora": True}, {})
+    base = adapters["base"]
+    with pytest.raises(CheckpointError) as info:
+        mergesmith.validate(
+            f"merge_method: linear\nmodels:\n  - model: {base}+{one}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {base}+{two}\n    parameters: {{weight: 1}}\n"
+        )
+    text = str(info.value)
+    assert text.startswith("2 problems reading the input models:\n")
+    assert f"\n  - {one / 'adapter_config.json'}: lora_alpha is null; expected a finite number" in text
+    assert (
+        f"\n  - {two / 'adapter_config.json'}: DoRA (use_dora: true) cannot be applied by mergesmith" in text
     )
 
 
@@ -396,8 +436,11 @@ def test_every_config_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         read_adapter(ad)
     text = str(info.value)
-    assert text.startswith(f"3 problems reading the input models in {ad / 'adapter_config.json'}:")
-    assert "r is -1" in text and 'lora_alpha is "x"' in text and 'alpha_pattern pattern "["' in text
+    cfg = ad / "adapter_config.json"
+    assert text.startswith("3 problems reading the input models:\n")
+    assert f"\n  - {cfg}: r is -1; expected a whole number of at least 1" in text
+    assert f'\n  - {cfg}: lora_alpha is "x"; expected a finite number' in text
+    assert f'\n  - {cfg}: alpha_pattern pattern "[" is not a regular expression' in text
 
 
 def test_missing_settings_take_peft_defaults(adapters: dict[str, Any], tmp_path: Path) -> None:
