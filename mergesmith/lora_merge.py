@@ -228,15 +228,20 @@ def merge_adapters(
     for target in modules:
         parts = []
         members = []
+        tainted = False  # a factor of this module holds NaN/Inf (already warned about)
         for i, (ad, w) in enumerate(zip(read, weights)):
             found = ad.modules.get(target)
             if found is not None and w != 0:
                 scale = w * found.scaling if method == "linear" else found.scaling
                 b_i, a_i = ad.tensor(found.b), ad.tensor(found.a)
                 for name, t in ((found.b, b_i), (found.a, a_i)):
-                    _check_finite(
-                        t, f"{ad.file}: {printable(name)}", "repair or replace that adapter", warnings
-                    )
+                    where = f"{ad.file}: {printable(name)}"
+                    tainted |= _check_finite(t, where, "repair or replace that adapter", warnings)
+                    if tainted and method != "linear":
+                        raise MethodError(
+                            f"{where} holds NaN or infinite values, which the {method} merge (an SVD of the "
+                            "factors) cannot take, even with --on-nonfinite warn; repair or replace that adapter"
+                        )
                 parts.append((b_i, a_i, scale))
                 members.append(i)
         module = target[: -len(".weight")]
@@ -259,13 +264,10 @@ def merge_adapters(
         if b.shape[1] == 0:  # nothing left of this module's updates
             continue
         error = 0.0
-        if (
-            rank is not None
-            and rank < b.shape[1]
-            and bool(torch.isfinite(b).all() and torch.isfinite(a).all())
-        ):
+        finite = not tainted and bool(torch.isfinite(b).all() and torch.isfinite(a).all())
+        if rank is not None and rank < b.shape[1] and finite:  # an SVD takes finite factors only
             b, a, error = truncate(b, a, rank)
-        for kind, t in (("B", b), ("A", a)):
+        for kind, t in (("B", b), ("A", a)) if not tainted else ():
             _check_finite(
                 t,
                 f"{module}: merged factor {kind}",
@@ -331,14 +333,15 @@ def merge_adapters(
     return reports
 
 
-def _check_finite(tensor: torch.Tensor, where: str, cause: str, warnings: list[str] | None) -> None:
-    """Refuse (or, with ``warnings``, record) a tensor holding NaN or infinities."""
+def _check_finite(tensor: torch.Tensor, where: str, cause: str, warnings: list[str] | None) -> bool:
+    """Refuse (or, with ``warnings``, record and return True for) a tensor holding NaN or infinities."""
     if bool(torch.isfinite(tensor.float().sum())):
-        return
+        return False
     bad = int((~torch.isfinite(tensor.float())).sum())
     if not bad:
-        return
+        return False
     message = f"{where} holds {bad} NaN or infinite values; {cause}"
     if warnings is None:
         raise MethodError(message + " (or merge anyway with --on-nonfinite warn)")
     warnings.append(message)
+    return True

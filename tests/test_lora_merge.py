@@ -248,6 +248,14 @@ def test_non_finite_factors_stop_the_merge_naming_adapter_and_tensor(
     assert f"warning: {bad / 'adapter_model.safetensors'}: {name} holds 1 NaN or infinite values" in err
     assert "Traceback" not in err
     assert "--on-nonfinite warn" in (out / "README.md").read_text()
+    # a merge in the shared basis runs an SVD, which cannot take them even when warned
+    args = ["lora", "merge", str(tmp_path / "kt"), str(ads[0]), str(bad), "--method", "knots_ties"]
+    assert main([*args, "--on-nonfinite", "warn"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {bad / 'adapter_model.safetensors'}: {name} holds NaN or infinite values, which the knots_ties "
+        "merge (an SVD of the factors) cannot take, even with --on-nonfinite warn; repair or replace that adapter\n"
+    )
+    assert not (tmp_path / "kt").exists()
 
 
 def test_weights_that_are_not_finite_or_overflow_are_refused(
@@ -261,7 +269,7 @@ def test_weights_that_are_not_finite_or_overflow_are_refused(
     )
     assert main(["lora", "merge", str(out), *ads, "--lambda", "inf"]) == 1
     assert capsys.readouterr().err == "error: lambda must be a finite number, found inf\n"
-    assert main(["lora", "merge", str(out), *ads, "--weights", "3e38", "3e38"]) == 1
+    assert main(["lora", "merge", str(out), *ads, "--weights", "3e38", "3e38", "--rank", "1"]) == 1
     assert capsys.readouterr().err == (
         "error: model.layers.0.mlp.up_proj: merged factor B holds 256 NaN or infinite values; the weights "
         "[3e+38, 3e+38] (lambda 1) overflow float32; use smaller weights (or merge anyway with --on-nonfinite warn)\n"
