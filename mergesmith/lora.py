@@ -389,10 +389,14 @@ class AdaptedCheckpoint(Checkpoint):
                     "another size"
                 )
         for target, stored in self.adapter.replaced.items():
-            if target in base_keys and self.adapter.shape(stored)[1:] != self.base.info(target).shape[1:]:
+            if target not in base_keys:
+                continue
+            have, want = self.adapter.shape(stored), self.base.info(target).shape
+            # only a matrix's first dimension may differ (an embedding resized for added tokens)
+            if len(have) != len(want) or have[1:] != want[1:] or (len(want) < 2 and have != want):
                 problems.append(
-                    f"{file}: {printable(stored)} has shape {self.adapter.shape(stored)}, but "
-                    f"{printable(target)} is {self.base.info(target).shape} in {self.base.name}"
+                    f"{file}: {printable(stored)} has shape {have}, but {printable(target)} is {want} in "
+                    f"{self.base.name}; the adapter was made for a model of another size"
                 )
         if problems:
             raise CheckpointError(problems)

@@ -462,3 +462,14 @@ def test_missing_settings_take_peft_defaults(adapters: dict[str, Any], tmp_path:
         .state_dict()
     )
     assert_same_as_peft(AdaptedCheckpoint(Checkpoint(adapters["base"]), read, "x"), want)
+
+
+def test_a_whole_tensor_of_another_size_is_refused(adapters: dict[str, Any], tmp_path: Path) -> None:
+    stored = "base_model.model.model.norm.modules_to_save.default.weight"
+    ad = handmade(tmp_path / "ad", PLAIN, {stored: torch.ones(16)})
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(adapters["base"]), read_adapter(ad), "x")
+    assert str(info.value) == (
+        f"{ad / 'adapter_model.safetensors'}: {stored} has shape (16,), but model.norm.weight is (32,) in "
+        f"{adapters['base']}; the adapter was made for a model of another size"
+    )
