@@ -211,7 +211,7 @@ def merge_adapters(
             if (
                 seen != (out_features, in_features)
                 or mod.embedding
-                or mod.transpose != read[0].config.get("fan_in_fan_out", False)
+                or mod.transpose != bool(read[0].config.get("fan_in_fan_out"))
             ):
                 problems.append(
                     f"{ad.file}: {target} does not fit the other adapters (shape {(out_features, in_features)} vs "

@@ -289,3 +289,14 @@ def test_every_input_that_is_not_an_adapter_is_named_at_once(three: dict[str, An
     )
     assert f"{model}: no adapter_config.json; a LoRA input must be a PEFT adapter directory" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_left_null_take_peft_defaults(three: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    ad = shutil.copytree(three["adapters"][0], tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": None, "use_rslora": None}))
+    reports = merge_adapters([ad, three["adapters"][0]], tmp_path / "out", weights=[0.5, 0.5])
+    assert {r.rank for r in reports} == {4}
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
