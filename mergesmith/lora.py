@@ -299,10 +299,15 @@ def read_adapter(directory: Path) -> Adapter:
         declared = _pattern_value(config.get("rank_pattern") or {}, module)
         expected = declared if declared is not None else r
         if rank != expected:
-            source = "rank_pattern" if declared is not None else "r"
+            if declared is not None:
+                source = f"rank_pattern in adapter_config.json says {expected}"
+            elif "r" in config:
+                source = f"r in adapter_config.json says {expected}"
+            else:
+                source = f"adapter_config.json gives no r, so PEFT's default {expected} applies"
             problems.append(
-                f"module {printable(module)} has rank {rank} (A {a}, B {b}), but {source} in adapter_config.json "
-                f"says {expected}; fix adapter_config.json or save the adapter again with PEFT"
+                f"module {printable(module)} has rank {rank} (A {a}, B {b}), but {source}; "
+                "fix adapter_config.json or save the adapter again with PEFT"
             )
             continue
         a_alpha = _pattern_value(config.get("alpha_pattern") or {}, module)

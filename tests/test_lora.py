@@ -280,6 +280,10 @@ def test_malformed_factors_are_refused_from_the_header(
     [
         ({**PLAIN, "r": 4}, "has rank 2 (A (2, 32), B (32, 2)), but r in adapter_config.json says 4"),
         ({**PLAIN, "rank_pattern": {"q_proj": 3}}, "has rank 2 (A (2, 32), B (32, 2)), but rank_pattern"),
+        (
+            {"target_modules": ["q_proj"]},
+            "has rank 2 (A (2, 32), B (32, 2)), but adapter_config.json gives no r, so PEFT's default 8 applies",
+        ),
     ],
 )
 def test_rank_disagreeing_with_the_config_is_refused(tmp_path: Path, config: Any, found: str) -> None:
