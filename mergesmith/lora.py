@@ -112,10 +112,8 @@ _QUANT_SUFFIXES = frozenset(
         "qweight",
         "qzeros",
         "g_idx",
-        "scales",
         "weight_scale",
         "weight_scale_inv",
-        "input_scale",
         "bitsandbytes__nf4",
         "bitsandbytes__fp4",
     }
