@@ -89,11 +89,11 @@ def extract_lora(
     for name in names:
         if name not in base_keys:
             problems.append(
-                f"{name}: in {tuned.name} but not in {base_ckpt.name}; extract from the model's own base"
+                f"{printable(name)}: in {tuned.name} but not in {base_ckpt.name}; extract from the model's own base"
             )
         elif tuned.info(name).shape != base_ckpt.info(name).shape:
             problems.append(
-                f"{name}: shape {tuned.info(name).shape} in {tuned.name}, but {base_ckpt.info(name).shape} in "
+                f"{printable(name)}: shape {tuned.info(name).shape} in {tuned.name}, but {base_ckpt.info(name).shape} in "
                 f"{base_ckpt.name}; extract from the model's own base"
             )
     if problems:

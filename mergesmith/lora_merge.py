@@ -196,7 +196,7 @@ def merge_adapters(
     for ad in read:
         if ad.replaced:
             problems.append(
-                f"{ad.file}: stores whole tensors ({', '.join(sorted(ad.replaced))}) as modules_to_save, which "
+                f"{ad.file}: stores whole tensors ({printable(', '.join(sorted(ad.replaced)))}) as modules_to_save, which "
                 "one LoRA adapter cannot sum; merge these adapters into a full model with a config instead"
             )
     modules = sorted({m for ad in read for m in ad.modules})
@@ -214,7 +214,7 @@ def merge_adapters(
                 or mod.transpose != bool(read[0].config.get("fan_in_fan_out"))
             ):
                 problems.append(
-                    f"{ad.file}: {target} does not fit the other adapters (shape {(out_features, in_features)} vs "
+                    f"{ad.file}: {printable(target)} does not fit the other adapters (shape {(out_features, in_features)} vs "
                     f"{seen}, or an embedding / fan_in_fan_out layout); merge adapters of one base model"
                 )
     if problems:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith import ConfigError, MethodError, OutputError
+from mergesmith import CompatibilityError, ConfigError, MethodError, OutputError
 from mergesmith.cli import main
 from mergesmith.extract import extract_lora
 from mergesmith.lora import AdaptedCheckpoint, read_adapter
@@ -159,3 +159,15 @@ def test_a_difference_that_overflows_is_refused(pair: tuple[Path, Path], tmp_pat
         "extract from the model's own base"
     )
     assert not (tmp_path / "a").exists()
+
+
+def test_tensor_names_from_the_files_are_printed_escaped(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, tuned = pair
+    state = tiny.load_state(tuned)
+    state["model.evil\x1b[2J.weight"] = torch.ones(2)
+    odd = tiny.save(tmp_path / "odd", state, json.loads((tuned / "config.json").read_text()))
+    with pytest.raises(CompatibilityError) as info:
+        extract_lora(base, odd, tmp_path / "a", rank=2)
+    assert str(info.value) == (
+        f"model.evil\\x1b[2J.weight: in {odd} but not in {base}; extract from the model's own base"
+    )
