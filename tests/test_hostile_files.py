@@ -4,14 +4,20 @@ traceback, a hang or a silently wrong merge."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from mergesmith import _safetensors, sources
+from mergesmith.api import merge
+from mergesmith.cli import main
 from mergesmith.errors import CheckpointError
 from mergesmith.sources import Checkpoint
+from tests import tiny
 
 
 def write_st(path: Path, header: dict[str, Any] | bytes, data: bytes) -> Path:
@@ -94,3 +100,318 @@ def test_element_count_past_the_file_is_refused_before_allocating(tmp_path: Path
     msg = refused(path.parent)
     assert f"{path}: tensor 'w' declares shape ({2**62}, {2**62}) F32 ({2**126:,} bytes)" in msg
     assert "more than the file's whole 8-byte data section" in msg
+
+
+# -- sharded indexes ------------------------------------------------------------------------------
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        "model.embed_tokens.weight": (7, 4),
+        "model.layers.0.self_attn.q_proj.weight": (4, 4),
+        "model.layers.0.mlp.up_proj.weight": (6, 4),
+        "model.norm.weight": (4,),
+        "lm_head.weight": (7, 4),
+    }
+    return {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+
+def sharded(tmp_path: Path, shards: int = 2, fmt: str = "safetensors") -> tuple[Path, Path, dict[str, Any]]:
+    d = tiny.save(tmp_path / "m", small_state(), tiny.llama_config(), shards=shards, fmt=fmt)
+    index = d / ("model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json")
+    return d, index, json.loads(index.read_text())
+
+
+def test_index_listing_a_tensor_no_shard_holds_is_refused(tmp_path: Path) -> None:
+    d, index, data = sharded(tmp_path)
+    data["weight_map"]["model.layers.1.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    assert refused(d) == (
+        f"{index}: lists tensor 'model.layers.1.mlp.up_proj.weight' in model-00002-of-00002.safetensors, "
+        "but no shard holds it; the index or the shard is wrong: copy or download the model again"
+    )
+
+
+def test_index_placing_a_tensor_in_the_wrong_shard_is_refused(tmp_path: Path) -> None:
+    d, index, data = sharded(tmp_path, fmt="bin")
+    name, shard = next(iter(data["weight_map"].items()))
+    other = next(f for f in data["weight_map"].values() if f != shard)
+    data["weight_map"][name] = other
+    index.write_text(json.dumps(data))
+    msg = refused(d)
+    assert msg.startswith(f"{index}: lists tensor {name!r} in {other}, but it is in {shard}")
+
+
+def test_shard_left_out_of_the_index_is_refused(tmp_path: Path) -> None:
+    d, index, data = sharded(tmp_path, shards=3)
+    data["weight_map"] = {
+        k: v for k, v in data["weight_map"].items() if v != "model-00002-of-00003.safetensors"
+    }
+    index.write_text(json.dumps(data))
+    msg = refused(d)
+    assert msg.startswith(
+        f"{index}: no tensor is placed in shard model-00002-of-00003.safetensors (shard 2 of 3), "
+        "which is in the model directory; the index or the download is incomplete"
+    )
+
+
+def test_missing_shard_of_a_set_is_refused(tmp_path: Path) -> None:
+    d, index, data = sharded(tmp_path, shards=3)
+    data["weight_map"] = {
+        k: v for k, v in data["weight_map"].items() if v != "model-00003-of-00003.safetensors"
+    }
+    index.write_text(json.dumps(data))
+    (d / "model-00003-of-00003.safetensors").unlink()
+    assert "(shard 3 of 3), which is missing too" in refused(d)
+
+
+def test_shard_file_not_in_the_index_is_refused(tmp_path: Path) -> None:
+    d, index, _ = sharded(tmp_path)
+    write_st(d / "model-00001-of-00001.safetensors", {"extra": W}, bytes(8))
+    assert refused(d) == (
+        f"{index}: model-00001-of-00001.safetensors is in the model directory but not in the index, so its "
+        "tensors would be left out of the merge; add them to the weight_map or remove the file"
+    )
+
+
+@pytest.mark.parametrize("target", ["sub/model-00001-of-00002.safetensors", "", "."])
+def test_index_values_must_be_plain_file_names(tmp_path: Path, target: str) -> None:
+    d, index, data = sharded(tmp_path)
+    (d / "sub").mkdir()
+    (d / "sub" / "model-00001-of-00002.safetensors").write_bytes(
+        (d / "model-00001-of-00002.safetensors").read_bytes()
+    )
+    data["weight_map"]["model.norm.weight"] = target
+    index.write_text(json.dumps(data))
+    assert refused(d) == (
+        f"{index}: tensor 'model.norm.weight' points at {target!r}, which is not a plain file name; "
+        "refusing (weight_map values name files beside the index)"
+    )
+
+
+def test_index_through_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    d, index, data = sharded(tmp_path)
+    outside = tmp_path / "outside"
+    write_st(outside / "x.safetensors", {"x": W}, bytes(8))
+    (d / "link").symlink_to(outside)
+    data["weight_map"]["x"] = "link/x.safetensors"
+    index.write_text(json.dumps(data))
+    assert "tensor 'x' points at 'link/x.safetensors', which is not a plain file name" in refused(d)
+
+
+def test_nesting_bomb_in_an_index_is_refused(tmp_path: Path) -> None:
+    d, index, _ = sharded(tmp_path)
+    index.write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + ', "weight_map": {}}')
+    msg = refused(d)
+    assert msg.startswith(f"{index}: JSON nested")
+    assert msg.endswith("repair the index or download the model again")
+
+
+def test_headers_of_all_shards_together_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _, _ = sharded(tmp_path, shards=3)
+    sizes = [struct.unpack("<Q", p.read_bytes()[:8])[0] for p in sorted(d.glob("*.safetensors"))]
+    monkeypatch.setattr(sources, "MAX_HEADER_BYTES", sizes[0] + sizes[1] + sizes[2] - 1)
+    msg = refused(d)
+    assert msg.startswith(
+        f"{d / 'model-00003-of-00003.safetensors'}: header of {sizes[2]:,} bytes, more than"
+    )
+    assert "(all of a model's safetensors headers together may take" in msg
+
+
+def test_number_of_shards_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, index, _ = sharded(tmp_path, shards=3)
+    monkeypatch.setattr(sources, "MAX_SHARDS", 2)
+    assert refused(d) == (
+        f"{index}: names more than 2 shard files; the index is corrupt: copy or download the model again"
+    )
+
+
+# -- symlinks and special files -------------------------------------------------------------------
+
+
+def test_weights_symlinked_from_outside_the_model_directory_are_refused(tmp_path: Path) -> None:
+    outside = write_st(tmp_path / "elsewhere" / "real.safetensors", {"w": W}, bytes(8))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").symlink_to(outside)
+    msg = refused(d)
+    assert msg.startswith(f"{d / 'model.safetensors'} is a symlink to {outside}, outside the model directory")
+
+
+def test_model_directory_that_is_a_symlink_is_read(tmp_path: Path) -> None:
+    real = tiny.save(tmp_path / "real", small_state(), tiny.llama_config())
+    (tmp_path / "alias").symlink_to(real)
+    assert sorted(Checkpoint(tmp_path / "alias").keys()) == sorted(small_state())
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_fifo_is_refused_not_waited_on(tmp_path: Path, name: str) -> None:
+    d = tiny.save(tmp_path / "m", small_state(), tiny.llama_config())
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    assert refused(d) == f"{d / name}: is a FIFO, not a regular file; replace it with the file itself"
+
+
+# -- config.json ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested"),
+        (b'{"model_type": "\xff"}', "not UTF-8 text (byte 16)"),
+        (b'{"hidden_size": ' + b"7" * 5000 + b"}", "holds an integer with thousands of digits"),
+        (b"[1, 2]", "expected a JSON object of settings, found a list"),
+    ],
+    ids=["bomb", "not-utf8", "huge-int", "list"],
+)
+def test_hostile_config_json_is_refused(tmp_path: Path, content: bytes, found: str) -> None:
+    d = tiny.save(tmp_path / "m", small_state(), tiny.llama_config())
+    (d / "config.json").write_bytes(content)
+    msg = refused(d)
+    assert msg.startswith(f"{d / 'config.json'}: {found}")
+    assert msg.endswith("repair config.json or download the model again")
+
+
+# -- PyTorch .bin ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "found"),
+    [
+        ([torch.ones(2)], "found a list"),
+        ({"w": torch.ones(2), "step": 3}, "but 'step' holds a int"),
+        ({"state_dict": {"w": torch.ones(2)}}, "but 'state_dict' holds a dict"),
+        ({1: torch.ones(2)}, "found the key 1 (int)"),
+    ],
+    ids=["list", "int-value", "nested", "int-key"],
+)
+def test_bin_that_is_not_a_flat_state_dict(tmp_path: Path, obj: object, found: str) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    torch.save(obj, d / "pytorch_model.bin")
+    msg = refused(d)
+    assert msg.startswith(f"{d / 'pytorch_model.bin'}: expected a dict of tensor names to tensors, {found}")
+    assert msg.endswith("save the model's state_dict() with torch.save, or convert it to safetensors")
+
+
+def test_bin_refused_by_weights_only_names_the_global(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    torch.save({"w": torch.ones(2), "f": Path("x")}, d / "pytorch_model.bin")
+    msg = refused(d)
+    assert msg.startswith(f"{d / 'pytorch_model.bin'}: refused to load")
+    assert "Unsupported global: GLOBAL pathlib" in msg
+    assert msg.endswith("Only plain state dicts are read; convert the checkpoint to safetensors")
+
+
+# -- files changed during a merge -----------------------------------------------------------------
+
+
+def test_bin_truncated_after_open_is_refused_not_faulted(tmp_path: Path) -> None:
+    d = tiny.save(tmp_path / "m", small_state(), tiny.llama_config(), fmt="bin")
+    ckpt = Checkpoint(d)
+    path = d / "pytorch_model.bin"
+    size = path.stat().st_size
+    os.truncate(path, 100)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.get("model.norm.weight")
+    assert str(info.value) == (
+        f"{path}: changed size from {size:,} to 100 bytes during the merge, after its header was read; the "
+        "tensors read from it would not match: rerun the merge once nothing writes to the input models"
+    )
+
+
+def test_safetensors_replaced_after_open_is_refused(tmp_path: Path) -> None:
+    path = write_st(tmp_path / "m" / "model.safetensors", {"w": W}, bytes(8))
+    ckpt = Checkpoint(path.parent)
+    write_st(tmp_path / "new.safetensors", {"w": W}, b"\x01" * 8).replace(path)
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: was replaced by another file during the merge"
+    ):
+        ckpt.get("w")
+
+
+def test_merge_stops_when_an_input_changes_midway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, cfg = tiny.llama_state(0)
+    base = tiny.save(tmp_path / "base", state, cfg)
+    ft = tiny.save(tmp_path / "ft", tiny.finetune(state, 1), cfg)
+    config = {"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(ft)}]}
+    config["parameters"] = {"weight": 0.5}
+    real = _safetensors.read_tensor
+    calls = []
+
+    def shrink_after_first(entry: _safetensors.Entry, handle: Any = None) -> torch.Tensor:
+        calls.append(entry.file)
+        if len(calls) == 3:
+            os.truncate(ft / "model.safetensors", 64)
+        return real(entry, handle)
+
+    monkeypatch.setattr(_safetensors, "read_tensor", shrink_after_first)
+    out = tmp_path / "out"
+    with pytest.raises(
+        CheckpointError, match=r"ft/model\.safetensors: changed size from [0-9,]+ to 64 bytes"
+    ):
+        merge(config, out)
+    assert not out.exists()
+
+
+# -- quantized weights ----------------------------------------------------------------------------
+
+
+def test_config_with_quantization_config_is_refused(tmp_path: Path) -> None:
+    cfg = tiny.llama_config(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    d = tiny.save(tmp_path / "m", small_state(), cfg)
+    assert refused(d) == (
+        f"{d / 'config.json'}: has a quantization_config (bitsandbytes): the weights are quantized and cannot "
+        "be merged as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "model.layers.0.mlp.up_proj.weight.absmax",
+        "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4",
+        "model.layers.0.mlp.up_proj.scales",
+        "model.layers.0.mlp.up_proj.weight_scale_inv",
+        "model.layers.0.mlp.up_proj.SCB",
+    ],
+)
+def test_quantization_tensors_beside_a_weight_are_refused(tmp_path: Path, extra: str) -> None:
+    state = {**small_state(), extra: torch.ones(3)}
+    d = tiny.save(tmp_path / "m", state, tiny.llama_config())
+    assert refused(d) == (
+        f"{d}: tensor {extra!r} (in model.safetensors) is quantization data for "
+        "'model.layers.0.mlp.up_proj': the weights are quantized and cannot be merged as they are; "
+        "merge the unquantized (float16, bfloat16 or float32) model instead"
+    )
+
+
+def test_gptq_qweight_is_refused(tmp_path: Path) -> None:
+    state = {"model.norm.weight": torch.ones(4), "model.layers.0.mlp.up_proj.qweight": torch.ones(2, 2).int()}
+    d = tiny.save(tmp_path / "m", state, tiny.llama_config())
+    assert (
+        "tensor 'model.layers.0.mlp.up_proj.qweight' (in model.safetensors) is quantization data"
+        in refused(d)
+    )
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_reports_a_hostile_input_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, index, _ = sharded(tmp_path)
+    other = tiny.save(tmp_path / "other", small_state(1), tiny.llama_config())
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {d}\n  - model: {other}\nparameters:\n  weight: 0.5\n"
+    )
+    assert main(["validate", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {index}: JSON nested")
+    assert "Traceback" not in err
