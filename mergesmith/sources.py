@@ -427,6 +427,17 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
         return tensors[name]
 
+    def side_file(self, name: str) -> Path | None:
+        """The model's file ``name`` (a tokenizer or generation file to copy into the output), None
+        when absent; refused when it is not a regular file or links outside the model directory,
+        so that nothing from elsewhere on the machine is copied into a merged model."""
+        path = self.dir / name
+        if not os.path.lexists(path):
+            return None
+        self._weight_file(path)
+        open_regular(path).close()
+        return path
+
     def other_files(self) -> Iterable[Path]:
         """Files of the directory that are not weights (config, tokenizer, ...)."""
         weights = set(self.weight_files)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from mergesmith import _safetensors, sources
-from mergesmith.api import merge
+from mergesmith import _safetensors, sources, vocab
+from mergesmith.api import merge, validate
 from mergesmith.cli import main
 from mergesmith.errors import CheckpointError
 from mergesmith.sources import Checkpoint
@@ -415,3 +415,152 @@ def test_cli_reports_a_hostile_input_without_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {index}: JSON nested")
     assert "Traceback" not in err
+
+
+# -- tokenizer files ------------------------------------------------------------------------------
+
+
+def two_models(tmp_path: Path) -> tuple[Path, Path, dict[str, Any]]:
+    state, cfg = tiny.llama_state(0)
+    base = tiny.save(tmp_path / "base", state, cfg, tokenizer=True)
+    ft = tiny.save(tmp_path / "ft", tiny.finetune(state, 1), cfg, tokenizer=True)
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(ft), "parameters": {"weight": 1.0}}],
+    }
+    return base, ft, config
+
+
+def edit_json(path: Path, change: Any) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested"),
+        (b'{"model": {"vocab": {"\xff": 1}}}', "not UTF-8 text (byte 22)"),
+        (b'{"model": {"vocab": {"a": ' + b"1" * 5000 + b"}}}", "holds an integer with thousands of digits"),
+        (b'{"model": [1, 2]}', '"model" is a list, expected an object'),
+        (b'{"model": {"vocab": "abc"}}', '"model.vocab" is a str, expected an object of tokens to ids'),
+        (
+            b'{"model": {"vocab": {"a": "0"}}}',
+            "\"model.vocab\": token 'a' has id '0', expected a non-negative",
+        ),
+        (b'{"model": {"vocab": [7]}}', '"model.vocab"[0] is 7, expected [piece, score]'),
+        (
+            b'{"added_tokens": [{"id": 3}]}',
+            "\"added_tokens\"[0] is {'id': 3}, expected an object with a string",
+        ),
+        (b'{"added_tokens": {"a": 1}}', '"added_tokens" is a dict, expected a list'),
+    ],
+    ids=[
+        "bomb",
+        "not-utf8",
+        "huge-int",
+        "model-list",
+        "vocab-str",
+        "id-str",
+        "unigram",
+        "added",
+        "added-dict",
+    ],
+)
+def test_hostile_tokenizer_json_is_refused(tmp_path: Path, content: bytes, found: str) -> None:
+    _, ft, config = two_models(tmp_path)
+    (ft / "tokenizer.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        validate(config)
+    msg = str(info.value)
+    assert msg.startswith(f"{ft / 'tokenizer.json'}: {found}")
+    assert msg.endswith("repair the tokenizer files or download the model again")
+    assert "\n" not in msg
+
+
+def test_vocab_json_with_non_integer_ids_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "vocab.json").write_text('{"a": 0, "b": 1.5}')
+    with pytest.raises(CheckpointError) as info:
+        vocab.read_vocab(d)
+    assert str(info.value) == (
+        f"{d / 'vocab.json'}: the file: token 'b' has id 1.5, expected a non-negative integer; "
+        "repair the tokenizer files or download the model again"
+    )
+
+
+def test_tokenizer_json_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ft, config = two_models(tmp_path)
+    monkeypatch.setattr(vocab, "MAX_TOKENIZER_BYTES", 1000)
+    size = (ft / "tokenizer.json").stat().st_size
+    with pytest.raises(CheckpointError) as info:
+        validate(config)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'base' / 'tokenizer.json'}: {(tmp_path / 'base' / 'tokenizer.json').stat().st_size:,} "
+        "bytes, more than the 1,000 this file may have"
+    )
+    assert size > 1000
+
+
+def test_each_tokenizer_json_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    state, cfg = tiny.llama_state(0)
+    base = tiny.save(tmp_path / "base", state, cfg, tokenizer=True)
+    grown = tiny.finetune(state, 1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], torch.randn(1, grown[name].shape[1])])
+    ft = tiny.save(tmp_path / "ft", grown, {**cfg, "vocab_size": len(tiny.VOCAB) + 1})
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<new>"], special_tokens=True)
+    tok.save_pretrained(ft)
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "tokenizer_source": "union",
+        "models": [{"model": str(ft), "parameters": {"weight": 1.0}}],
+    }
+    vocab.clear_cache()
+    parsed: list[str] = []
+    real = vocab.read_json
+
+    def counting(path: Path, **kw: Any) -> Any:
+        parsed.append(str(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(vocab, "read_json", counting)
+    validate(config)
+    merge(config, tmp_path / "out")
+    tokenizers = [p for p in parsed if p.endswith("tokenizer.json")]
+    assert sorted(tokenizers) == [str(base / "tokenizer.json"), str(ft / "tokenizer.json")]
+    out = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert any(e["content"] == "<new>" for e in out["added_tokens"])
+
+
+def test_tokenizer_file_linking_outside_the_model_is_not_copied(tmp_path: Path) -> None:
+    base, _, config = two_models(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    (base / "special_tokens_map.json").unlink(missing_ok=True)
+    (base / "special_tokens_map.json").symlink_to(secret)
+    with pytest.raises(CheckpointError) as info:
+        merge(config, tmp_path / "out")
+    assert str(info.value).startswith(
+        f"{base / 'special_tokens_map.json'} is a symlink to {secret}, outside the model directory; refusing"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    base, _, config = two_models(tmp_path)
+    (base / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(CheckpointError) as info:
+        merge({**config, "chat_template": "chatml"}, tmp_path / "out")
+    assert str(info.value) == (
+        f"{base / 'tokenizer_config.json'}: expected a JSON object of settings, found a list; "
+        "repair tokenizer_config.json or download the model again"
+    )
+    assert not (tmp_path / "out").exists()
