@@ -170,8 +170,8 @@ def _entry(
     expected = numel * dtype.itemsize
     if expected > data_size:
         raise CheckpointError(
-            f"{path}: tensor {name!r} declares shape {tuple(shape)} {dtype_name} ({expected:,} bytes), more "
-            f"than the file's whole {data_size:,}-byte data section; the file is corrupt or truncated"
+            f"{path}: tensor {name!r} declares shape {tuple(shape)} {dtype_name} ({expected} bytes) "
+            f"but the file's data section holds only {data_size} bytes; the file is corrupt or truncated"
         )
     if not 0 <= start <= end <= data_size or end - start != expected:
         raise CheckpointError(
