@@ -287,7 +287,10 @@ class Checkpoint:
     def _weight_file(self, path: Path, index: Path | None = None) -> Path:
         """``path``, refused when it is a symlink (or reached through one) leading outside the
         model directory; a Hub cache snapshot's links into its repository's blobs are inside."""
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise CheckpointError(f"{path}: cannot read: {exc}") from None
         if not _inside(real, _link_root(self.dir)):
             where = f"{index}: " if index is not None else ""
             raise CheckpointError(
