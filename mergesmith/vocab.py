@@ -220,7 +220,11 @@ def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence
         cfg = read_json(cfg_file, fix=TOKENIZER_FIX)
         decoder = cfg.get("added_tokens_decoder", {}) if isinstance(cfg, dict) else None
         if not isinstance(decoder, dict):
-            raise _bad(cfg_file, "expected an object with an added_tokens_decoder object")
+            # the file is a copy of the tokenizer model's: name that one
+            raise _bad(
+                reference.parent / cfg_file.name,
+                "expected a JSON object whose added_tokens_decoder is an object",
+            )
         cfg["added_tokens_decoder"] = decoder
         for e in new_entries:
             decoder[str(e["id"])] = {k: v for k, v in e.items() if k != "id"}

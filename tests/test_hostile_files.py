@@ -564,3 +564,31 @@ def test_tokenizer_config_that_is_not_an_object_is_refused(tmp_path: Path) -> No
         "repair tokenizer_config.json or download the model again"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_union_with_a_malformed_tokenizer_config_names_the_input(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    state, cfg = tiny.llama_state(0)
+    base = tiny.save(tmp_path / "base", state, cfg, tokenizer=True)
+    grown = tiny.finetune(state, 1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], torch.randn(1, grown[name].shape[1])])
+    ft = tiny.save(tmp_path / "ft", grown, {**cfg, "vocab_size": len(tiny.VOCAB) + 1})
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<new>"])
+    tok.save_pretrained(ft)
+    edit_json(base / "tokenizer_config.json", lambda d: d.update(added_tokens_decoder=[1]))
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "tokenizer_source": "union",
+        "models": [{"model": str(ft), "parameters": {"weight": 1.0}}],
+    }
+    with pytest.raises(CheckpointError) as info:
+        merge(config, tmp_path / "out")
+    assert str(info.value) == (
+        f"{base / 'tokenizer_config.json'}: expected a JSON object whose added_tokens_decoder is an object; "
+        "repair the tokenizer files or download the model again"
+    )
+    assert not (tmp_path / "out").exists()
