@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,22 @@ def parse_json(
     error: type[MergesmithError] = CheckpointError,
     max_depth: int | None = MAX_DEPTH,
     fix: str = "repair or re-download the file",
+    unique_keys: bool = False,
 ) -> Any:
     """``data`` parsed as JSON. Malformed text, text that is not UTF-8, integers too long to
     convert and nesting deeper than ``max_depth`` (None: not checked beyond what the parser
-    survives) raise ``error`` naming ``where``, what is wrong and ``fix``."""
+    survives) raise ``error`` naming ``where``, what is wrong and ``fix``; so does a key given
+    twice in one object when ``unique_keys`` is set (else the last one wins, as in ``json``)."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise error(f"{where}: not UTF-8 text (byte {exc.start}); {fix}") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
+    except _DuplicateKey as exc:
+        raise error(
+            f"{where}: the key {exc.key!r} is given twice, so one of its values would be lost; {fix}"
+        ) from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply to read; {fix}") from None
     except json.JSONDecodeError as exc:
@@ -48,18 +55,38 @@ def read_json(
     max_depth: int | None = MAX_DEPTH,
     max_bytes: int = MAX_BYTES,
     fix: str = "repair or re-download the file",
+    unique_keys: bool = False,
 ) -> Any:
-    """The JSON file at ``path``, refused (as ``error``) when larger than ``max_bytes`` or when
-    :func:`parse_json` refuses it."""
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; {fix}")
-        with open(path, "rb") as f:
+    """The JSON file at ``path``, refused (as ``error``) when it is not a regular file, when
+    larger than ``max_bytes`` or when :func:`parse_json` refuses it."""
+    from mergesmith._files import open_regular
+
+    with open_regular(path, error) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise error(f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; {fix}")
             data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise error(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_json(data, str(path), error=error, max_depth=max_depth, fix=fix)
+        except OSError as exc:
+            raise error(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: more than the {max_bytes:,} bytes this file may have; {fix}")
+    return parse_json(data, str(path), error=error, max_depth=max_depth, fix=fix, unique_keys=unique_keys)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

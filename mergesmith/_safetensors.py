@@ -8,12 +8,14 @@ import json
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergesmith._files import Stamp, check_unchanged, open_regular, stamp_of
+from mergesmith._json import parse_json
 from mergesmith._output import os_error
 from mergesmith.errors import CheckpointError, OutputError
 
@@ -33,6 +35,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_DEPTH = 8  # the header nests 3 levels (tensor, entry, shape)
+MAX_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -44,21 +48,35 @@ class Entry:
     shape: tuple[int, ...]
     start: int
     end: int
+    # the file as its header was read; a read checks it is still that file
+    stamp: Stamp | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+def read_header(
+    path: Path, *, max_header: int = MAX_HEADER, why: str = ""
+) -> tuple[dict[str, Entry], dict[str, str]]:
     """Parse and check a safetensors header; returns (entries by name, metadata).
 
     Offsets are checked against the file's size and against each other, so a corrupt or hostile
-    header is an error before any data is read.
+    header is an error before any data is read. A header longer than ``max_header`` bytes is
+    refused before it is read (``why`` says where a lower limit comes from).
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    entries, meta, _ = read_header_sized(path, max_header=max_header, why=why)
+    return entries, meta
+
+
+def read_header_sized(
+    path: Path, *, max_header: int = MAX_HEADER, why: str = ""
+) -> tuple[dict[str, Entry], dict[str, str], int]:
+    """:func:`read_header`, and the header's length in bytes."""
+    with open_regular(path) as f:
+        try:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
@@ -68,13 +86,23 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
                     f"{path}: header length {n} does not fit in the file ({size} bytes); "
                     "the file is truncated or not safetensors"
                 )
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+            if n > max_header:
+                raise CheckpointError(
+                    f"{path}: header of {n:,} bytes, more than the {max_header:,} allowed{why}; "
+                    "the file is corrupt or not a model's weights"
+                )
+            raw = _read_exactly(f, n)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) < n:
+        raise CheckpointError(f"{path}: the file ended inside its header; it is truncated")
+    header = parse_json(
+        raw,
+        f"{path}: safetensors header",
+        max_depth=MAX_HEADER_DEPTH,
+        unique_keys=True,
+        fix="the file is corrupt or not safetensors: copy or download it again",
+    )
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     data_start = 8 + n
@@ -82,18 +110,34 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     meta = header.pop("__metadata__", None) or {}
     entries: dict[str, Entry] = {}
     spans = []
+    stamp = stamp_of(st)
     for name, info in header.items():
-        entry = _entry(path, name, info, data_start, data_size)
+        entry = _entry(path, name, info, data_start, data_size, stamp)
         entries[name] = entry
         spans.append((entry.start, entry.end, name))
     spans.sort()
     for (_s0, e0, n0), (s1, _e1, n1) in itertools.pairwise(spans):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
-    return entries, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return entries, metadata, n
 
 
-def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) -> Entry:
+def _read_exactly(f: Any, n: int) -> bytes:
+    parts = []
+    left = n
+    while left:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _entry(
+    path: Path, name: str, info: Any, data_start: int, data_size: int, stamp: Stamp | None = None
+) -> Entry:
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype_name = info.get("dtype")
@@ -102,43 +146,73 @@ def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) ->
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
+    # bool is an int to Python, but true is no dimension or offset
     if (
         not isinstance(shape, list)
-        or not all(isinstance(s, int) and s >= 0 for s in shape)
+        or not all(type(s) is int and 0 <= s < 2**63 for s in shape)
         or not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
     ):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a malformed shape or data_offsets (shape {_short(shape)}, "
+            f"data_offsets {_short(offsets)}; expected lists of non-negative integers); the file is corrupt"
+        )
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has {len(shape)} dimensions, more than the {MAX_DIMS} a model's "
+            "tensor has; the file is corrupt or not a model's weights"
+        )
     start, end = offsets
     numel = 1
     for s in shape:
         numel *= s
     expected = numel * dtype.itemsize
+    if expected > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} declares shape {tuple(shape)} {dtype_name} ({expected} bytes) "
+            f"but the file's data section holds only {data_size} bytes; the file is corrupt or truncated"
+        )
     if not 0 <= start <= end <= data_size or end - start != expected:
         raise CheckpointError(
             f"{path}: tensor {name!r} declares shape {tuple(shape)} {dtype_name} ({expected} bytes) "
             f"at bytes [{start}, {end}) of a {data_size}-byte data section; the file is corrupt or truncated"
         )
-    return Entry(path, dtype, tuple(shape), data_start + start, data_start + end)
+    return Entry(path, dtype, tuple(shape), data_start + start, data_start + end, stamp)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def read_tensor(entry: Entry, handle: io.RawIOBase | None = None) -> torch.Tensor:
-    """Read one tensor's bytes straight into a new CPU tensor."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes == 0:
-        return out
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    """Read one tensor's bytes straight into a new CPU tensor.
+
+    The file is first checked to be the one whose header was read (same inode, size and
+    modification time): a file replaced or rewritten since would give bytes that are not the tensor.
+    """
     own = handle is None
-    f = handle if handle is not None else open(entry.file, "rb", buffering=0)  # noqa: SIM115
+    f: Any = handle if handle is not None else open_regular(entry.file)
     try:
+        if entry.stamp is not None:
+            check_unchanged(entry.file, entry.stamp, os.fstat(f.fileno()))
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.nbytes == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         f.seek(entry.start)
         got = 0
         while got < entry.nbytes:
             n = f.readinto(buf[got:])
             if not n:
-                raise CheckpointError(f"{entry.file}: unexpected end of file while reading a tensor")
+                raise CheckpointError(
+                    f"{entry.file}: unexpected end of file while reading a tensor; the file changed "
+                    "or was truncated after its header was read: copy or download it again"
+                )
             got += n
+    except OSError as exc:
+        raise CheckpointError(f"{entry.file}: cannot read: {exc.strerror or exc}") from None
     finally:
         if own:
             f.close()
@@ -154,6 +228,11 @@ def map_tensor(entry: Entry, maps: dict[Path, Any]) -> torch.Tensor:
 
     if entry.nbytes == 0 or entry.start % entry.dtype.itemsize:
         return read_tensor(entry)
+    if entry.stamp is not None:
+        try:
+            check_unchanged(entry.file, entry.stamp, os.stat(entry.file))
+        except OSError as exc:
+            raise CheckpointError(f"{entry.file}: cannot read: {exc.strerror or exc}") from None
     mapped = maps.get(entry.file)
     if mapped is None:
         mapped = maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="c")

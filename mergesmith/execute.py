@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from mergesmith import _memory, _output, card, vocab, whole_model
+from mergesmith._json import read_json
 from mergesmith._safetensors import ShardWriter
-from mergesmith.errors import MethodError
+from mergesmith.errors import CheckpointError, MethodError
 from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
+from mergesmith.sources import Checkpoint
 
 __all__ = ["InputStream", "execute", "merge_job"]
 
@@ -291,6 +293,14 @@ def execute(
     return warnings or []
 
 
+def side_files(plan: Plan) -> list[tuple[Checkpoint, tuple[str, ...]]]:
+    """The input files copied into the output: each model with the names copied from it."""
+    out: list[tuple[Checkpoint, tuple[str, ...]]] = [(plan.models[plan.reference], COPIED_FROM_REFERENCE)]
+    if plan.tokenizer_model is not None:
+        out.append((plan.models[plan.tokenizer_model], TOKENIZER_FILES))
+    return out
+
+
 def _write_side_files(
     plan: Plan, stage: Path, names: list[str], digests: dict[Path, str], warnings: list[str]
 ) -> None:
@@ -304,15 +314,11 @@ def _write_side_files(
         (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if plan.out_config:
         (stage / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-    ref_dir = plan.models[plan.reference].dir
-    for name in COPIED_FROM_REFERENCE:
-        if (ref_dir / name).is_file():
-            shutil.copyfile(ref_dir / name, stage / name)
-    if plan.tokenizer_model is not None:
-        tok_dir = plan.models[plan.tokenizer_model].dir
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copyfile(tok_dir / name, stage / name)
+    for model, files in side_files(plan):
+        for name in files:
+            src = model.side_file(name)
+            if src is not None:
+                shutil.copyfile(src, stage / name)
     if plan.vocab is not None and plan.vocab.union and plan.tokenizer_model is not None:
         reference = plan.vocab.vocabs[plan.tokenizer_model]
         if reference is not None and reference.file.name == "tokenizer.json":
@@ -323,7 +329,13 @@ def _write_side_files(
         (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))
         tok_cfg = stage / "tokenizer_config.json"
         if tok_cfg.is_file():
-            data = json.loads(tok_cfg.read_text())
+            data = read_json(tok_cfg, fix="repair tokenizer_config.json or download the model again")
+            if not isinstance(data, dict):
+                source = plan.models[plan.tokenizer_model or 0].dir / tok_cfg.name
+                raise CheckpointError(
+                    f"{source}: expected a JSON object of settings, found a {type(data).__name__}; "
+                    "repair tokenizer_config.json or download the model again"
+                )
             data.pop("chat_template", None)
             tok_cfg.write_text(json.dumps(data, indent=2) + "\n")
     (stage / "README.md").write_text(card.model_card(plan, digests, warnings))

@@ -237,6 +237,11 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
+    from mergesmith.execute import side_files
+
+    for model, names in side_files(plan):  # the files a merge copies must be safe to copy
+        for name in names:
+            model.side_file(name)
     return plan
 
 

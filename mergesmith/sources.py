@@ -8,7 +8,6 @@ A source has ``keys()``, ``info(name)`` (shape and dtype from headers, no data r
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -21,6 +20,9 @@ from typing import Any, Protocol
 import torch
 
 from mergesmith import _safetensors
+from mergesmith._files import Stamp, check_unchanged, open_regular, stamp_of
+from mergesmith._json import read_json
+from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 
 __all__ = ["Checkpoint", "DictSource", "TensorInfo", "TensorSource"]
@@ -31,6 +33,20 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
+
+# Every safetensors header of one model together, and its number of shards: far above any real
+# model, low enough that a hostile index cannot make opening a model take minutes or gigabytes.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_SHARDS = 10_000
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>[0-9]+)-of-(?P<n>[0-9]+)\.(?P<ext>safetensors|bin)$")
+REFETCH = "copy or download the model again"
+# tensors that quantization libraries store beside (or instead of) a module's weight: GPTQ/AWQ
+# (qweight, qzeros, scales, g_idx), bitsandbytes (absmax, quant_map, quant_state, SCB), FP8 scales
+QUANT_KEY = re.compile(
+    r"\.(?:weight\.)?(?P<part>qweight|qzeros|scales|g_idx|absmax|nested_absmax|quant_map|nested_quant_map|"
+    r"quant_state|SCB|weight_format|weight_scale|weight_scale_inv)(?:\.[^.]*)?$"
+)
+QUANT_FIX = "merge the unquantized (float16, bfloat16 or float32) model instead"
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,46 @@ def _plain(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """The line of a ``torch.load`` error that says what was wrong, shortened to fit one line."""
+    lines = [line.strip() for line in _plain(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    line = next((x for x in lines if "Unsupported" in x or "WeightsUnpickler error" in x), lines[0])
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+def _check_file_name(index: Path, tensor: str, rel: str) -> None:
+    """A weight_map value must name a file beside the index: no directories, no ``..``."""
+    if os.path.isabs(rel) or ".." in re.split(r"[/\\]", rel):
+        raise CheckpointError(
+            f"{index}: tensor {tensor!r} points at {rel!r}, outside the model directory; refusing "
+            "(weight_map values name files beside the index)"
+        )
+    if not rel or rel in (".", "..") or any(c in rel for c in "/\\\0"):
+        raise CheckpointError(
+            f"{index}: tensor {tensor!r} points at {rel!r}, which is not a plain file name; refusing "
+            "(weight_map values name files beside the index)"
+        )
+
+
+def _check_state_dict(path: Path, obj: object) -> None:
+    fix = "save the model's state_dict() with torch.save, or convert it to safetensors"
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: expected a dict of tensor names to tensors, found a {type(obj).__name__}; {fix}"
+        )
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"{path}: expected a dict of tensor names to tensors, found the key {key!r} "
+                f"({type(key).__name__}); {fix}"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected a dict of tensor names to tensors, but {key!r} holds a "
+                f"{type(value).__name__}; {fix}"
+            )
+
+
 class Checkpoint:
     """A Hugging Face model directory: its weights (lazily), its config.json, its other files."""
 
@@ -118,8 +174,11 @@ class Checkpoint:
         self._bin: dict[str, Path] = {}
         self._bin_loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._bin_lock = threading.Lock()
+        self._bin_stamps: dict[Path, Stamp] = {}
+        self._header_bytes = 0
         self.weight_files: list[Path] = []
         self._index_weights()
+        self._refuse_quantized()
 
     # -- TensorSource ---------------------------------------------------------------------------
 
@@ -160,73 +219,164 @@ class Checkpoint:
 
     def _read_config(self) -> dict[str, Any]:
         path = self.dir / "config.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             return {}
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+        cfg = read_json(path, fix="repair config.json or download the model again")
         if not isinstance(cfg, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
+            raise CheckpointError(
+                f"{path}: expected a JSON object of settings, found a {type(cfg).__name__}; "
+                "repair config.json or download the model again"
+            )
         return cfg
 
     def _index_weights(self) -> None:
         d = self.dir
-        if (d / "model.safetensors.index.json").is_file():
-            files = self._index_files(d / "model.safetensors.index.json")
+        if os.path.lexists(d / "model.safetensors.index.json"):
+            index = d / "model.safetensors.index.json"
+            weight_map, files = self._index_files(index)
             for f in files:
                 self._add_safetensors(f)
+            self._check_index(index, weight_map, {n: e.file for n, e in self._st.items()})
             return
-        if (d / "model.safetensors").is_file():
-            self._add_safetensors(d / "model.safetensors")
+        if os.path.lexists(d / "model.safetensors"):
+            self._add_safetensors(self._weight_file(d / "model.safetensors"))
             return
-        if (d / "pytorch_model.bin.index.json").is_file():
-            for f in self._index_files(d / "pytorch_model.bin.index.json"):
+        if os.path.lexists(d / "pytorch_model.bin.index.json"):
+            index = d / "pytorch_model.bin.index.json"
+            weight_map, files = self._index_files(index)
+            for f in files:
                 self._add_bin(f)
+            self._check_index(index, weight_map, self._bin)
             return
-        if (d / "pytorch_model.bin").is_file():
-            self._add_bin(d / "pytorch_model.bin")
+        if os.path.lexists(d / "pytorch_model.bin"):
+            self._add_bin(self._weight_file(d / "pytorch_model.bin"))
             return
         others = sorted(d.glob("*.safetensors"))
         if len(others) == 1:
-            self._add_safetensors(others[0])
+            self._add_safetensors(self._weight_file(others[0]))
             return
         raise CheckpointError(
             f"{self.name}: no weights found in {d}; expected one of {', '.join(WEIGHT_FILES)}"
         )
 
-    def _index_files(self, index: Path) -> list[Path]:
+    def _refuse_quantized(self) -> None:
+        """Quantized weights are integers or codes plus scales: merging them as if they were the
+        weights would write garbage, so a quantized model is refused."""
+        for cfg in (self.config, self.config.get("text_config")):
+            if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
+                qc = cfg["quantization_config"]
+                how = qc.get("quant_method") if isinstance(qc, dict) else None
+                kind = f" ({printable(str(how))})" if how else ""
+                raise CheckpointError(
+                    f"{self.dir / 'config.json'}: has a quantization_config{kind}: the weights are "
+                    f"quantized and cannot be merged as they are; {QUANT_FIX}"
+                )
+        keys = self.keys()
+        held = set(keys)
+        for name in keys:
+            m = QUANT_KEY.search(name)
+            if m is None:
+                continue
+            module = name[: m.start()]
+            if m["part"] == "qweight" or f"{module}.weight" in held:
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
+                    f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
+                )
+
+    def _weight_file(self, path: Path, index: Path | None = None) -> Path:
+        """``path``, refused when it is a symlink (or reached through one) leading outside the
+        model directory; a Hub cache snapshot's links into its repository's blobs are inside."""
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
-        # Checked as written, not through symlinks: the Hub cache links every file to a blob.
-        root = Path(os.path.abspath(self.dir))
-        files: list[Path] = []
+            real = path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise CheckpointError(f"{path}: cannot read: {exc}") from None
+        if not _inside(real, _link_root(self.dir)):
+            where = f"{index}: " if index is not None else ""
+            raise CheckpointError(
+                f"{where}{path} is a symlink to {real}, outside the model directory; refusing (copy the "
+                "file into the model directory if it is meant to be there)"
+            )
+        return path
+
+    def _index_files(self, index: Path) -> tuple[dict[str, str], list[Path]]:
+        """The index's weight map and the shard files it names, each checked to be a plain file
+        name of an existing file in the model directory, with no shard of the set left out."""
+        data = read_json(index, fix="repair the index or download the model again")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f"{index}: not a valid index file (expected an object with a weight_map object of tensor "
+                f"names to file names); {REFETCH}"
+            )
+        names: dict[str, str] = {}  # file name -> first tensor placed in it
         for tensor, rel in weight_map.items():
             if not isinstance(rel, str):
                 raise CheckpointError(f"{index}: tensor {tensor!r} maps to {rel!r}, expected a file name")
-            path = Path(os.path.normpath(root / rel))
-            if os.path.isabs(rel) or root not in path.parents:
-                raise CheckpointError(
-                    f"{index}: tensor {tensor!r} points at {rel!r}, outside the model directory; refusing"
-                )
-            if not path.is_file():
+            if rel not in names:
+                _check_file_name(index, tensor, rel)
+                names[rel] = tensor
+                if len(names) > MAX_SHARDS:
+                    raise CheckpointError(
+                        f"{index}: names more than {MAX_SHARDS:,} shard files; the index is corrupt: {REFETCH}"
+                    )
+        files: list[Path] = []
+        for rel, tensor in names.items():
+            path = self.dir / rel
+            if not os.path.lexists(path):
                 raise CheckpointError(f"{index}: tensor {tensor!r} is in {rel}, which does not exist")
-            if path.is_symlink() and not _inside(path.resolve(), _link_root(root)):
+            files.append(self._weight_file(path, index))
+        self._check_shard_set(index, set(names))
+        return weight_map, files
+
+    def _check_shard_set(self, index: Path, listed: set[str]) -> None:
+        """Every shard of a ``NAME-i-of-n`` set, and every such file in the directory, is listed."""
+        sets: set[tuple[str, int, str]] = set()
+        for rel in listed:
+            m = SHARD_NAME.match(rel)
+            if m and len(m["n"]) <= 6:
+                sets.add((m["stem"], int(m["n"]), m["ext"]))
+        for stem, n, ext in sorted(sets):
+            width = max(5, len(str(n)))
+            for i in range(1, min(n, MAX_SHARDS) + 1):
+                rel = f"{stem}-{i:0{width}d}-of-{n:0{width}d}.{ext}"
+                if rel in listed:
+                    continue
+                state = "is in the model directory" if os.path.lexists(self.dir / rel) else "is missing too"
                 raise CheckpointError(
-                    f"{index}: tensor {tensor!r} is in {rel}, a symlink to {path.resolve()}, outside the "
-                    "model directory; refusing (copy the file into the model directory if it is meant to be there)"
+                    f"{index}: no tensor is placed in shard {rel} (shard {i} of {n}), which {state}; the "
+                    f"index or the download is incomplete: {REFETCH}"
                 )
-            if self.dir / rel not in files:
-                files.append(self.dir / rel)
-        return files
+        suffix = index.name.removesuffix(".index.json").rsplit(".", 1)[-1]
+        for p in sorted(self.dir.glob(f"*.{suffix}")):
+            if SHARD_NAME.match(p.name) and p.name not in listed:
+                raise CheckpointError(
+                    f"{index}: {p.name} is in the model directory but not in the index, so its tensors "
+                    "would be left out of the merge; add them to the weight_map or remove the file"
+                )
+
+    def _check_index(self, index: Path, weight_map: Mapping[str, str], held: Mapping[str, Path]) -> None:
+        """Each tensor the index lists is in the shard it names."""
+        for tensor, rel in weight_map.items():
+            where = held.get(tensor)
+            if where is None:
+                raise CheckpointError(
+                    f"{index}: lists tensor {tensor!r} in {rel}, but no shard holds it; the index or the "
+                    f"shard is wrong: {REFETCH}"
+                )
+            if where.name != rel:
+                raise CheckpointError(
+                    f"{index}: lists tensor {tensor!r} in {rel}, but it is in {where.name}; the index or "
+                    f"the shards are wrong: {REFETCH}"
+                )
 
     def _add_safetensors(self, path: Path) -> None:
-        entries, _ = _safetensors.read_header(path)
+        entries, _, n = _safetensors.read_header_sized(
+            path,
+            max_header=MAX_HEADER_BYTES - self._header_bytes,
+            why=f" (all of a model's safetensors headers together may take {MAX_HEADER_BYTES:,} bytes)",
+        )
+        self._header_bytes += n
         for name, entry in entries.items():
             if name in self._st:
                 raise CheckpointError(f"{self.name}: tensor {name!r} appears in two files")
@@ -236,6 +386,8 @@ class Checkpoint:
     def _add_bin(self, path: Path) -> None:
         tensors = self._load_bin(path)
         for name in tensors:
+            if name in self._bin:
+                raise CheckpointError(f"{self.name}: tensor {name!r} appears in two files")
             self._bin[name] = path
         self.weight_files.append(path)
 
@@ -243,7 +395,9 @@ class Checkpoint:
         with self._bin_lock:
             if path in self._bin_loaded:
                 return self._bin_loaded[path]
+            open_regular(path).close()  # refuse a FIFO or device before torch opens it
             try:
+                before = os.stat(path)
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except RuntimeError as exc:
@@ -253,20 +407,39 @@ class Checkpoint:
             except pickle.UnpicklingError as exc:
                 raise CheckpointError(
                     f"{path}: refused to load: the file holds Python objects other than tensors "
-                    f"({_plain(exc).splitlines()[0]}). Only plain state dicts are read; convert the "
+                    f"({_torch_reason(exc)}). Only plain state dicts are read; convert the "
                     "checkpoint to safetensors"
                 ) from None
             except Exception as exc:  # a corrupt file can fail anywhere inside torch.load
-                raise CheckpointError(f"{path}: cannot load: {type(exc).__name__}: {_plain(exc)}") from None
-            if not isinstance(obj, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-            ):
-                raise CheckpointError(f"{path}: expected a dict of tensor names to tensors")
-            self._bin_loaded[path] = obj
-            return obj
+                raise CheckpointError(
+                    f"{path}: cannot load: {type(exc).__name__}: {_torch_reason(exc)}; {REFETCH}"
+                ) from None
+            _check_state_dict(path, obj)
+            self._bin_stamps[path] = stamp_of(before)
+            tensors: dict[str, torch.Tensor] = obj
+            self._bin_loaded[path] = tensors
+            return tensors
 
     def _bin_tensor(self, name: str) -> torch.Tensor:
-        return self._load_bin(self._bin[name])[name]
+        path = self._bin[name]
+        tensors = self._load_bin(path)
+        # the tensors are mapped from the file: one truncated since would fault on access
+        try:
+            check_unchanged(path, self._bin_stamps[path], os.stat(path))
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return tensors[name]
+
+    def side_file(self, name: str) -> Path | None:
+        """The model's file ``name`` (a tokenizer or generation file to copy into the output), None
+        when absent; refused when it is not a regular file or links outside the model directory,
+        so that nothing from elsewhere on the machine is copied into a merged model."""
+        path = self.dir / name
+        if not os.path.lexists(path):
+            return None
+        self._weight_file(path)
+        open_regular(path).close()
+        return path
 
     def other_files(self) -> Iterable[Path]:
         """Files of the directory that are not weights (config, tokenizer, ...)."""

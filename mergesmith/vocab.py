@@ -10,7 +10,10 @@ its tokenizer's ids (padding rows) are matched by index with other models' paddi
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mergesmith._files import stamp_of
+from mergesmith._json import read_json
 from mergesmith.errors import CheckpointError
 
 __all__ = ["RowMap", "Vocab", "align", "merge_rows", "read_vocab", "union_tokenizer"]
@@ -42,32 +47,111 @@ class Vocab:
         return tokens
 
 
+# A tokenizer.json is at most some tens of MB; this is far past any real one.
+MAX_TOKENIZER_BYTES = 512 << 20
+TOKENIZER_FIX = "repair the tokenizer files or download the model again"
+# parsed tokenizer files by (path, device, inode, size, modification time): each is parsed once
+# however many times planning, diagnosis and the writing of the merged tokenizer ask for it
+_CACHE_SIZE = 4
+_parsed: OrderedDict[tuple[str, int, int, int, int], Any] = OrderedDict()
+
+
+def read_tokenizer_json(path: Path, max_bytes: int | None = None) -> Any:
+    """The parsed JSON file ``path`` (bounded as :func:`~mergesmith._json.read_json`), parsed at
+    most once while it stays the same file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    key = (str(path.absolute()), *stamp_of(st))
+    if key in _parsed:
+        _parsed.move_to_end(key)
+        return _parsed[key]
+    data = read_json(
+        path,
+        max_bytes=MAX_TOKENIZER_BYTES if max_bytes is None else max_bytes,
+        fix=TOKENIZER_FIX,
+    )
+    _parsed[key] = data
+    while len(_parsed) > _CACHE_SIZE:
+        _parsed.popitem(last=False)
+    return data
+
+
+def clear_cache() -> None:
+    """Forget every parsed tokenizer file."""
+    _parsed.clear()
+
+
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; {TOKENIZER_FIX}")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _token_ids(path: Path, where: str, table: object) -> dict[str, int]:
+    """A token -> id object, checked: string tokens, non-negative integer ids."""
+    if not isinstance(table, dict):
+        raise _bad(path, f"{where} is {_kind(table)}, expected an object of tokens to ids")
+    ids: dict[str, int] = {}
+    for token, i in table.items():
+        if type(i) is not int or i < 0:
+            raise _bad(path, f"{where}: token {token!r} has id {i!r}, expected a non-negative integer")
+        ids[token] = i
+    return ids
+
+
 def read_vocab(directory: Path) -> Vocab | None:
-    """The vocabulary of a model directory's tokenizer (tokenizer.json, else vocab.json), or None."""
+    """The vocabulary of a model directory's tokenizer (tokenizer.json, else vocab.json), or None.
+
+    Each file is parsed once (see :func:`read_tokenizer_json`) and checked for the shape it must
+    have; a file that is not a regular file, too large, or malformed is a CheckpointError."""
     tok_file = directory / "tokenizer.json"
-    if tok_file.is_file():
-        try:
-            data = json.loads(tok_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{tok_file}: not a readable tokenizer.json ({exc})") from None
-        model = data.get("model") or {}
+    if os.path.lexists(tok_file):
+        data = read_tokenizer_json(tok_file)
+        if not isinstance(data, dict):
+            raise _bad(tok_file, f"the file holds {_kind(data)}, expected a JSON object")
+        model = data.get("model")
+        if model is None:
+            model = {}
+        if not isinstance(model, dict):
+            raise _bad(tok_file, f'"model" is {_kind(model)}, expected an object')
         vocab = model.get("vocab")
         ids: dict[str, int] = {}
-        if isinstance(vocab, dict):
-            ids = {str(t): int(i) for t, i in vocab.items()}
-        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
-            ids = {str(entry[0]): i for i, entry in enumerate(vocab)}
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+            for i, entry in enumerate(vocab):
+                if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+                    raise _bad(tok_file, f'"model.vocab"[{i}] is {entry!r:.60}, expected [piece, score]')
+                ids[entry[0]] = i
+        elif vocab is not None:
+            ids = _token_ids(tok_file, '"model.vocab"', vocab)
         added = {}
-        for entry in data.get("added_tokens") or []:
-            ids[str(entry["content"])] = int(entry["id"])
-            added[str(entry["content"])] = dict(entry)
+        entries = data.get("added_tokens") or []
+        if not isinstance(entries, list):
+            raise _bad(tok_file, f'"added_tokens" is {_kind(entries)}, expected a list')
+        for n, entry in enumerate(entries):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("content"), str)
+                or type(entry.get("id")) is not int
+                or entry["id"] < 0
+            ):
+                raise _bad(
+                    tok_file,
+                    f'"added_tokens"[{n}] is {entry!r:.80}, expected an object with a string content and '
+                    "a non-negative integer id",
+                )
+            ids[entry["content"]] = entry["id"]
+            added[entry["content"]] = dict(entry)
         return Vocab(ids, added, tok_file)
     vocab_file = directory / "vocab.json"
-    if vocab_file.is_file():
-        ids = {str(t): int(i) for t, i in json.loads(vocab_file.read_text(encoding="utf-8")).items()}
+    if os.path.lexists(vocab_file):
+        ids = _token_ids(vocab_file, "the file", read_tokenizer_json(vocab_file))
         extra = directory / "added_tokens.json"
-        if extra.is_file():
-            ids.update({str(t): int(i) for t, i in json.loads(extra.read_text(encoding="utf-8")).items()})
+        if os.path.lexists(extra):
+            ids.update(_token_ids(extra, "the file", read_tokenizer_json(extra)))
         return Vocab(ids, {}, vocab_file)
     return None
 
@@ -103,7 +187,9 @@ def union_keys(first: Sequence[Key], others: Sequence[Sequence[Key]]) -> list[Ke
 
 def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence[Key], stage: Path) -> None:
     """Write ``reference``'s tokenizer.json with the union's new tokens appended as added tokens."""
-    data = json.loads(reference.read_text(encoding="utf-8"))
+    data = copy.copy(read_tokenizer_json(reference))  # the cached document stays as read
+    if not isinstance(data, dict):
+        raise _bad(reference, f"the file holds {_kind(data)}, expected a JSON object")
     added = list(data.get("added_tokens") or [])
     known = {str(e["content"]) for e in added}
     ref_ids = (data.get("model") or {}).get("vocab") or {}
@@ -131,8 +217,15 @@ def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence
     )
     cfg_file = stage / "tokenizer_config.json"
     if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        decoder = cfg.setdefault("added_tokens_decoder", {})
+        cfg = read_json(cfg_file, fix=TOKENIZER_FIX)
+        decoder = cfg.get("added_tokens_decoder", {}) if isinstance(cfg, dict) else None
+        if not isinstance(decoder, dict):
+            # the file is a copy of the tokenizer model's: name that one
+            raise _bad(
+                reference.parent / cfg_file.name,
+                "expected a JSON object whose added_tokens_decoder is an object",
+            )
+        cfg["added_tokens_decoder"] = decoder
         for e in new_entries:
             decoder[str(e["id"])] = {k: v for k, v in e.items() if k != "id"}
         cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
