@@ -332,8 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import json
                 from dataclasses import asdict
 
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump([asdict(s) for s in scores], f, indent=2)
+                from mergesmith.errors import OutputError
+
+                try:
+                    with open(args.json, "w", encoding="utf-8") as f:
+                        json.dump([asdict(s) for s in scores], f, indent=2)
+                except OSError as exc:
+                    raise OutputError(
+                        f"--json {args.json}: cannot write the scores: {exc.strerror}; give a writable path"
+                    ) from None
             return 0
         if args.command == "compare":
             return _compare(args)

@@ -493,3 +493,14 @@ def test_eval_says_which_model_and_task_it_is_on_and_transformers_stays_quiet(
         assert hf_logging.get_verbosity() == hf_logging.ERROR
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.get_verbosity() == before and hf_logging.is_progress_bar_enabled() == bars
+
+
+def test_eval_json_to_an_unwritable_path_is_one_clear_error(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = write_task(tmp_path / "t.jsonl", [("ab", "")])
+    target = tmp_path / "no-such-dir" / "scores.json"
+    assert main(["eval", str(models["silent"]), "--tasks", str(task), "--json", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --json {target}: cannot write the scores: No such file or directory" in err
+    assert "give a writable path" in err and "Traceback" not in err
