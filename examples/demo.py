@@ -58,16 +58,23 @@ def config_for(method: str, skills: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-class Scorer:
-    """Evaluates a model on some tasks once and remembers the scores."""
+def say(line: str) -> None:
+    """A progress line on stderr."""
+    print(line, file=sys.stderr, flush=True)
 
-    def __init__(self) -> None:
+
+class Scorer:
+    """Evaluates a model on some tasks once and remembers the scores; says which of ``total``."""
+
+    def __init__(self, total: int) -> None:
         self.tasks = {s: load_task(ZOO / "tasks" / f"{s}.jsonl") for s in SKILLS}
         self.seconds = 0.0
         self.models = 0
+        self.total = total
 
     def __call__(self, model: str | Path, skills: list[str]) -> dict[str, TaskScore]:
         start = time.perf_counter()
+        say(f"evaluating model {self.models + 1}/{self.total}: {model} on {', '.join(skills)}")
         scores = evaluate(str(model), [self.tasks[s] for s in skills], batch_size=100)
         self.seconds += time.perf_counter() - start
         self.models += 1
@@ -85,7 +92,10 @@ def main() -> int:
         return 1
     os.chdir(ROOT)
     started = time.perf_counter()
-    score = Scorer()
+    groups = [*itertools.combinations(SKILLS, 2), tuple(SKILLS)]
+    examples = sorted((ROOT / "examples").glob("*.yml"))
+    merges = len(groups) * (len(METHODS) + 1) + len(examples)
+    score = Scorer(1 + 2 * len(SKILLS) + merges)
     base = Entry("base", str(ZOO / "models" / "base"), score(ZOO / "models" / "base", SKILLS))
     parents = [Entry(s, str(ZOO / "models" / s), score(ZOO / "models" / s, SKILLS)) for s in SKILLS]
     adapters = [
@@ -96,18 +106,19 @@ def main() -> int:
         )
         for s in SKILLS
     ]
-    groups = [*itertools.combinations(SKILLS, 2), tuple(SKILLS)]
     merged: list[Entry] = []
     merge_seconds = 0.0
     for group in groups:
         label = "+".join(group)
         for method in METHODS:
             out = OUT / "merged" / f"{label}-{method}"
+            say(f"merge {len(merged) + 1}/{merges}: {label} with {method}")
             start = time.perf_counter()
             mergesmith.merge(config_for(method, group), out, force=True, progress=False)
             merge_seconds += time.perf_counter() - start
-            merged.append(Entry(f"{label} {method}", str(out), score(out, list(group)), group))
+            merged.append(Entry(f"{label} {method}", str(out), score(out, list(group)), group, method))
         out = OUT / "adapters" / label
+        say(f"merge {len(merged) + 1}/{merges}: {label} LoRA adapters summed")
         start = time.perf_counter()
         merge_adapters([ZOO / "adapters" / s for s in group], out, force=True)
         merge_seconds += time.perf_counter() - start
@@ -115,8 +126,9 @@ def main() -> int:
         merged.append(
             Entry(f"{label} LoRA-sum", model, score(model, list(group)), tuple(f"{s} LoRA" for s in group))
         )
-    for example in sorted((ROOT / "examples").glob("*.yml")):
+    for example in examples:
         out = OUT / "examples" / example.stem
+        say(f"merge {len(merged) + 1}/{merges}: example {example.name}")
         start = time.perf_counter()
         mergesmith.merge(example, out, force=True, progress=False)
         merge_seconds += time.perf_counter() - start
@@ -126,7 +138,9 @@ def main() -> int:
                 EXAMPLE_PARENTS[r.path] for r in config.referenced_models() if r.path in EXAMPLE_PARENTS
             )
         )
-        merged.append(Entry(f"example {example.stem}", str(out), score(out, list(names)), names))
+        merged.append(
+            Entry(f"example {example.stem}", str(out), score(out, list(names)), names, config.method)
+        )
 
     report = build_report(SKILLS, [*parents, *adapters], merged, base=base, owners={s: s for s in SKILLS})
     written = write_report(report, OUT, stem="report")

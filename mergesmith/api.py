@@ -56,6 +56,7 @@ def merge(
     full_digests: bool = False,
     on_nonfinite: str = "error",
     before: Callable[[Plan], None] | None = None,
+    threads: int | None = None,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -67,9 +68,14 @@ def merge(
     names the inputs that hold them; ``on_nonfinite="warn"`` writes it anyway, with a warning on
     stderr and in the model card. Two merges into the same ``out_dir`` at once are refused.
     ``before`` is called with the validated plan just before the first tensor is merged.
+    ``threads``: torch's threads for the merge (default: the cores the load average leaves idle,
+    see ``mergesmith._threads``); the previous setting is restored afterwards.
     """
+    from mergesmith._threads import positive_threads, using_threads
+
     if on_nonfinite not in ("error", "warn"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
+    positive_threads(threads)
     dev = check_device(device)
     cfg = _config(config)
     if seed is not None:
@@ -81,7 +87,7 @@ def merge(
     _output.check_output(out, [d for m in plan.models for d in m.dirs], force)
     if before is not None:
         before(plan)
-    with _output.staged_output(out) as stage:
+    with using_threads(threads), _output.staged_output(out) as stage:
         execute(
             plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite
         )

@@ -15,6 +15,41 @@ if TYPE_CHECKING:
     from mergesmith.plan import Plan
 
 
+def _at_least_1(text: str) -> int:
+    """A whole number of at least 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _eval_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """--batch-size, --threads and --add-special-tokens, as every evaluating command has them."""
+    p.add_argument(
+        "--batch-size",
+        type=_at_least_1,
+        default=batch_size,
+        help=f"examples per forward pass (default {batch_size})",
+    )
+    p.add_argument(
+        "--add-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tokenize prompts with the special tokens the tokenizer adds, such as BOS (default: yes)",
+    )
+
+
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=_at_least_1,
+        help="torch threads (default: the cores the 1-minute load average leaves idle, at least 1)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergesmith",
@@ -57,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         help="after merging, evaluate base, parents and merged model on these JSONL tasks and write "
         "eval_report.{md,json,png} beside the model",
     )
-    m.add_argument("--batch-size", type=int, default=32, help="--eval: examples per forward pass")
+    _eval_options(m, 32)
+    _threads_option(m)
 
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
     v.add_argument("config")
@@ -80,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TASK",
         help="lm-evaluation-harness task names (needs pip install 'mergesmith[lm-eval]')",
     )
-    ev.add_argument("--limit", type=int, help="--lm-eval: at most this many examples per task")
-    ev.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    ev.add_argument("--limit", type=_at_least_1, help="--lm-eval: at most this many examples per task")
+    _eval_options(ev, 32)
+    _threads_option(ev)
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ev.add_argument("--json", help="also write the scores to this JSON file")
 
@@ -102,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the parent that owns a task (default: the parent that scores best on it)",
     )
     c.add_argument("--out", default=".", help="directory for compare_report.{md,json,png} (default .)")
-    c.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    _eval_options(c, 32)
+    _threads_option(c)
     c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
     dg = sub.add_parser(
@@ -169,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TASK=W",
         help="weight of a task in the objective",
     )
-    t.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    _eval_options(t, 64)
+    _threads_option(t)
     t.add_argument(
         "--stop-early",
         action="store_true",
@@ -263,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminated)
     try:
+        if hasattr(args, "threads"):
+            import torch
+
+            from mergesmith._threads import positive_threads
+
+            torch.set_num_threads(positive_threads(args.threads))
         if args.command == "eval":
             from mergesmith.errors import ConfigError
             from mergesmith.evaluate import evaluate, evaluate_harness, load_task
@@ -272,12 +317,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks = [load_task(p) for p in args.tasks]
             scores = []
             if tasks:
+                _say(f"model 1/1: {args.model}")
                 scores += evaluate(
                     args.model,
                     tasks,
                     batch_size=args.batch_size,
                     device=args.device,
                     progress=sys.stderr.isatty(),
+                    add_special_tokens=args.add_special_tokens,
+                    say=_say,
                 )
             if args.lm_eval:
                 scores += evaluate_harness(
@@ -290,8 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import json
                 from dataclasses import asdict
 
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump([asdict(s) for s in scores], f, indent=2)
+                from mergesmith.errors import OutputError
+
+                try:
+                    with open(args.json, "w", encoding="utf-8") as f:
+                        json.dump([asdict(s) for s in scores], f, indent=2)
+                except OSError as exc:
+                    raise OutputError(
+                        f"--json {args.json}: cannot write the scores: {exc.strerror}; give a writable path"
+                    ) from None
             return 0
         if args.command == "compare":
             return _compare(args)
@@ -421,6 +476,13 @@ def _settle() -> None:
     gc.freeze()
 
 
+def _say(line: str) -> None:
+    """A progress line on stderr, text from files made printable."""
+    from mergesmith._text import printable
+
+    print(printable(line), file=sys.stderr, flush=True)
+
+
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM ends a merge like Ctrl-C: the partial output is removed on the way out."""
     raise KeyboardInterrupt
@@ -435,6 +497,11 @@ def _merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe())
         return 0
+    tasks = []
+    if args.eval:  # a bad task file is found before the merge, not after it
+        from mergesmith.evaluate import load_task
+
+        tasks = [load_task(t) for t in args.eval]
     _settle()
     start = time.perf_counter()
     plan = merge(
@@ -448,6 +515,7 @@ def _merge(args: argparse.Namespace) -> int:
         full_digests=args.full_digests,
         on_nonfinite=args.on_nonfinite,
         before=None if args.no_diagnose else _print_diagnosis,
+        threads=args.threads,
     )
     took = time.perf_counter() - start
     print(
@@ -456,11 +524,9 @@ def _merge(args: argparse.Namespace) -> int:
     )
     if args.eval:
         from mergesmith.config import load_config
-        from mergesmith.evaluate import load_task
         from mergesmith.report import compare, labels, write_report
 
         config = load_config(args.config)
-        tasks = [load_task(t) for t in args.eval]
         base = str(config.base_model) if config.base_model else None
         refs = [str(r) for r in config.referenced_models() if str(r) != base]
         parents = dict(zip(labels(refs), refs))
@@ -472,6 +538,9 @@ def _merge(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             progress=sys.stderr.isatty(),
+            add_special_tokens=args.add_special_tokens,
+            say=_say,
+            methods={"merged": config.method},
         )
         _print_report(report, write_report(report, args.out_dir))
     return 0
@@ -522,6 +591,9 @@ def _tune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         write_best=not args.no_best,
         stop_early=args.stop_early,
+        progress=_say,
+        threads=args.threads,
+        add_special_tokens=args.add_special_tokens,
     )
     start = f"{result.default_objective:.4f}" if result.default_objective is not None else "n/a"
     stopped = f" ({result.stopped_early} stopped early)" if result.stopped_early else ""
@@ -551,6 +623,8 @@ def _compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=sys.stderr.isatty(),
+        add_special_tokens=args.add_special_tokens,
+        say=_say,
     )
     _print_report(report, write_report(report, args.out, stem="compare_report"))
     return 0

@@ -12,16 +12,19 @@ the perplexity its exponential. Needs ``transformers`` (``pip install mergesmith
 from __future__ import annotations
 
 import inspect
-import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergesmith.errors import ConfigError
+from mergesmith._json import parse_json
+from mergesmith._text import printable
+from mergesmith.errors import CheckpointError, ConfigError, MergesmithError
 
 __all__ = [
     "Example",
@@ -32,20 +35,27 @@ __all__ = [
     "judge_batch",
     "load_model",
     "load_task",
+    "quiet_transformers",
     "score",
 ]
+
+# A prompt is tokenized as the model's tokenizer does by default (a BOS token in front where the
+# tokenizer adds one); an answer never has special tokens added.
+Encoded = dict[tuple[str, bool], list[int]]
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str
+    line: int = field(default=0, compare=False)  # where it is in its task file (0: not from a file)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     examples: tuple[Example, ...]
+    path: str = field(default="", compare=False)  # the task file
 
 
 @dataclass(frozen=True)
@@ -60,49 +70,93 @@ class TaskScore:
 def load_task(path: str | Path) -> Task:
     """Read a JSONL task file; every problem names the file and line."""
     file = Path(path)
+    where = printable(str(file))
     if not file.is_file():
-        raise ConfigError(f"{file}: no such task file; a task is a JSONL file of {{prompt, answer}} objects")
+        raise ConfigError(
+            f"{where}: no such task file; a task is a JSONL file of {{prompt, answer}} objects, one a line"
+        )
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the task file: {exc.strerror}") from None
     examples = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    fix = 'write one {"prompt": "...", "answer": "..."} object per line'
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{file}:{number}: not valid JSON ({exc})") from None
+        row = parse_json(raw, f"{where}:{number}", error=ConfigError, fix=fix)
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("prompt"), str)
             or not isinstance(row.get("answer"), str)
         ):
+            found = printable(raw[:80].decode("utf-8", "replace"))
             raise ConfigError(
-                f"{file}:{number}: expected an object with string prompt and answer, found {line[:80]!r}"
+                f"{where}:{number}: expected an object with string prompt and answer, found {found!r}; {fix}"
             )
-        examples.append(Example(row["prompt"], row["answer"]))
+        examples.append(Example(row["prompt"], row["answer"], number))
     if not examples:
-        raise ConfigError(f"{file}: no examples")
-    return Task(file.stem, tuple(examples))
+        raise ConfigError(f"{where}: no examples; {fix}")
+    return Task(file.stem, tuple(examples), str(file))
+
+
+@contextmanager
+def quiet_transformers(quiet: bool | None = None) -> Iterator[None]:
+    """transformers' own progress bars and warnings held back (``quiet`` None: when stderr is not a
+    terminal), restored afterwards."""
+    if quiet is None:
+        quiet = not sys.stderr.isatty()
+    if not quiet:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def load_model(model: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """A model directory, Hub id, or ``base+adapter`` (the adapter's update added to the base)."""
+    """A model directory, Hub id, or ``base+adapter`` (the adapter's update added to the base).
+
+    Safetensors weights are read by transformers; PyTorch ``.bin`` weights by mergesmith's own
+    reader, which loads tensors only (``weights_only``). Any problem is a CheckpointError."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ConfigError("evaluation needs transformers: pip install 'mergesmith[eval]'") from None
+    from mergesmith import _hub
     from mergesmith.config import ModelRef
 
     ref = ModelRef.parse(str(model))
-    if ref.lora is None:
-        where: str | Path = model
-        revision = None
-    else:
-        from mergesmith import _hub
-
-        where = _hub.resolve(ref.path, ref.revision)
-        revision = ref.revision
-    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
-    net: Any = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=torch.float32)
+    where = _hub.resolve(ref.path, ref.revision)
+    name = printable(str(model))
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            if any(where.glob("*.safetensors")) or not any(where.glob("*.bin")):
+                net: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+            else:
+                net = _from_bin(where, AutoConfig, AutoModelForCausalLM)
+    except MergesmithError:
+        raise
+    except Exception as exc:  # transformers fails in many ways on a broken or foreign directory
+        first = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise CheckpointError(
+            f"{name}: cannot load it as a causal language model with its tokenizer "
+            f"({type(exc).__name__}: {first[:300]}); check that {where} holds config.json, the weights "
+            "and the tokenizer files"
+        ) from None
     if ref.lora is not None:
         from mergesmith.lora import AdaptedCheckpoint
         from mergesmith.plan import open_models
@@ -121,8 +175,32 @@ def load_model(model: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     return net, tokenizer
 
 
+def _from_bin(directory: Path, auto_config: Any, auto_model: Any) -> Any:
+    """The model of ``directory`` with its ``.bin`` weights read as tensors only."""
+    from mergesmith.sources import Checkpoint
+
+    source = Checkpoint(directory)
+    names = source.keys()
+    state = {k: source.get(k).float() for k in names}
+    config = auto_config.from_pretrained(directory)
+    net = auto_model.from_config(config, dtype=torch.float32)
+    _missing, unexpected = net.load_state_dict(state, strict=False)
+    net.tie_weights()
+    given = set(state)
+    absent = [n for n, _ in net.named_parameters() if n not in given]
+    if unexpected or absent:
+        raise CheckpointError(
+            f"{printable(str(directory))}: its weights do not fit its config.json: not in the model "
+            f"{unexpected[:5]}, missing {absent[:5]}; check that the weights and config.json belong together"
+        )
+    return net
+
+
 def _continuation(text: str) -> str:
     return text.split("\n", 1)[0].strip()
+
+
+Say = Callable[[str], None]
 
 
 def evaluate(
@@ -132,12 +210,57 @@ def evaluate(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = False,
+    add_special_tokens: bool = True,
+    say: Say | None = None,
 ) -> list[TaskScore]:
-    """Score ``model`` (a directory, Hub id or ``base+adapter``) on every task."""
+    """Score ``model`` (a directory, Hub id or ``base+adapter``) on every task. ``say`` receives a
+    line as each task starts."""
     net, tokenizer = load_model(model, device)
     return score(
-        net, tokenizer, tasks, batch_size=batch_size, device=device, progress=progress, label=str(model)
+        net,
+        tokenizer,
+        tasks,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        label=str(model),
+        add_special_tokens=add_special_tokens,
+        say=say,
     )
+
+
+def check_examples(tokenizer: Any, tasks: Sequence[Task], add_special_tokens: bool = True) -> None:
+    """Refuse an answer holding the text of one of the tokenizer's special tokens (``</s>``...):
+    the text is read as that token, which greedy decoding never prints, so the example could never
+    be right however well the model answers. Refuse an empty prompt the tokenizer puts no token
+    in front of: the model has nothing to continue."""
+    specials = sorted(
+        {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+        | {
+            t.content
+            for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+            if getattr(t, "special", False) and t.content
+        },
+        key=len,
+        reverse=True,
+    )
+    memo: Encoded = {}
+    for task in tasks:
+        for e in task.examples:
+            where = f"{printable(task.path or task.name)}:{e.line}" if e.line else printable(task.name)
+            if not e.prompt and not _encode(tokenizer, e.prompt, memo, add_special_tokens):
+                raise ConfigError(
+                    f"{where}: the prompt is empty and the tokenizer adds no token in front of it, so "
+                    "the model has nothing to continue; give the example a prompt"
+                )
+            hit = next((t for t in specials if t in e.answer), None)
+            if hit is not None:
+                raise ConfigError(
+                    f"{where}: the answer {printable(e.answer[:80])!r} contains {printable(hit)!r}, the text "
+                    "of one of the tokenizer's special tokens, which the evaluation never counts as "
+                    "generated text; remove it from the answer (the answer ends where the model's "
+                    "end-of-sequence token or a newline comes)"
+                )
 
 
 def score(
@@ -150,11 +273,16 @@ def score(
     progress: bool = False,
     label: str = "model",
     with_loss: bool = True,
-    encoded: dict[str, list[int]] | None = None,
+    encoded: Encoded | None = None,
+    add_special_tokens: bool = True,
+    say: Say | None = None,
 ) -> list[TaskScore]:
     """Score a loaded model (see :func:`load_model`) on every task; without ``with_loss`` only
     accuracy is measured (loss and perplexity are NaN). ``encoded`` keeps the token ids of each
-    prompt and answer between calls that score the same tasks again."""
+    prompt and answer between calls that score the same tasks again. ``add_special_tokens``: the
+    prompts are tokenized with the special tokens the tokenizer adds (such as BOS), as the model
+    saw text in training."""
+    check_examples(tokenizer, tasks, add_special_tokens)
     scores = []
     bar = None
     if progress:
@@ -162,14 +290,22 @@ def score(
 
         bar = tqdm(total=sum(len(t.examples) for t in tasks), desc=f"evaluating {label}", unit="ex")
     with torch.no_grad():
-        for task in tasks:
+        for number, task in enumerate(tasks, start=1):
+            if say is not None:
+                say(f"  task {number}/{len(tasks)}: {printable(task.name)} ({len(task.examples)} examples)")
             correct = 0
             total_loss = 0.0
             total_tokens = 0
             for start in range(0, len(task.examples), batch_size):
                 batch = task.examples[start : start + batch_size]
                 flags, loss, tokens = judge_batch(
-                    net, tokenizer, batch, device, with_loss=with_loss, encoded=encoded
+                    net,
+                    tokenizer,
+                    batch,
+                    device,
+                    with_loss=with_loss,
+                    encoded=encoded,
+                    add_special_tokens=add_special_tokens,
                 )
                 correct += sum(flags)
                 total_loss += loss
@@ -193,7 +329,8 @@ def judge_batch(
     *,
     with_loss: bool = False,
     counts: dict[str, int] | None = None,
-    encoded: dict[str, list[int]] | None = None,
+    encoded: Encoded | None = None,
+    add_special_tokens: bool = True,
 ) -> tuple[list[bool], float, int]:
     """Whether the greedy continuation of each prompt is its answer; the summed answer loss and the
     number of answer tokens (0 and 0 without ``with_loss``).
@@ -205,11 +342,13 @@ def judge_batch(
     prediction that could still lead to the answer along other tokens, such as a trailing space)
     are decoded with ``generate``, under the same token budget as the whole batch. ``counts``
     receives how many examples each way settled: ``right``, ``wrong`` and ``generated``;
-    ``encoded`` caches token ids by text.
+    ``encoded`` caches token ids by text. The prompts are tokenized with the special tokens the
+    tokenizer adds in front (``add_special_tokens``; any it appends are left off, since the answer
+    follows), the answers without any.
     """
-    memo = {} if encoded is None else encoded
-    prompts = [_encode(tokenizer, e.prompt, memo) for e in batch]
-    answers = [_encode(tokenizer, e.answer, memo) for e in batch]
+    memo: Encoded = {} if encoded is None else encoded
+    prompts = [_encode(tokenizer, e.prompt, memo, add_special_tokens) for e in batch]
+    answers = [_encode(tokenizer, e.answer, memo, False) for e in batch]
     # prompt + answer, left-padded as generate pads prompts, with the same position ids; only the
     # last `keep` positions need logits: they predict every answer token and the one after it
     rows = [p + a for p, a in zip(prompts, answers)]
@@ -267,10 +406,23 @@ def judge_batch(
     return [bool(f) for f in flags], shifted, tokens
 
 
-def _encode(tokenizer: Any, text: str, memo: dict[str, list[int]]) -> list[int]:
-    ids = memo.get(text)
+def _encode(tokenizer: Any, text: str, memo: Encoded, special: bool = False) -> list[int]:
+    ids = memo.get((text, special))
     if ids is None:
-        ids = memo[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = plain
+        if special:
+            full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            # what the tokenizer puts in front of the text, without what it appends after it
+            at = next(
+                (i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None
+            )
+            if plain and at is not None:
+                ids = full[: at + len(plain)]
+            else:
+                eos = tokenizer.eos_token_id
+                ids = full[:-1] if full and full[-1] == eos and plain[-1:] != [eos] else full
+        memo[(text, special)] = ids
     return ids
 
 

@@ -3,10 +3,12 @@
 A merged model is judged on the tasks it was evaluated on. Each such task is owned by the parent
 of that model that scores best on it (or by the parent the caller names): the merged model's
 normalized accuracy on the task is its accuracy over the owner's, and its average is the mean
-over its tasks. Two warnings:
+over its tasks. The best merge is the one with the highest average among those judged on at
+least two tasks (one task alone says nothing about what a merge kept). Two warnings:
 
-- *collapse*: normalized accuracy below ``collapse_below`` (default 0.5): the merge lost most of
-  that parent's capability (catastrophic interference);
+- *collapse*: normalized accuracy below ``collapse_below`` (default 0.5), both compared as printed
+  (to a tenth of a percent): the merge lost most of that parent's capability (catastrophic
+  interference); the advice depends on the merge method when the entry knows it;
 - *below base*: accuracy under the base model's on a task of the merge (by more than
   ``base_margin``): the merge does worse than not fine-tuning at all.
 
@@ -17,10 +19,11 @@ The report is written as Markdown, JSON and, with matplotlib installed, a PNG he
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 
+from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Task, TaskScore, evaluate
 
@@ -37,6 +40,7 @@ class Entry:
     path: str
     scores: Scores
     parents: tuple[str, ...] = ()  # merged models: the names of the parents merged into it
+    method: str | None = None  # merged models: the merge method, where known
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ class Report:
     warnings: list[Warning] = field(default_factory=list)
 
     def best(self) -> str | None:
-        """The merged model with the highest average normalized accuracy."""
-        return max(self.average, key=lambda n: self.average[n], default=None)
+        """The merged model with the highest average normalized accuracy among those judged on at
+        least two tasks; None when there is none."""
+        judged = [n for n in self.average if len(self.normalized.get(n, {})) >= 2]
+        return max(judged, key=lambda n: self.average[n], default=None)
 
     def to_dict(self) -> dict[str, object]:
         def entry(e: Entry | None) -> dict[str, object] | None:
@@ -70,6 +76,7 @@ class Report:
                 "name": e.name,
                 "path": e.path,
                 "parents": list(e.parents),
+                "method": e.method,
                 "scores": {t: asdict(s) for t, s in e.scores.items()},
             }
 
@@ -98,7 +105,7 @@ class Report:
                 cell = f"{s.accuracy:.1%}"
                 norm = self.normalized.get(e.name, {}).get(t)
                 if norm is not None:
-                    cell += f" ({norm:.0%})"
+                    cell += f" ({_percent(norm)})"
                 if self.owners.get(t) == e.name:
                     cell = f"**{cell}**"
                 cells.append(cell)
@@ -118,7 +125,11 @@ class Report:
         ]
         best = self.best()
         if best is not None:
-            text += ["", f"Best merge: {best} ({self.average[best]:.1%} normalized accuracy on average)."]
+            text += [
+                "",
+                f"Best merge: {best} ({self.average[best]:.1%} normalized accuracy on average over "
+                f"{len(self.normalized[best])} tasks).",
+            ]
         if self.warnings:
             text += ["", "Warnings:", *(f"- {w.message}" for w in self.warnings)]
         return "\n".join(text) + "\n"
@@ -164,16 +175,16 @@ def build_report(
                 continue
             ref = owner.scores[t].accuracy
             norms[t] = m.scores[t].accuracy / ref
-            if norms[t] < collapse_below:
+            if _shown(norms[t]) < _shown(collapse_below):  # as printed: 49.96% is 50.0%, not below it
                 warnings.append(
                     Warning(
                         m.name,
                         t,
                         "collapse",
                         f"{m.name}: {t} collapsed to {m.scores[t].accuracy:.1%} from {ref:.1%} in "
-                        f"{owner.name} ({norms[t]:.0%} normalized, below {collapse_below:.0%}): the merge "
-                        "destroyed this capability (catastrophic interference); lower the other models' "
-                        "weights, or trim with ties/dare",
+                        f"{owner.name} ({_percent(norms[t])} normalized, below {_percent(collapse_below)}): "
+                        "the merge destroyed this capability (catastrophic interference); "
+                        + _advice(m.method),
                     )
                 )
             if base is not None and t in base.scores:
@@ -192,6 +203,52 @@ def build_report(
         if norms:
             average[m.name] = sum(norms.values()) / len(norms)
     return Report(list(tasks), base, list(parents), list(merged), chosen, normalized, average, warnings)
+
+
+def _shown(fraction: float) -> float:
+    """A fraction as printed by :func:`_percent`, in percent."""
+    return round(fraction * 100, 1)
+
+
+def _percent(fraction: float) -> str:
+    return f"{_shown(fraction):.1f}%"
+
+
+# methods that already keep only part of each change (a density): the advice for them is a lower one
+_TRIMMING = {
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "knots_ties",
+}
+
+
+def _advice(method: str | None) -> str:
+    """What to try after a collapse, never the method that was used."""
+    if method in _TRIMMING:
+        return (
+            f"lower the other models' weights, or keep less of each with a lower density than this "
+            f"{method} merge used"
+        )
+    others = [m for m in ("ties", "dare_ties") if m != method]
+    return "lower the other models' weights, or trim with " + " or ".join(others)
+
+
+def method_of(model: str) -> str | None:
+    """The merge method recorded in a model directory mergesmith wrote (None where there is none)."""
+    import yaml
+
+    path = Path(model) / "mergesmith_config.yml"
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    method = doc.get("merge_method") if isinstance(doc, dict) else None
+    return method if isinstance(method, str) else None
 
 
 def labels(models: Sequence[str]) -> list[str]:
@@ -285,17 +342,35 @@ def compare(
     device: str = "cpu",
     progress: bool = False,
     collapse_below: float = 0.5,
+    add_special_tokens: bool = True,
+    say: Callable[[str], None] | None = None,
+    methods: Mapping[str, str | None] | None = None,
 ) -> Report:
     """Evaluate every model and build the report.
 
     ``parents`` maps a label to a model (path, Hub id or ``base+adapter``); ``merged`` maps a label
-    to ``(model, names of its parents)`` (an empty list means all parents).
+    to ``(model, names of its parents)`` (an empty list means all parents). ``say`` receives a line
+    as each model and task starts. ``methods`` gives a merged label's method; otherwise it is read
+    from the ``mergesmith_config.yml`` mergesmith writes beside a merged model.
     """
     cache: dict[str, dict[str, TaskScore]] = {}
+    models = list(
+        dict.fromkeys([*([base] if base else []), *parents.values(), *(p for p, _ in merged.values())])
+    )
 
     def scores(model: str) -> dict[str, TaskScore]:
         if model not in cache:
-            got = evaluate(model, tasks, batch_size=batch_size, device=device, progress=progress)
+            if say is not None:
+                say(f"model {len(cache) + 1}/{len(models)}: {printable(model)}")
+            got = evaluate(
+                model,
+                tasks,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                add_special_tokens=add_special_tokens,
+                say=say,
+            )
             cache[model] = {s.task: s for s in got}
         return cache[model]
 
@@ -307,7 +382,11 @@ def compare(
             )
     base_entry = Entry("base", base, scores(base)) if base else None
     parent_entries = [Entry(n, p, scores(p)) for n, p in parents.items()]
-    merged_entries = [Entry(n, p, scores(p), tuple(names)) for n, (p, names) in merged.items()]
+    known = dict(methods or {})
+    merged_entries = [
+        Entry(n, p, scores(p), tuple(names), known[n] if n in known else method_of(p))
+        for n, (p, names) in merged.items()
+    ]
     return build_report(
         [t.name for t in tasks],
         parent_entries,

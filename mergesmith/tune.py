@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mergesmith.errors import ConfigError
+from mergesmith.evaluate import Encoded, quiet_transformers
 
 __all__ = ["Dimension", "Objective", "TrialRunner", "TuneResult", "search_space", "substitute", "tune"]
 
@@ -218,10 +219,11 @@ class TrialRunner:
         batch_size: int = 64,
         threads: int | None = None,
         objective: Objective | None = None,
+        add_special_tokens: bool = True,
     ) -> None:
         from mergesmith import _memory, _safetensors
         from mergesmith.config import load_config
-        from mergesmith.evaluate import load_task
+        from mergesmith.evaluate import check_examples, load_task
         from mergesmith.plan import build_plan
 
         if threads:
@@ -232,6 +234,7 @@ class TrialRunner:
         self.tasks = [load_task(t) for t in task_files]
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.add_special_tokens = add_special_tokens
         self.objective = objective
         plan = build_plan(load_config(substitute(doc, self.space, midpoint(self.space))))
         # the parents' tensors: views of their safetensors files mapped copy-on-write where they
@@ -250,7 +253,8 @@ class TrialRunner:
                         else source.get(ref.name)
                     )
         self.net, self.tokenizer = _model_from(plan)
-        self.encoded: dict[str, list[int]] = {}  # token ids of the prompts and answers
+        check_examples(self.tokenizer, self.tasks, add_special_tokens)
+        self.encoded: Encoded = {}  # token ids of the prompts and answers
         # per output tensor and input model: what methods keep between trials (see MergeInputs.reuse),
         # at most a float32 copy of each input; kept only when that fits in half the free memory
         self.reuse: dict[str, list[dict[str, Any]]] = {}
@@ -307,7 +311,12 @@ class TrialRunner:
                     if not batch:
                         continue
                     flags, _, _ = judge_batch(
-                        self.net, self.tokenizer, batch, str(self.device), encoded=self.encoded
+                        self.net,
+                        self.tokenizer,
+                        batch,
+                        str(self.device),
+                        encoded=self.encoded,
+                        add_special_tokens=self.add_special_tokens,
                     )
                     right[task.name] += sum(flags)
                     seen[task.name] += len(batch)
@@ -346,12 +355,13 @@ def _model_from(plan: Any) -> tuple[Any, Any]:
     cfg.pop("torch_dtype", None)
     cfg.pop("dtype", None)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with _without_initial_values():
+    with _without_initial_values(), quiet_transformers():
         net: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     net.tie_weights()
     net = net.eval()
     source = plan.models[plan.tokenizer_model if plan.tokenizer_model is not None else plan.reference]
-    tokenizer = AutoTokenizer.from_pretrained(source.dirs[0])
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(source.dirs[0])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return net, tokenizer
@@ -368,10 +378,15 @@ class _RunnerArgs:
     task_files: list[str]
     device: str
     objective: Objective
+    batch_size: int = 64
+    threads: int | None = None  # threads of all runners together (default: the idle cores)
+    add_special_tokens: bool = True
 
     def kwargs(self, workers: int = 1) -> dict[str, Any]:
-        """TrialRunner's arguments, with the cores shared evenly among ``workers`` runners."""
-        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        """TrialRunner's arguments, with the threads shared evenly among ``workers`` runners."""
+        from mergesmith._threads import positive_threads
+
+        threads = max(1, positive_threads(self.threads) // workers)
         return {**asdict(self), "objective": self.objective, "threads": threads}
 
 
@@ -518,7 +533,12 @@ def _recover(study: Any) -> int:
 
 
 def _reference_scores(
-    doc: Mapping[str, Any], tasks: Sequence[str], batch_size: int, device: str
+    doc: Mapping[str, Any],
+    tasks: Sequence[str],
+    batch_size: int,
+    device: str,
+    add_special_tokens: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Scores of the base and each parent on every task (``TaskScore`` fields), evaluated once per
     study: the objective normalizes by them and the best merge's report reuses them."""
@@ -531,8 +551,20 @@ def _reference_scores(
     base = str(cfg.base_model) if cfg.base_model else None
     parents = [str(r) for r in cfg.referenced_models() if str(r) != base]
 
+    models = [*([base] if base else []), *parents]
+
     def scores(model: str) -> dict[str, dict[str, Any]]:
-        return {s.task: asdict(s) for s in evaluate(model, loaded, batch_size=batch_size, device=device)}
+        if say is not None:
+            say(f"model {models.index(model) + 1}/{len(models)}: {model}")
+        got = evaluate(
+            model,
+            loaded,
+            batch_size=batch_size,
+            device=device,
+            add_special_tokens=add_special_tokens,
+            say=say,
+        )
+        return {s.task: asdict(s) for s in got}
 
     return {"base": scores(base) if base else None, "parents": {p: scores(p) for p in parents}}
 
@@ -556,6 +588,8 @@ def tune(
     write_best: bool = True,
     stop_early: bool = False,
     progress: Callable[[str], None] | None = print,
+    threads: int | None = None,
+    add_special_tokens: bool = True,
 ) -> TuneResult:
     """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc."""
     import optuna
@@ -569,6 +603,8 @@ def tune(
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if workers < 1 or trials < 1:
         raise ConfigError("--workers and --trials must be at least 1")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {batch_size}")
     path = Path(config)
     try:
         doc = _yaml.load(path.read_text(encoding="utf-8"))
@@ -601,7 +637,8 @@ def tune(
         trials = min(trials, len(study.trials))
     if "reference" not in study.user_attrs:
         say("evaluating the base and the parents once")
-        study.set_user_attr("reference", _reference_scores(doc, tasks, batch_size, device))
+        reference = _reference_scores(doc, tasks, batch_size, device, add_special_tokens, progress)
+        study.set_user_attr("reference", reference)
         study.set_user_attr("space", [d.name for d in space])
     ref = study.user_attrs["reference"]
     names = [Path(t).stem for t in tasks]
@@ -623,7 +660,7 @@ def tune(
         d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
     }
     runner: _Executor
-    args = _RunnerArgs(doc, list(tasks), device, objective)
+    args = _RunnerArgs(doc, list(tasks), device, objective, batch_size, threads, add_special_tokens)
     if executor == "ray":
         runner = _RayActors(args, workers)
     elif workers > 1:
@@ -653,15 +690,15 @@ def tune(
                 trial.report(value, 0)
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 say(
-                    f"trial {trial.number}: stopped after {result.scored} examples, at most {value:.4f} "
-                    f"(best {beat:.4f}) {values}"
+                    f"trial {ran}/{remaining} (#{trial.number}): stopped after {result.scored} examples, "
+                    f"at most {value:.4f} (best {beat:.4f}) {values}"
                 )
                 continue
             for task, acc in result.accuracy.items():
                 trial.set_user_attr(f"accuracy.{task}", acc)
             study.tell(trial, value)
             best_value = value if best_value is None else max(best_value, value)
-            say(f"trial {trial.number}: objective {value:.4f} {values}")
+            say(f"trial {ran}/{remaining} (#{trial.number}): objective {value:.4f} {values}")
     finally:
         runner.close()
     seconds = (time.perf_counter() - start) / max(1, ran)
@@ -686,7 +723,8 @@ def tune(
     (out / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     files.append(out / "tune_summary.json")
     if write_best:
-        files += _write_best(out, files[0], tasks, ref, batch_size, device)
+        say(f"merging and evaluating the best values into {out / 'best'}")
+        files += _write_best(out, files[0], tasks, ref, batch_size, device, add_special_tokens)
     return TuneResult(dict(best.params), best_value, default, count, seconds, out, files, stopped)
 
 
@@ -732,6 +770,7 @@ def _write_best(
     reference: Mapping[str, Any],
     batch_size: int,
     device: str,
+    add_special_tokens: bool = True,
 ) -> list[Path]:
     """Merge the best config to ``out/best`` and write its merge report there; the base's and the
     parents' scores come from ``reference``, so only the merged model is evaluated."""
@@ -748,8 +787,15 @@ def _write_best(
     refs = list(reference["parents"])
     parents = [entry(n, r, reference["parents"][r]) for n, r in zip(labels(refs), refs)]
     base = reference["base"]
-    got = evaluate(model, [load_task(t) for t in tasks], batch_size=batch_size, device=device)
-    best = Entry("best", str(model), {s.task: s for s in got}, tuple(p.name for p in parents))
+    got = evaluate(
+        model,
+        [load_task(t) for t in tasks],
+        batch_size=batch_size,
+        device=device,
+        add_special_tokens=add_special_tokens,
+    )
+    method = mergesmith.load_config(best_yml).method
+    best = Entry("best", str(model), {s.task: s for s in got}, tuple(p.name for p in parents), method)
     report = build_report(
         [Path(t).stem for t in tasks], parents, [best], base=entry("base", "base", base) if base else None
     )

@@ -281,3 +281,226 @@ def test_one_pass_verdicts_equal_generate_with_a_byte_level_bpe_tokenizer() -> N
                 assert batch[0] == Example("zz", "é") and flags[0]
     # every way of settling is taken, and generate finds right answers the one pass could not settle
     assert min(counts.values()) >= 4 and right > counts["right"], (counts, right)
+
+
+def bos_model(directory: Path) -> Path:
+    """A tiny Llama whose tokenizer puts <s> in front of every text, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    state, cfg = tiny.llama_state(3)
+    tiny.save(directory, state, cfg)
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tiny.VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(str(directory))
+    return directory
+
+
+def test_prompts_start_with_the_bos_token_the_tokenizer_adds_and_only_the_answer_is_scored(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergesmith.evaluate import Example, judge_batch, load_model
+
+    model = bos_model(tmp_path / "bos")
+    rows = [("abc", "de"), ("a", "bcdef"), ("hello", "x"), ("ba", "ab")]
+    task = load_task(write_task(tmp_path / "t.jsonl", rows))
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+
+    def loss(bos: list[int]) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for prompt, answer in rows:
+                p = bos + [tiny.VOCAB.index(c) for c in prompt]
+                a = [tiny.VOCAB.index(c) for c in answer]
+                logp = torch.log_softmax(net(torch.tensor([p + a])).logits[0], -1)
+                total -= sum(float(logp[len(p) + j - 1, t]) for j, t in enumerate(a))
+                count += len(a)
+        return total / count
+
+    with_bos, without = loss([1]), loss([])
+    assert abs(with_bos - without) > 1e-3  # the test can tell the two apart
+    assert evaluate(model, [task], batch_size=3)[0].loss == pytest.approx(with_bos, rel=1e-5)
+    plain = evaluate(model, [task], batch_size=3, add_special_tokens=False)[0]
+    assert plain.loss == pytest.approx(without, rel=1e-5)
+    # every answer token is scored, and nothing else (not the BOS token, not an appended token)
+    loaded, tok = load_model(model)
+    examples = [Example(p, a) for p, a in rows]
+    with torch.no_grad():
+        _, _, tokens = judge_batch(loaded, tok, examples, "cpu", with_loss=True)
+    assert tokens == sum(len(a) for _, a in rows)
+    # the command line: on by default, --no-add-special-tokens turns it off
+    for flag, want in (([], with_bos), (["--no-add-special-tokens"], without)):
+        out = tmp_path / "scores.json"
+        assert main(["eval", str(model), "--tasks", str(task.path), "--json", str(out), *flag]) == 0
+        assert json.loads(out.read_text())[0]["loss"] == pytest.approx(want, rel=1e-5)
+    # an empty prompt: the BOS token is all the model continues from; without it, nothing is
+    empty = load_task(write_task(tmp_path / "empty.jsonl", [("ab", "c"), ("", "x")]))
+    with torch.no_grad():
+        logp = torch.log_softmax(net(torch.tensor([[1, tiny.VOCAB.index("x")]])).logits[0], -1)
+    got = evaluate(model, [load_task(write_task(tmp_path / "e.jsonl", [("", "x")]))])[0]
+    assert got.loss == pytest.approx(-float(logp[0, tiny.VOCAB.index("x")]), rel=1e-5)
+    with pytest.raises(
+        ConfigError, match=r"empty\.jsonl:2: the prompt is empty and the tokenizer adds no token"
+    ):
+        evaluate(model, [empty], add_special_tokens=False)
+
+
+def test_an_answer_holding_a_special_tokens_text_is_refused_with_its_file_and_line(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "</s>" in an answer is read as the end-of-sequence token, which decoding never prints: the
+    # example could never be right, and its loss would look perfect
+    task = write_task(tmp_path / "eos.jsonl", [("ab", "c"), ("ab", "cd</s>")])
+    with pytest.raises(ConfigError) as info:
+        evaluate(models["random"], [load_task(task)])
+    message = str(info.value)
+    assert f"{task}:2: the answer 'cd</s>' contains '</s>'" in message
+    assert "remove it from the answer" in message
+    assert main(["eval", str(models["random"]), "--tasks", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {task}:2: the answer 'cd</s>' contains '</s>'" in err and "Traceback" not in err
+
+
+class _Boom:
+    """Would run code when unpickled without weights_only."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (print, ("unpickled",))
+
+
+def test_eval_reads_bin_weights_as_tensors_only_and_refuses_other_pickles(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, cfg = tiny.llama_state(8)
+    good = tiny.save(tmp_path / "bin", state, cfg, fmt="bin", tokenizer=True)
+    task = write_task(tmp_path / "t.jsonl", [("abc", "de"), ("a", "bcd")])
+    loaded = load_task(task)
+    assert evaluate(good, [loaded]) == evaluate(models["random"], [loaded])  # same weights, same scores
+    bad = tiny.save(tmp_path / "pickle", state, cfg, tokenizer=True)
+    (bad / "model.safetensors").unlink()
+    torch.save({"model.norm.weight": _Boom()}, bad / "pytorch_model.bin")
+    assert main(["eval", str(bad), "--tasks", str(task)]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {bad / 'pytorch_model.bin'}: refused to load" in captured.err
+    assert "convert the checkpoint to safetensors" in captured.err
+    assert "Traceback" not in captured.err and "unpickled" not in captured.out
+
+
+def test_eval_of_a_missing_path_or_an_uncached_hub_id_offline_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    task = write_task(tmp_path / "t.jsonl", [("abc", "de")])
+    missing = tmp_path / "nowhere"
+    assert main(["eval", str(missing), "--tasks", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {missing}: no such directory" in err and "check the path" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["eval", "nobody-here/no-such-model", "--tasks", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert "error: nobody-here/no-such-model: not a local directory, and not in the Hugging Face cache" in err
+    assert "download it first or give a local path" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["eval", "m", "--tasks", "t.jsonl", "--batch-size", "0"],
+            "argument --batch-size: must be at least 1, got 0",
+        ),
+        (["eval", "m", "--lm-eval", "x", "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
+        (
+            ["eval", "m", "--tasks", "t.jsonl", "--threads", "0"],
+            "argument --threads: must be at least 1, got 0",
+        ),
+        (
+            ["compare", "--tasks", "t", "--parents", "a", "--merged", "b", "--batch-size", "0"],
+            "must be at least 1",
+        ),
+        (
+            ["tune", "c.yml", "--tasks", "t", "--threads", "two"],
+            "expected a whole number of at least 1, got 'two'",
+        ),
+        (["merge", "c.yml", "out", "--eval", "t", "--batch-size", "-3"], "must be at least 1, got -3"),
+    ],
+)
+def test_counts_below_one_are_refused_by_the_command_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"prompt": "a", "answer": "b"}\n\n{"prompt": "a", "answer": \n', "t.jsonl:3: not valid JSON"),
+        (
+            b'{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n',
+            "t.jsonl:2: expected an object with string prompt",
+        ),
+        (b'{"prompt": "a", "answer": 3}\n', "t.jsonl:1: expected an object with string prompt and answer"),
+        (b'{"prompt": "\xff", "answer": "b"}\n', "t.jsonl:1: not UTF-8 text"),
+        (b"[" * 100000 + b"]" * 100000 + b"\n", "t.jsonl:1: JSON nested too deeply"),
+        (b'{"prompt": "a", "answer": "b", "n": ' + b"9" * 5000 + b"}\n", "t.jsonl:1: holds an integer"),
+    ],
+)
+def test_task_file_errors_name_the_file_and_line(
+    content: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = tmp_path / "t.jsonl"
+    task.write_bytes(content)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_task(task)
+    assert main(["eval", str(tmp_path / "model"), "--tasks", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert str(task) in err and "Traceback" not in err
+    assert 'one {"prompt": "...", "answer": "..."} object per line' in err
+
+
+def test_eval_says_which_model_and_task_it_is_on_and_transformers_stays_quiet(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from mergesmith.evaluate import quiet_transformers
+
+    first = write_task(tmp_path / "first.jsonl", [("ab", "")])
+    second = write_task(tmp_path / "second.jsonl", [("ab", ""), ("cd", "e")])
+    assert main(["eval", str(models["silent"]), "--tasks", str(first), str(second)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"model 1/1: {models['silent']}",
+        "  task 1/2: first (1 examples)",
+        "  task 2/2: second (2 examples)",
+    ]
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_transformers(True):
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.get_verbosity() == before and hf_logging.is_progress_bar_enabled() == bars
+
+
+def test_eval_json_to_an_unwritable_path_is_one_clear_error(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = write_task(tmp_path / "t.jsonl", [("ab", "")])
+    target = tmp_path / "no-such-dir" / "scores.json"
+    assert main(["eval", str(models["silent"]), "--tasks", str(task), "--json", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --json {target}: cannot write the scores: No such file or directory" in err
+    assert "give a writable path" in err and "Traceback" not in err

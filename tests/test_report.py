@@ -57,6 +57,70 @@ def test_a_merged_model_is_judged_on_the_tasks_of_its_own_parents() -> None:
     assert report.normalized["one"] == pytest.approx({"add": 0.5})
 
 
+def test_a_collapse_is_judged_on_the_normalized_accuracy_as_printed() -> None:
+    # 0.4998 prints as 50.0%: no warning that it is below 50.0%; 0.494 is below as printed
+    near = Entry("near", "n", scores(add=0.9 * 0.4998, rev=0.80))
+    under = Entry("under", "u", scores(add=0.9 * 0.494, rev=0.80))
+    report = build_report(["add", "rev"], [ADD, REV], [near, under])
+    assert [(w.model, w.kind) for w in report.warnings] == [("under", "collapse")]
+    assert "(49.4% normalized, below 50.0%)" in report.warnings[0].message
+    md = report.to_markdown()
+    assert "| near (merged) | 45.0% (50.0%) |" in md and "| under (merged) | 44.5% (49.4%) |" in md
+
+
+@pytest.mark.parametrize(
+    ("method", "advice", "never"),
+    [
+        (None, "lower the other models' weights, or trim with ties or dare_ties", None),
+        ("task_arithmetic", "lower the other models' weights, or trim with ties or dare_ties", None),
+        ("ties", "or keep less of each with a lower density than this ties merge used", "trim with"),
+        (
+            "dare_ties",
+            "or keep less of each with a lower density than this dare_ties merge used",
+            "trim with",
+        ),
+        ("linear", "or trim with ties or dare_ties", None),
+    ],
+)
+def test_collapse_advice_never_suggests_the_method_already_used(
+    method: str | None, advice: str, never: str | None
+) -> None:
+    bad = Entry("bad", "x", scores(add=0.85, rev=0.02), method=method)
+    report = build_report(["add", "rev"], [ADD, REV], [bad])
+    (warning,) = report.warnings
+    assert warning.message.endswith(advice)
+    if never is not None:
+        assert never not in warning.message
+    assert report.to_dict()["merged"][0]["method"] == method  # type: ignore[index]
+
+
+def test_the_best_merge_is_one_judged_on_at_least_two_tasks() -> None:
+    # "solo" scores best on average, but on one task alone
+    solo = Entry("solo", "s", scores(add=0.90), ("add",))
+    pair = Entry("pair", "p", scores(add=0.72, rev=0.64), ("add", "rev"))
+    report = build_report(["add", "rev"], [ADD, REV], [solo, pair])
+    assert report.average["solo"] > report.average["pair"]
+    assert report.best() == "pair"
+    assert "Best merge: pair (80.0% normalized accuracy on average over 2 tasks)." in report.to_markdown()
+    assert build_report(["add", "rev"], [ADD, REV], [solo]).best() is None
+
+
+def test_merge_eval_checks_the_tasks_before_merging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    out = tmp_path / "merged"
+    argv = ["merge", str(zoo_config(tmp_path, 1.0)), str(out), "--no-progress", "--no-diagnose"]
+    assert main([*argv, "--eval", str(ZOO / "tasks" / "add.jsonl"), str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {bad}:2: expected an object with string prompt and answer" in captured.err
+    assert "Traceback" not in captured.err and "merged" not in captured.out
+    assert not out.exists()
+
+
 def test_unknown_parents_and_owners_are_refused() -> None:
     with pytest.raises(ConfigError, match="not a parent"):
         build_report(["add"], [ADD], [], owners={"add": "nobody"})
@@ -73,7 +137,7 @@ def test_report_files(tmp_path: Path) -> None:
     assert data["normalized_accuracy"]["m"] == pytest.approx({"add": 0.5, "rev": 0.5})
     assert [w["kind"] for w in data["warnings"]] == []
     md = (tmp_path / "eval_report.md").read_text()
-    assert "| m (merged) | 45.0% (50%) | 40.0% (50%) | 50.0% |" in md
+    assert "| m (merged) | 45.0% (50.0%) | 40.0% (50.0%) | 50.0% |" in md
     assert "| add (parent) | **90.0%** | 4.0% |" in md
     assert (tmp_path / "eval_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -129,6 +193,7 @@ def test_compare_cli_puts_the_models_side_by_side(tmp_path: Path, capsys: pytest
 
     merged = tmp_path / "merged"
     assert main(["merge", str(zoo_config(tmp_path, 1.0)), str(merged), "--no-progress"]) == 0
+    capsys.readouterr()
     argv = [
         "compare",
         "--tasks",
@@ -154,4 +219,9 @@ def test_compare_cli_puts_the_models_side_by_side(tmp_path: Path, capsys: pytest
     assert data["normalized_accuracy"]["ta"] == pytest.approx(
         {"add": acc["ta"]["add"] / acc["add"]["add"], "rev": acc["ta"]["rev"] / acc["reverser"]["rev"]}
     )
-    assert "| ta (merged) |" in capsys.readouterr().out
+    assert data["merged"][0]["method"] == "task_arithmetic"  # read from the merged model's config
+    captured = capsys.readouterr()
+    assert "| ta (merged) |" in captured.out
+    progress = captured.err.splitlines()
+    assert progress[0] == f"model 1/4: {ZOO / 'models' / 'base'}" and progress[-3] == f"model 4/4: {merged}"
+    assert progress[-2:] == ["  task 1/2: add (200 examples)", "  task 2/2: rev (200 examples)"]

@@ -292,3 +292,37 @@ def test_two_local_worker_processes_find_the_same_best_trial(
     pool = tune(cfg, tasks, tmp_path / "pool", workers=2, **common)
     assert alone.trials == pool.trials == 5
     assert (pool.best_values, pool.best_objective) == (alone.best_values, alone.best_objective)
+
+
+def test_tune_says_each_step_and_gives_its_runner_the_batch_size_and_threads(
+    setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, tasks = setup
+    built: list[tuple[int, int, bool]] = []
+    init = TrialRunner.__init__
+
+    def spy(self: TrialRunner, *args: Any, **kwargs: Any) -> None:
+        built.append((kwargs["batch_size"], kwargs["threads"], kwargs["add_special_tokens"]))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "__init__", spy)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    tune(
+        cfg,
+        tasks,
+        out,
+        trials=3,
+        sampler="grid",
+        grid_steps=2,
+        batch_size=7,
+        threads=1,
+        progress=lines.append,
+    )
+    assert built == [(7, 1, True)]
+    trials = [line for line in lines if line.startswith("trial ")]
+    assert [t.split(" (#")[0] for t in trials] == ["trial 1/3", "trial 2/3", "trial 3/3"]
+    assert f"model 1/3: {ZOO / 'models' / 'base'}" in lines and "  task 2/2: rev (40 examples)" in lines
+    assert f"merging and evaluating the best values into {out / 'best'}" in lines
+    report = json.loads((out / "best" / "eval_report.json").read_text())
+    assert report["merged"][0]["method"] == "ties"

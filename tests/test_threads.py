@@ -1,0 +1,91 @@
+"""The thread policy: the cores the load leaves idle, or --threads N."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergesmith import _threads
+from mergesmith.errors import ConfigError
+from tests import tiny
+
+
+@pytest.mark.parametrize(
+    ("load", "want"),
+    [(0.0, 8), (0.4, 8), (1.6, 6), (2.4, 6), (7.0, 1), (11.3, 1)],
+)
+def test_the_default_is_the_cores_the_load_average_leaves_idle(
+    load: float, want: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert _threads.default_threads() == want
+
+
+def test_without_a_load_average_or_affinity_every_core_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", unknown)
+    assert _threads.default_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert _threads.default_threads() == 1
+
+
+def test_using_threads_sets_torch_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    monkeypatch.setattr(_threads, "default_threads", lambda: 1)
+    with _threads.using_threads() as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    with _threads.using_threads(3) as n:
+        assert n == 3 and torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ConfigError, match=f"threads must be a whole number of at least 1, not {bad!r}"):
+            _threads.positive_threads(bad)  # type: ignore[arg-type]
+
+
+def test_merge_computes_with_the_threads_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mergesmith
+    from mergesmith import api
+
+    state, cfg = tiny.llama_state(1)
+    base = tiny.save(tmp_path / "base", state, cfg)
+    ft = tiny.save(tmp_path / "ft", tiny.finetune(state, 2), cfg)
+    seen: list[int] = []
+    execute = api.execute
+
+    def spy(*args: object, **kwargs: object) -> None:
+        seen.append(torch.get_num_threads())
+        execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api, "execute", spy)
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(ft), "parameters": {"weight": 0.5}}],
+    }
+    torch.set_num_threads(2)
+    try:
+        mergesmith.merge(config, tmp_path / "out", threads=1)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ConfigError, match="threads must be a whole number of at least 1, not 0"):
+            mergesmith.merge(config, tmp_path / "out2", threads=0)
+        assert not (tmp_path / "out2").exists()
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_tune_runners_share_the_threads_and_get_the_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergesmith.tune import Objective, _RunnerArgs
+
+    args = _RunnerArgs({}, [], "cpu", Objective({}), batch_size=7, threads=4, add_special_tokens=False)
+    assert args.kwargs(2)["threads"] == 2 and args.kwargs(1)["threads"] == 4
+    assert args.kwargs(3)["batch_size"] == 7 and args.kwargs(3)["add_special_tokens"] is False
+    monkeypatch.setattr(_threads, "default_threads", lambda: 3)
+    assert _RunnerArgs({}, [], "cpu", Objective({})).kwargs(2)["threads"] == 1
