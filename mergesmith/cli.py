@@ -253,9 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Large CPU tensors on transparent huge pages: fewer page faults when each job allocates
     # fresh full-size buffers. Read by torch when it loads, so it is set before the first import.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from mergesmith._text import printable
     from mergesmith.errors import MergesmithError
 
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
+    previous = _previous_output(args)
     try:
         if args.command == "eval":
             from mergesmith.errors import ConfigError
@@ -279,13 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             print(f"{'task':<20} {'examples':>8} {'accuracy':>8} {'loss':>8} {'ppl':>8}")
             for s in scores:
-                print(f"{s.task:<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}")
+                print(
+                    f"{printable(s.task):<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}"
+                )
             if args.json:
                 import json
                 from dataclasses import asdict
+                from pathlib import Path
 
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump([asdict(s) for s in scores], f, indent=2)
+                from mergesmith._output import atomic_write
+
+                atomic_write(Path(args.json), json.dumps([asdict(s) for s in scores], indent=2) + "\n")
             return 0
         if args.command == "compare":
             return _compare(args)
@@ -293,22 +300,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(args)
         if args.command == "diagnose":
             import time
+            from pathlib import Path
 
+            from mergesmith._output import check_inside
+            from mergesmith.api import validate
             from mergesmith.diagnose import diagnose, write_diagnosis
 
-            config = _diagnose_config(args)
+            plan = validate(_diagnose_config(args))  # type: ignore[arg-type]
+            inputs = [d for m in plan.models for d in m.dirs]
+            if args.out:
+                check_inside(Path(args.out), inputs)
             _settle()
             start = time.perf_counter()
             found = diagnose(
-                config,
+                plan,
                 density=args.density,
                 sample=args.sample,
                 progress=sys.stderr.isatty() and not args.no_progress,
             )
-            print(found.summary())
+            print(printable(found.summary()))
             print(f"diagnosed {found.tensors} tensors per model in {time.perf_counter() - start:.2f} s")
             if args.out:
-                print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out)))
+                print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out, inputs)))
             return 0
         if args.command == "lora":
             from mergesmith.extract import extract_lora
@@ -332,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"merged {len(args.adapters)} adapters ({len(merged)} modules) into {args.out_dir}"
                     + (
-                        f"; worst relative error {worst_merge.relative_error:.3g} ({worst_merge.module})"
+                        f"; worst relative error {worst_merge.relative_error:.3g} ({printable(worst_merge.module)})"
                         if worst_merge
                         else ""
                     )
@@ -352,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             worst = max(reports, key=lambda r: r.relative_error, default=None)
             print(
                 f"extracted {len(reports)} modules into {args.out_dir}"
-                + (f"; worst relative error {worst.relative_error:.3g} ({worst.module})" if worst else "")
+                + (
+                    f"; worst relative error {worst.relative_error:.3g} ({printable(worst.module)})"
+                    if worst
+                    else ""
+                )
             )
             return 0
         if args.command == "methods":
@@ -365,17 +382,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plan = validate(args.config)
             lines = plan.describe().splitlines()
-            print("\n".join(lines[: len(plan.models) + 3]) if args.quiet else "\n".join(lines))
+            print(printable("\n".join(lines[: len(plan.models) + 3]) if args.quiet else "\n".join(lines)))
             print(f"ok: {args.config} is valid", file=sys.stderr)
             return 0
         if args.command == "merge":
             return _merge(args)
     except MergesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {_interrupted(args, previous)}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except BrokenPipeError:
         # the reader went away (e.g. `mergesmith methods | head`): stop quietly
 
@@ -414,9 +431,60 @@ def _settle() -> None:
     gc.freeze()
 
 
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM ends a merge like Ctrl-C: the partial output is removed on the way out."""
-    raise KeyboardInterrupt
+    """SIGTERM and SIGHUP end a command like Ctrl-C: the partial output is removed on the way out
+    and the exit status is 128 + the signal's number."""
+    raise _Signalled(signum)
+
+
+def _previous_output(args: argparse.Namespace) -> bool:
+    """Whether the output directory of a merge or LoRA command holds something already."""
+    out = getattr(args, "out_dir", None)
+    if out is None or not os.path.isdir(out):
+        return False
+    try:
+        with os.scandir(out) as entries:
+            return any(entries)
+    except OSError:
+        return False
+
+
+def _interrupted(args: argparse.Namespace, previous: bool) -> str:
+    """What an interrupted command leaves behind, said accurately."""
+    from mergesmith import _output
+
+    out = getattr(args, "out_dir", None)
+    if out is not None:
+        done = any(os.path.realpath(p) == os.path.realpath(out) for p in _output.completed)
+        if not done:
+            kept = f"; the previous contents of {out} were left untouched" if previous else ""
+            return "no output was written" + kept
+        if args.command == "merge" and args.eval:
+            return f"the merged model in {out} is complete; the evaluation report was not written, or only in part"
+        return f"the output in {out} is complete"
+    if args.command == "eval":
+        return f"no scores were written to {args.json}" if args.json else "nothing was written"
+    if args.command == "diagnose":
+        if not args.out:
+            return "nothing was written"
+        return (
+            f"{args.out} may hold only some of diagnosis.json, diagnosis.html and the plots; each file "
+            "there is whole: run diagnose again for the rest"
+        )
+    if args.command == "tune":
+        return (
+            f"{args.out} is partial: study.db keeps the finished trials (run the same command again to "
+            "go on); best.yml, the summary, the plots and best/ may be missing or from an earlier run"
+        )
+    if args.command == "compare":
+        return f"the report files in {args.out} may be missing or from an earlier run"
+    return "nothing was written"
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -426,7 +494,9 @@ def _merge(args: argparse.Namespace) -> int:
     from mergesmith.plan import parse_size
 
     if args.dry_run:
-        print(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe())
+        from mergesmith._text import printable
+
+        print(printable(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe()))
         return 0
     _settle()
     start = time.perf_counter()
@@ -471,13 +541,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _print_diagnosis(plan: Plan) -> None:
+    from mergesmith._text import printable
     from mergesmith.diagnose import quick_summary
 
     summary = quick_summary(plan)
     if summary is not None:
         print(
             "before merging (`mergesmith diagnose` reads every tensor; --no-diagnose skips this):\n"
-            + summary,
+            + printable(summary),
             file=sys.stderr,
         )
 

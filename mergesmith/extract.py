@@ -145,11 +145,12 @@ def extract_lora(
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    with _output.staged_output(out) as stage:
+    with _output.staged_output(out, [base_ckpt.dir, tuned.dir], force=force, kind="lora extract") as stage:
         writer = ShardWriter(stage / "adapter_model.safetensors", factors)
-        for key, t in tensors.items():
-            writer.write(key, t)
-        writer.close()
+        with writer.aborting():
+            for key, t in tensors.items():
+                writer.write(key, t)
+            writer.close()
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         report = [{"module": r.module, "rank": r.rank, "relative_error": r.relative_error} for r in reports]
         (stage / "extraction_report.json").write_text(json.dumps(report, indent=2) + "\n")

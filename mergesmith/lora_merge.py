@@ -250,13 +250,14 @@ def merge_adapters(
         "task_type": read[0].config.get("task_type"),
         "inference_mode": True,
     }
-    with _output.staged_output(out) as stage:
+    with _output.staged_output(out, [ad.dir for ad in read], force=force, kind="lora merge") as stage:
         writer = ShardWriter(
             stage / "adapter_model.safetensors", {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         )
-        for key, t in tensors.items():
-            writer.write(key, t)
-        writer.close()
+        with writer.aborting():
+            for key, t in tensors.items():
+                writer.write(key, t)
+            writer.close()
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (stage / "merge_report.json").write_text(
             json.dumps(
