@@ -42,22 +42,23 @@ def check_inside(out_dir: Path, inputs: Sequence[Path]) -> None:
             )
 
 
-def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
+def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[int, int] | None:
     """Refuse an output that would overwrite or sit inside an input, or clobber a directory:
     without ``force`` only a missing or empty directory is written; with it, also one this tool
-    wrote earlier (:func:`written_here`)."""
+    wrote earlier (:func:`written_here`). Returns the :func:`identity` of what is there, for
+    :func:`staged_output`'s ``seen``."""
     check_inside(out_dir, inputs)
     out = out_dir.resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out_dir} exists and is not a directory")
     if not out.is_dir():
-        return
+        return None
     try:
         held = sorted(p.name for p in out.iterdir())
     except OSError as exc:
         raise os_error(out_dir, exc, "cannot list the output directory") from None
     if not held:
-        return
+        return identity(out)
     if not force:
         raise OutputError(
             f"output directory {out_dir} exists and is not empty; pass --force (force=True) to replace "
@@ -81,6 +82,7 @@ def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
             "--force replaces only an empty directory or an earlier mergesmith output: move those files "
             "away yourself or choose another directory"
         )
+    return identity(out)
 
 
 def written_here(directory: Path) -> bool:
@@ -199,17 +201,36 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
+def identity(out_dir: Path) -> tuple[int, int] | None:
+    """Which directory is at ``out_dir`` now (device and inode), None when there is none."""
+    try:
+        st = os.stat(out_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+_NOW = object()
+
+
 @contextmanager
 def staged_output(
-    out_dir: Path, inputs: Sequence[Path] = (), *, force: bool = False, kind: str = "merge"
+    out_dir: Path,
+    inputs: Sequence[Path] = (),
+    *,
+    force: bool = False,
+    kind: str = "merge",
+    seen: object = _NOW,
 ) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success it replaces ``out_dir``.
 
     On any failure the staging directory is removed and ``out_dir`` is left as it was. The whole
     time, ``out_dir`` is locked against other merges (:func:`output_lock`); under the lock the
-    output is checked (:func:`check_output`) first and again just before it is swapped in, so a
-    directory that appeared there meanwhile is never replaced unless ``force`` allows it. The
-    staging directory gets the :data:`MARKER` file (``kind`` says what it holds).
+    output is checked (:func:`check_output`) first and again just before it is swapped in. A
+    non-empty directory at ``out_dir`` other than the one ``seen`` there when the caller first
+    checked it (:func:`identity`; by default, when the lock is taken) is never replaced: it
+    appeared while this merge ran. The staging directory gets the :data:`MARKER` file (``kind``
+    says what it holds).
     """
     parent = out_dir.resolve().parent
     try:
@@ -217,13 +238,27 @@ def staged_output(
     except OSError as exc:
         raise os_error(parent, exc, "cannot create the output's parent directory") from None
     with output_lock(out_dir):
-        _recover(parent, out_dir.resolve().name)
+        if _recover(parent, out_dir.resolve().name) or seen is _NOW:
+            seen = identity(out_dir)
         _clean_stale(parent, out_dir.resolve().name)
-        check_output(out_dir, inputs, force)
-        yield from _staged(out_dir, parent, inputs, force, kind)
+        _check_again(out_dir, inputs, force, seen)
+        yield from _staged(out_dir, parent, inputs, force, kind, seen)
 
 
-def _staged(out_dir: Path, parent: Path, inputs: Sequence[Path], force: bool, kind: str) -> Iterator[Path]:
+def _check_again(out_dir: Path, inputs: Sequence[Path], force: bool, seen: object) -> None:
+    check_output(out_dir, inputs, force)
+    now = identity(out_dir)
+    if now is not None and now != seen and any(out_dir.iterdir()):
+        raise OutputError(
+            f"output directory {out_dir} appeared or was replaced while this merge ran (another merge "
+            "or program wrote it); it was left as it is: run the merge again (with --force to replace "
+            "it) or choose another directory"
+        )
+
+
+def _staged(
+    out_dir: Path, parent: Path, inputs: Sequence[Path], force: bool, kind: str, seen: object
+) -> Iterator[Path]:
     stage = parent / f".{out_dir.resolve().name}{PARTIAL}-{os.getpid()}"
     if stage.exists():
         shutil.rmtree(stage)
@@ -234,14 +269,14 @@ def _staged(out_dir: Path, parent: Path, inputs: Sequence[Path], force: bool, ki
     try:
         yield stage
         write_marker(stage, kind)
-        check_output(out_dir, inputs, force)
-        _replace(stage, out_dir.resolve(), out_dir, force)
+        _check_again(out_dir, inputs, force, seen)
+        _replace(stage, out_dir.resolve(), out_dir, force, seen)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
-def _replace(stage: Path, out: Path, shown: Path, force: bool) -> None:
+def _replace(stage: Path, out: Path, shown: Path, force: bool, seen: object) -> None:
     """Put ``stage`` at ``out``. An existing ``out`` is swapped with it in one step where the
     system can (renameat2 RENAME_EXCHANGE); else it is first moved aside under a name the next
     run recognises and puts back (:func:`_recover`) should this process die between the renames."""
@@ -254,7 +289,7 @@ def _replace(stage: Path, out: Path, shown: Path, force: bool) -> None:
         return
     if _exchange(stage, out):
         # ``stage`` now holds the previous output: check it is still what was allowed to go
-        if any(stage.iterdir()) and not (force and written_here(stage)):
+        if any(stage.iterdir()) and (identity(stage) != seen or not (force and written_here(stage))):
             _exchange(stage, out)
             raise OutputError(
                 f"output directory {shown} changed while the merge ran and is no longer an empty "
@@ -313,10 +348,11 @@ def _renameat2() -> Callable[..., int] | None:
     return func
 
 
-def _recover(parent: Path, name: str) -> None:
+def _recover(parent: Path, name: str) -> bool:
     """Put back a previous output that a run which died between the two renames of
-    :func:`_replace` left aside, when nothing took its place."""
+    :func:`_replace` left aside, when nothing took its place; True if one was put back."""
     out = parent / name
+    found = False
     for p in sorted(parent.glob(f".{glob.escape(name)}{PARTIAL}-old-*")):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)) and not out.exists() and not out.is_symlink():
@@ -328,6 +364,8 @@ def _recover(parent: Path, name: str) -> None:
                 f"note: put back {out}, the previous output an interrupted run had moved aside to {p.name}",
                 file=sys.stderr,
             )
+            found = True
+    return found
 
 
 def _clean_stale(parent: Path, name: str) -> None:

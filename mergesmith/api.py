@@ -79,10 +79,10 @@ def merge(
     plan = build_plan(cfg, max_shard_size=max_shard_size)
     out = Path(out_dir)
     inputs = [d for m in plan.models for d in m.dirs]
-    _output.check_output(out, inputs, force)
+    seen = _output.check_output(out, inputs, force)
     if before is not None:
         before(plan)
-    with _output.staged_output(out, inputs, force=force) as stage:
+    with _output.staged_output(out, inputs, force=force, seen=seen) as stage:
         execute(
             plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite
         )

@@ -558,14 +558,16 @@ def _paths(models: Sequence[str]) -> list[str]:
 
 
 def _print_report(report: object, written: Sequence[object]) -> None:
+    from mergesmith._text import printable
     from mergesmith.report import Report
 
     assert isinstance(report, Report)
-    print(report.to_markdown(), end="")
+    print(printable(report.to_markdown()), end="")
     print("report written to " + ", ".join(str(p) for p in written))
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from mergesmith._text import printable
     from mergesmith.tune import tune
 
     weights = {k: float(v) for k, v in _key_values(args.task_weight).items()}  # type: ignore[arg-type]
@@ -592,7 +594,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(
         f"best objective {result.best_objective:.4f} (starting values: {start}) after {result.trials} trials"
         f"{stopped}, {result.seconds_per_trial:.2f} s per trial: "
-        + ", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items())
+        + printable(", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items()))
     )
     print("written: " + ", ".join(str(p) for p in result.files))
     return 0

@@ -85,7 +85,7 @@ def extract_lora(
     if problems:
         raise CompatibilityError(problems)
     out = Path(out_dir)
-    _output.check_output(out, [base_ckpt.dir, tuned.dir], force)
+    seen = _output.check_output(out, [base_ckpt.dir, tuned.dir], force)
     transpose = bool(arch.fan_in_fan_out)
     factors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     plans: list[tuple[str, str]] = []  # (tensor name, kind)
@@ -145,7 +145,9 @@ def extract_lora(
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    with _output.staged_output(out, [base_ckpt.dir, tuned.dir], force=force, kind="lora extract") as stage:
+    with _output.staged_output(
+        out, [base_ckpt.dir, tuned.dir], force=force, kind="lora extract", seen=seen
+    ) as stage:
         writer = ShardWriter(stage / "adapter_model.safetensors", factors)
         with writer.aborting():
             for key, t in tensors.items():

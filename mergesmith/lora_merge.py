@@ -193,7 +193,7 @@ def merge_adapters(
     if problems:
         raise CompatibilityError(problems)
     out = Path(out_dir)
-    _output.check_output(out, [ad.dir for ad in read], force)
+    present = _output.check_output(out, [ad.dir for ad in read], force)
     transpose = bool(read[0].config.get("fan_in_fan_out", False))
     tensors: dict[str, torch.Tensor] = {}
     reports: list[MergedModule] = []
@@ -250,7 +250,9 @@ def merge_adapters(
         "task_type": read[0].config.get("task_type"),
         "inference_mode": True,
     }
-    with _output.staged_output(out, [ad.dir for ad in read], force=force, kind="lora merge") as stage:
+    with _output.staged_output(
+        out, [ad.dir for ad in read], force=force, kind="lora merge", seen=present
+    ) as stage:
         writer = ShardWriter(
             stage / "adapter_model.safetensors", {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         )

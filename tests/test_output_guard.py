@@ -141,6 +141,7 @@ def test_every_output_is_marked_and_force_replaces_marked_or_carded_outputs(
 def test_a_directory_made_at_the_output_while_merging_is_kept(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
 ) -> None:
+    """Someone else's files appear at the output while the merge runs."""
     out = tmp_path / "out"
     real = mergesmith.api.execute
 
@@ -160,6 +161,29 @@ def test_a_directory_made_at_the_output_while_merging_is_kept(
     )
     assert str(info.value).startswith(expected)
     assert tree(out) == {"theirs.txt": hashlib.sha256(b"made meanwhile").hexdigest()}
+    assert hidden(tmp_path) == []
+
+
+def test_an_output_another_merge_made_meanwhile_is_kept_even_with_force(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    merge(config(models), other, max_shard_size=20_000, progress=False)
+    made = tree(other)
+    real = mergesmith.api.execute
+
+    def then_another_merge_finishes(*args: Any, **kwargs: Any) -> list[str]:
+        warnings = real(*args, **kwargs)
+        other.rename(out)
+        return warnings
+
+    monkeypatch.setattr(mergesmith.api, "execute", then_another_merge_finishes)
+    with pytest.raises(OutputError) as info:
+        merge(config(models), out, force=True, progress=False)
+    assert str(info.value).startswith(f"output directory {out} appeared or was replaced while this merge ran")
+    assert "it was left as it is" in str(info.value)
+    assert tree(out) == made
     assert hidden(tmp_path) == []
 
 
@@ -209,13 +233,14 @@ def check_then_wait(out_dir, inputs, force):
         while not Path(sys.argv[2]).exists():
             time.sleep(0.01)
 _output.check_output = check_then_wait
-sys.exit(main(["merge", sys.argv[3], sys.argv[4], "--no-progress", "--no-diagnose"]))
+sys.exit(main(["merge", *sys.argv[3:], "--no-progress", "--no-diagnose"]))
 """
 
 
+@pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("when", ["together", "one after the other"])
 def test_two_merges_into_one_output_one_wins_the_other_is_refused(
-    models: dict[str, Path], tmp_path: Path, when: str
+    models: dict[str, Path], tmp_path: Path, when: str, force: bool
 ) -> None:
     cfg = config_file(models, tmp_path / "ta.yml")
     out = tmp_path / "work" / "merged"
@@ -224,7 +249,8 @@ def test_two_merges_into_one_output_one_wins_the_other_is_refused(
     go = [tmp_path / "go1", tmp_path / "go2"]
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(r), str(g), str(cfg), str(out)],
+            [sys.executable, "-c", RACER, str(r), str(g), str(cfg), str(out)]
+            + (["--force"] if force else []),
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
@@ -245,8 +271,10 @@ def test_two_merges_into_one_output_one_wins_the_other_is_refused(
     assert sorted(codes) == [0, 1], errs
     loser = errs[codes.index(1)]
     assert "Traceback" not in loser
-    assert f"another merge (pid {children[codes.index(0)].pid}) is writing this output" in loser or (
-        f"output directory {out} exists and is not empty" in loser
+    assert (
+        f"another merge (pid {children[codes.index(0)].pid}) is writing this output" in loser
+        or f"output directory {out} exists and is not empty" in loser
+        or f"output directory {out} appeared or was replaced while this merge ran" in loser
     )
     assert tiny.load_state(out).keys() == tiny.load_state(models["base"]).keys()
     assert hidden(out.parent) == []
@@ -560,3 +588,17 @@ def test_tensor_names_from_a_file_are_escaped_on_the_terminal(
     assert code == 0  # a warning
     assert f"warning: {shown}: task_arithmetic produced 1 NaN or infinite values" in err
     assert "\x1b" not in err and "\x1b" not in out
+
+
+def test_task_names_in_a_printed_report_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    from mergesmith.cli import _print_report
+    from mergesmith.evaluate import TaskScore
+    from mergesmith.report import Entry, build_report
+
+    task = "math\x1b]0;pwned\x07"
+    score = {task: TaskScore(task, 4, 0.5, 1.0, 2.7)}
+    report = build_report([task], [Entry("p", "p", score)], [Entry("m", "m", score, ("p",))])
+    _print_report(report, [])
+    out = capsys.readouterr().out
+    assert "math\\x1b]0;pwned\\x07" in out
+    assert "\x1b" not in out and "\x07" not in out
