@@ -106,6 +106,14 @@ def written_here(directory: Path) -> bool:
     return False
 
 
+def write_file(path: Path, text: str) -> None:
+    """Write a UTF-8 text file of an output; a failure is an OutputError naming it and the errno."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise os_error(path, exc) from None
+
+
 def write_marker(directory: Path, kind: str) -> None:
     """Write the :data:`MARKER` file saying this tool wrote ``directory`` and what it holds."""
     from mergesmith import __version__

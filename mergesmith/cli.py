@@ -439,7 +439,9 @@ class _Signalled(KeyboardInterrupt):
 
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM and SIGHUP end a command like Ctrl-C: the partial output is removed on the way out
-    and the exit status is 128 + the signal's number."""
+    and the exit status is 128 + the signal's number. Further ones are ignored while that happens."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise _Signalled(signum)
 
 

@@ -153,15 +153,16 @@ def extract_lora(
             for key, t in tensors.items():
                 writer.write(key, t)
             writer.close()
-        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _output.write_file(stage / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         report = [{"module": r.module, "rank": r.rank, "relative_error": r.relative_error} for r in reports]
-        (stage / "extraction_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _output.write_file(stage / "extraction_report.json", json.dumps(report, indent=2) + "\n")
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
-        (stage / "README.md").write_text(
+        _output.write_file(
+            stage / "README.md",
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-extraction\n---\n\n"
             f"# LoRA adapter extracted with mergesmith\n\nBase: `{base}`; fine-tuned model: `{model}`.\n"
             f"{len(reports)} modules, rank {rank if rank is not None else f'by energy {energy}'}; relative "
-            f"Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (extraction_report.json).\n"
+            f"Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (extraction_report.json).\n",
         )
     return reports

@@ -260,22 +260,24 @@ def merge_adapters(
             for key, t in tensors.items():
                 writer.write(key, t)
             writer.close()
-        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (stage / "merge_report.json").write_text(
+        _output.write_file(stage / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        _output.write_file(
+            stage / "merge_report.json",
             json.dumps(
                 [{"module": r.module, "rank": r.rank, "relative_error": r.relative_error} for r in reports],
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
         inputs = "\n".join(f"- `{p}` × {w:g}" for p, w in zip(adapters, weights))
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
         how = "exact" if rank is None else f"truncated to rank {rank} by SVD of the stacked factors"
-        (stage / "README.md").write_text(
+        _output.write_file(
+            stage / "README.md",
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-merge\n---\n\n# Merged LoRA adapter\n\n"
             f"{'The weighted sum' if method == 'linear' else f'The {method} merge (in the shared SVD basis)'} of these adapters' "
             f"updates, {how}:\n\n{inputs}\n\n"
-            f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n"
+            f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n",
         )
     return reports

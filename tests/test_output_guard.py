@@ -478,6 +478,34 @@ def test_a_full_disk_under_force_gives_one_error_and_keeps_the_old_output(
     assert hidden(out.parent) == []
 
 
+def test_a_full_disk_writing_a_lora_extraction_gives_one_error_and_keeps_the_old_adapter(
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mergesmith.extract import extract_lora
+
+    out = tmp_path / "work" / "adapter"
+    extract_lora(models["base"], models["a"], out, rank=2)
+    before = tree(out)
+    write_text = Path.write_text
+
+    def full(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if self.name == "extraction_report.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    argv = ["lora", "extract", str(models["base"]), str(models["a"]), str(out), "--rank", "1", "--force"]
+    code, _, err = cli(argv, capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "extraction_report.json: cannot write: No space left on device (errno 28 ENOSPC)" in err
+    assert tree(out) == before
+    assert hidden(out.parent) == []
+
+
 def test_an_aborted_shard_is_closed_and_removed(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     writer = ShardWriter(path, {"a": (torch.float32, (2,)), "b": (torch.float32, (2,))})
