@@ -142,7 +142,10 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     """Write ``path`` through a temporary file beside it renamed over it: the file is whole or, on
     any failure, as it was."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise os_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="run a merge config and write the merged model")
     m.add_argument("config", help="YAML merge config (mergekit schema)")
     m.add_argument("out_dir", help="output directory (appears only when the merge is complete)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
     m.add_argument(
@@ -200,7 +204,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store embeddings, norms and other non-matrix tensors whole (modules_to_save) instead of skipping them",
     )
-    ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     lm = lora.add_parser("merge", help="merge LoRA adapters of one base into one adapter (weighted sum)")
     lm.add_argument("out_dir", help="output adapter directory")
     lm.add_argument("adapters", nargs="+", help="adapter directories or Hub ids")
@@ -226,7 +234,11 @@ def _parser() -> argparse.ArgumentParser:
         "--densities", type=float, nargs="+", help="knots_ties: one density per adapter (default 1)"
     )
     lm.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="scale of the merged update")
-    lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    lm.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     return p
 
 

@@ -542,6 +542,10 @@ def test_eval_json_is_written_whole_or_not_at_all(
     monkeypatch.setattr(mergesmith.evaluate, "evaluate", lambda *a, **k: [score])
     assert cli(["eval", "model", "--tasks", str(task), "--json", str(scores)], capsys)[0] == 0
     assert json.loads(scores.read_text())[0]["accuracy"] == 1.0
+    nowhere = tmp_path / "missing" / "scores.json"
+    code, _, err = cli(["eval", "model", "--tasks", str(task), "--json", str(nowhere)], capsys)
+    assert code == 1
+    assert err.startswith(f"error: {nowhere}: cannot write: No such file or directory (errno 2 ENOENT)")
 
 
 def test_diagnose_out_inside_an_input_model_is_refused(
