@@ -634,3 +634,36 @@ def test_task_names_in_a_printed_report_are_escaped(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "math\\x1b]0;pwned\\x07" in out
     assert "\x1b" not in out and "\x07" not in out
+
+
+@pytest.mark.parametrize("command", ["tune", "compare", "eval"])
+def test_interrupted_commands_that_write_several_files_say_what_may_be_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    import mergesmith.tune
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    monkeypatch.setattr(mergesmith.tune, "tune", interrupted)
+    monkeypatch.setattr(mergesmith.report, "compare", interrupted)
+    monkeypatch.setattr(mergesmith.evaluate, "evaluate", interrupted)
+    argv, said = {
+        "tune": (
+            ["tune", "cfg.yml", "--tasks", str(task), "--out", "study"],
+            "interrupted: study is partial: study.db keeps the finished trials",
+        ),
+        "compare": (
+            ["compare", "--tasks", str(task), "--parents", "p", "--merged", "m", "--out", "cmp"],
+            "interrupted: the report files in cmp may be missing or from an earlier run",
+        ),
+        "eval": (
+            ["eval", "model", "--tasks", str(task), "--json", "scores.json"],
+            "interrupted: no scores were written to scores.json",
+        ),
+    }[command]
+    code, _, err = cli(argv, capsys)
+    assert code == 130
+    assert err.startswith(said)
