@@ -667,3 +667,13 @@ def test_interrupted_commands_that_write_several_files_say_what_may_be_partial(
     code, _, err = cli(argv, capsys)
     assert code == 130
     assert err.startswith(said)
+
+
+def test_model_names_in_the_diagnosis_summary_are_escaped(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weird = models["a"].rename(tmp_path / "models" / "ft\x1b[2J")
+    code, out, err = cli(["diagnose", "--base", str(models["base"]), str(weird), "--no-progress"], capsys)
+    assert code == 0
+    assert "ft\\x1b[2J: task vector" in out
+    assert "\x1b" not in out and "\x1b" not in err
