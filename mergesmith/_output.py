@@ -1,23 +1,32 @@
-"""The output directory: refused when unsafe, built beside its final place, renamed in when complete."""
+"""The output directory: refused when unsafe, built beside its final place, swapped in when complete."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import glob
+import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from mergesmith.errors import OutputError
 
 PARTIAL = ".mergesmith-partial"
+MARKER = ".mergesmith"
+"""The file every output this tool writes holds; ``--force`` replaces only such a directory."""
+completed: list[Path] = []
+"""The outputs this process has put in place, for an interrupted command to say what it left."""
 
 
-def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an output that would overwrite or sit inside an input, or clobber a directory."""
+def check_inside(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is, holds or sits inside one of ``inputs``."""
     out = out_dir.resolve()
     for inp in inputs:
         src = inp.resolve()
@@ -31,13 +40,90 @@ def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
                 f"input model {inp} is inside output directory {out_dir}; replacing the output would "
                 "delete the input: choose another output directory"
             )
+
+
+def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[int, int] | None:
+    """Refuse an output that would overwrite or sit inside an input, or clobber a directory:
+    without ``force`` only a missing or empty directory is written; with it, also one this tool
+    wrote earlier (:func:`written_here`). Returns the :func:`identity` of what is there, for
+    :func:`staged_output`'s ``seen``."""
+    check_inside(out_dir, inputs)
+    out = out_dir.resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir():
+        return None
+    try:
+        held = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise os_error(out_dir, exc, "cannot list the output directory") from None
+    if not held:
+        return identity(out)
+    if not force:
         raise OutputError(
             f"output directory {out_dir} exists and is not empty; pass --force (force=True) to replace "
             "it once the new merge is complete, or choose another directory"
         )
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise OutputError(
+            f"--force: output directory {out_dir} is the current directory or holds it; replacing it "
+            "would delete what you are working in: choose a new output directory"
+        )
+    if not written_here(out):
+        from mergesmith._text import printable
+
+        shown = ", ".join(printable(n) for n in held[:5]) + (
+            f" and {len(held) - 5} more" if len(held) > 5 else ""
+        )
+        raise OutputError(
+            f"--force: output directory {out_dir} was not written by mergesmith (no {MARKER} file or "
+            f"mergesmith model card) and replacing it would delete {len(held)} entries ({shown}); "
+            "--force replaces only an empty directory or an earlier mergesmith output: move those files "
+            "away yourself or choose another directory"
+        )
+    return identity(out)
+
+
+def written_here(directory: Path) -> bool:
+    """Whether ``directory`` is an output of this tool: it holds the :data:`MARKER` file, or (an
+    output from before the marker) a README.md whose front matter carries the ``mergesmith`` tag."""
+    try:
+        marker = directory / MARKER
+        if marker.is_file() and not marker.is_symlink() and marker.stat().st_size < 1 << 16:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("written_by") == "mergesmith":
+                return True
+        readme = directory / "README.md"
+        if readme.is_file() and not readme.is_symlink():
+            with open(readme, encoding="utf-8", errors="replace") as f:
+                head = f.read(4096)
+            if head.startswith("---\n"):
+                front = head[4:].split("\n---", 1)[0]
+                return "- mergesmith" in front.splitlines()
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write a UTF-8 text file of an output; a failure is an OutputError naming it and the errno."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise os_error(path, exc) from None
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    """Write the :data:`MARKER` file saying this tool wrote ``directory`` and what it holds."""
+    from mergesmith import __version__
+
+    text = json.dumps({"written_by": "mergesmith", "version": __version__, "kind": kind}) + "\n"
+    path = directory / MARKER
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise os_error(path, exc) from None
 
 
 def os_error(path: Path | str, exc: OSError, doing: str = "cannot write") -> OutputError:
@@ -52,27 +138,59 @@ def os_error(path: Path | str, exc: OSError, doing: str = "cannot write") -> Out
     return OutputError(f"{path}: {doing}: {os.strerror(exc.errno or 0)} (errno {exc.errno} {code}){hint}")
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a temporary file beside it renamed over it: the file is whole or, on
+    any failure, as it was."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise os_error(path, exc) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(path, exc) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out_dir`` for the whole merge: a second merge into the same
     directory is refused instead of interleaving with the first. The lock is a file beside the
-    output, locked with flock, so it is released when the process ends however it ends."""
+    output, locked with flock, so it is released when the process ends however it ends. The file is
+    removed when the lock is let go; a process that locked a file already removed (it opened it
+    before the removal) sees that the path names another file now and tries again."""
     out = out_dir.resolve()
     path = out.parent / f".{out.name}.mergesmith-lock"
-    try:
-        f = open(path, "a+")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise os_error(path, exc, "cannot create the output lock") from None
-    try:
+    while True:
+        try:
+            f = open(path, "a+")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise os_error(path, exc, "cannot create the output lock") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise OutputError(
                 f"{out_dir}: another merge (pid {holder}) is writing this output directory; wait for it "
                 f"to finish or choose another directory (lock file {path})"
             ) from None
+        except BaseException:
+            f.close()
+            raise
+        if _same_file(f.fileno(), path):
+            break
+        f.close()  # the holder removed this file after we opened it: lock the one there now
+    try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -80,17 +198,50 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # while still locked: see above
     finally:
         f.close()
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def identity(out_dir: Path) -> tuple[int, int] | None:
+    """Which directory is at ``out_dir`` now (device and inode), None when there is none."""
+    try:
+        st = os.stat(out_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+_NOW = object()
+
+
 @contextmanager
-def staged_output(out_dir: Path) -> Iterator[Path]:
+def staged_output(
+    out_dir: Path,
+    inputs: Sequence[Path] = (),
+    *,
+    force: bool = False,
+    kind: str = "merge",
+    seen: object = _NOW,
+) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success it replaces ``out_dir``.
 
     On any failure the staging directory is removed and ``out_dir`` is left as it was. The whole
-    time, ``out_dir`` is locked against other merges (:func:`output_lock`).
+    time, ``out_dir`` is locked against other merges (:func:`output_lock`); under the lock the
+    output is checked (:func:`check_output`) first and again just before it is swapped in. A
+    non-empty directory at ``out_dir`` other than the one ``seen`` there when the caller first
+    checked it (:func:`identity`; by default, when the lock is taken) is never replaced: it
+    appeared while this merge ran. The staging directory gets the :data:`MARKER` file (``kind``
+    says what it holds).
     """
     parent = out_dir.resolve().parent
     try:
@@ -98,12 +249,28 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     except OSError as exc:
         raise os_error(parent, exc, "cannot create the output's parent directory") from None
     with output_lock(out_dir):
-        yield from _staged(out_dir, parent)
+        if _recover(parent, out_dir.resolve().name) or seen is _NOW:
+            seen = identity(out_dir)
+        _clean_stale(parent, out_dir.resolve().name)
+        _check_again(out_dir, inputs, force, seen)
+        yield from _staged(out_dir, parent, inputs, force, kind, seen)
 
 
-def _staged(out_dir: Path, parent: Path) -> Iterator[Path]:
-    _clean_stale(parent, out_dir.name)
-    stage = parent / f".{out_dir.name}{PARTIAL}-{os.getpid()}"
+def _check_again(out_dir: Path, inputs: Sequence[Path], force: bool, seen: object) -> None:
+    check_output(out_dir, inputs, force)
+    now = identity(out_dir)
+    if now is not None and now != seen and any(out_dir.iterdir()):
+        raise OutputError(
+            f"output directory {out_dir} appeared or was replaced while this merge ran (another merge "
+            "or program wrote it); it was left as it is: run the merge again (with --force to replace "
+            "it) or choose another directory"
+        )
+
+
+def _staged(
+    out_dir: Path, parent: Path, inputs: Sequence[Path], force: bool, kind: str, seen: object
+) -> Iterator[Path]:
+    stage = parent / f".{out_dir.resolve().name}{PARTIAL}-{os.getpid()}"
     if stage.exists():
         shutil.rmtree(stage)
     try:
@@ -112,25 +279,104 @@ def _staged(out_dir: Path, parent: Path) -> Iterator[Path]:
         raise os_error(stage, exc, "cannot create") from None
     try:
         yield stage
-        _replace(stage, out_dir.resolve())
+        write_marker(stage, kind)
+        _check_again(out_dir, inputs, force, seen)
+        _replace(stage, out_dir.resolve(), out_dir, force, seen)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
-def _replace(stage: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}{PARTIAL}-old-{os.getpid()}"
+def _replace(stage: Path, out: Path, shown: Path, force: bool, seen: object) -> None:
+    """Put ``stage`` at ``out``. An existing ``out`` is swapped with it in one step where the
+    system can (renameat2 RENAME_EXCHANGE); else it is first moved aside under a name the next
+    run recognises and puts back (:func:`_recover`) should this process die between the renames."""
+    if not out.exists():
+        try:
+            stage.rename(out)  # also replaces a directory made empty meanwhile, never a full one
+        except OSError as exc:
+            raise os_error(shown, exc, "cannot move the finished merge into place") from None
+        completed.append(out)
+        return
+    if _exchange(stage, out):
+        # ``stage`` now holds the previous output: check it is still what was allowed to go
+        if any(stage.iterdir()) and (identity(stage) != seen or not (force and written_here(stage))):
+            _exchange(stage, out)
+            raise OutputError(
+                f"output directory {shown} changed while the merge ran and is no longer an empty "
+                "directory or an earlier mergesmith output; it was left as it is: choose another directory"
+            )
+        completed.append(out)
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    old = out.parent / f".{out.name}{PARTIAL}-old-{os.getpid()}"
+    try:
         out.rename(old)
+    except OSError as exc:
+        raise os_error(shown, exc, "cannot move the previous output aside") from None
+    _between_renames()
     try:
         stage.rename(out)
     except OSError as exc:
-        if old is not None:
-            old.rename(out)
-        raise os_error(out, exc, "cannot move the finished merge into place") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old.rename(out)
+        raise os_error(shown, exc, "cannot move the finished merge into place") from None
+    completed.append(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _between_renames() -> None:
+    """Called between the two renames of the fallback replacement (a place for tests to stop)."""
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where it is not
+    available (another system, an old C library or kernel, a file system without it)."""
+    func = _renameat2()
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise os_error(b, OSError(code, os.strerror(code)), "cannot swap in the finished merge")
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def _recover(parent: Path, name: str) -> bool:
+    """Put back a previous output that a run which died between the two renames of
+    :func:`_replace` left aside, when nothing took its place; True if one was put back."""
+    out = parent / name
+    found = False
+    for p in sorted(parent.glob(f".{glob.escape(name)}{PARTIAL}-old-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)) and not out.exists() and not out.is_symlink():
+            try:
+                p.rename(out)
+            except OSError as exc:
+                raise os_error(p, exc, f"cannot put the previous output back at {out}") from None
+            print(
+                f"note: put back {out}, the previous output an interrupted run had moved aside to {p.name}",
+                file=sys.stderr,
+            )
+            found = True
+    return found
 
 
 def _clean_stale(parent: Path, name: str) -> None:

@@ -7,7 +7,8 @@ import itertools
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,8 +280,12 @@ class ShardWriter:
         self.next = 0
         try:
             self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise os_error(path, exc) from None
+        try:
             self.f.write(head)
         except OSError as exc:
+            self.abort()
             raise os_error(path, exc) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -298,13 +303,30 @@ class ShardWriter:
             raise os_error(self.path, exc, f"writing {name} failed") from None
         self.next += 1
 
+    def abort(self) -> None:
+        """Give up the file after a failure: closed (an error closing it, such as the flush of a
+        full disk failing again, is ignored: the first error is the one reported) and removed."""
+        with suppress(OSError):
+            self.f.close()
+        self.path.unlink(missing_ok=True)
+
+    @contextmanager
+    def aborting(self) -> Iterator[ShardWriter]:
+        """Within the block, any failure calls :meth:`abort` before it propagates."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+
     def close(self) -> None:
         if self.next != len(self.order):
-            self.f.close()
+            self.abort()
             raise OutputError(f"{self.path}: closed after {self.next} of {len(self.order)} tensors")
         try:
             self.f.flush()
             os.fsync(self.f.fileno())
             self.f.close()
         except OSError as exc:
+            self.abort()
             raise os_error(self.path, exc, "cannot finish the file") from None

@@ -84,10 +84,11 @@ def merge(
         cfg = replace(cfg, seed=seed)
     plan = build_plan(cfg, max_shard_size=max_shard_size)
     out = Path(out_dir)
-    _output.check_output(out, [d for m in plan.models for d in m.dirs], force)
+    inputs = [d for m in plan.models for d in m.dirs]
+    seen = _output.check_output(out, inputs, force)
     if before is not None:
         before(plan)
-    with using_threads(threads), _output.staged_output(out) as stage:
+    with using_threads(threads), _output.staged_output(out, inputs, force=force, seen=seen) as stage:
         execute(
             plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite
         )

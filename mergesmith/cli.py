@@ -61,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="run a merge config and write the merged model")
     m.add_argument("config", help="YAML merge config (mergekit schema)")
     m.add_argument("out_dir", help="output directory (appears only when the merge is complete)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
     m.add_argument(
@@ -239,7 +243,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store embeddings, norms and other non-matrix tensors whole (modules_to_save) instead of skipping them",
     )
-    ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     lm = lora.add_parser("merge", help="merge LoRA adapters of one base into one adapter (weighted sum)")
     lm.add_argument("out_dir", help="output adapter directory")
     lm.add_argument("adapters", nargs="+", help="adapter directories or Hub ids")
@@ -265,7 +273,11 @@ def _parser() -> argparse.ArgumentParser:
         "--densities", type=float, nargs="+", help="knots_ties: one density per adapter (default 1)"
     )
     lm.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="scale of the merged update")
-    lm.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    lm.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
     lm.add_argument(
         "--on-nonfinite",
         choices=["error", "warn"],
@@ -298,9 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Large CPU tensors on transparent huge pages: fewer page faults when each job allocates
     # fresh full-size buffers. Read by torch when it loads, so it is set before the first import.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from mergesmith._text import printable
     from mergesmith.errors import MergesmithError
 
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
+    previous = _previous_output(args)
     try:
         if hasattr(args, "threads"):
             import torch
@@ -333,20 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             print(f"{'task':<20} {'examples':>8} {'accuracy':>8} {'loss':>8} {'ppl':>8}")
             for s in scores:
-                print(f"{s.task:<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}")
+                print(
+                    f"{printable(s.task):<20} {s.examples:>8} {s.accuracy:>8.3f} {s.loss:>8.4f} {s.perplexity:>8.3f}"
+                )
             if args.json:
                 import json
                 from dataclasses import asdict
+                from pathlib import Path
 
-                from mergesmith.errors import OutputError
+                from mergesmith._output import atomic_write
 
-                try:
-                    with open(args.json, "w", encoding="utf-8") as f:
-                        json.dump([asdict(s) for s in scores], f, indent=2)
-                except OSError as exc:
-                    raise OutputError(
-                        f"--json {args.json}: cannot write the scores: {exc.strerror}; give a writable path"
-                    ) from None
+                atomic_write(Path(args.json), json.dumps([asdict(s) for s in scores], indent=2) + "\n")
             return 0
         if args.command == "compare":
             return _compare(args)
@@ -354,22 +366,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(args)
         if args.command == "diagnose":
             import time
+            from pathlib import Path
 
+            from mergesmith._output import check_inside
+            from mergesmith.api import validate
             from mergesmith.diagnose import diagnose, write_diagnosis
 
-            config = _diagnose_config(args)
+            plan = validate(_diagnose_config(args))  # type: ignore[arg-type]
+            inputs = [d for m in plan.models for d in m.dirs]
+            if args.out:
+                check_inside(Path(args.out), inputs)
             _settle()
             start = time.perf_counter()
             found = diagnose(
-                config,
+                plan,
                 density=args.density,
                 sample=args.sample,
                 progress=sys.stderr.isatty() and not args.no_progress,
             )
-            print(found.summary())
+            print(printable(found.summary()))
             print(f"diagnosed {found.tensors} tensors per model in {time.perf_counter() - start:.2f} s")
             if args.out:
-                print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out)))
+                print("written: " + ", ".join(str(p) for p in write_diagnosis(found, args.out, inputs)))
             return 0
         if args.command == "lora":
             from mergesmith.extract import extract_lora
@@ -394,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"merged {len(args.adapters)} adapters ({len(merged)} modules) into {args.out_dir}"
                     + (
-                        f"; worst relative error {worst_merge.relative_error:.3g} ({worst_merge.module})"
+                        f"; worst relative error {worst_merge.relative_error:.3g} ({printable(worst_merge.module)})"
                         if worst_merge
                         else ""
                     )
@@ -414,7 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             worst = max(reports, key=lambda r: r.relative_error, default=None)
             print(
                 f"extracted {len(reports)} modules into {args.out_dir}"
-                + (f"; worst relative error {worst.relative_error:.3g} ({worst.module})" if worst else "")
+                + (
+                    f"; worst relative error {worst.relative_error:.3g} ({printable(worst.module)})"
+                    if worst
+                    else ""
+                )
             )
             return 0
         if args.command == "methods":
@@ -427,17 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plan = validate(args.config)
             lines = plan.describe().splitlines()
-            print("\n".join(lines[: len(plan.models) + 3]) if args.quiet else "\n".join(lines))
+            print(printable("\n".join(lines[: len(plan.models) + 3]) if args.quiet else "\n".join(lines)))
             print(f"ok: {args.config} is valid", file=sys.stderr)
             return 0
         if args.command == "merge":
             return _merge(args)
     except MergesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {_interrupted(args, previous)}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except BrokenPipeError:
         # the reader went away (e.g. `mergesmith methods | head`): stop quietly
 
@@ -483,9 +505,62 @@ def _say(line: str) -> None:
     print(printable(line), file=sys.stderr, flush=True)
 
 
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM ends a merge like Ctrl-C: the partial output is removed on the way out."""
-    raise KeyboardInterrupt
+    """SIGTERM and SIGHUP end a command like Ctrl-C: the partial output is removed on the way out
+    and the exit status is 128 + the signal's number. Further ones are ignored while that happens."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise _Signalled(signum)
+
+
+def _previous_output(args: argparse.Namespace) -> bool:
+    """Whether the output directory of a merge or LoRA command holds something already."""
+    out = getattr(args, "out_dir", None)
+    if out is None or not os.path.isdir(out):
+        return False
+    try:
+        with os.scandir(out) as entries:
+            return any(entries)
+    except OSError:
+        return False
+
+
+def _interrupted(args: argparse.Namespace, previous: bool) -> str:
+    """What an interrupted command leaves behind, said accurately."""
+    from mergesmith import _output
+
+    out = getattr(args, "out_dir", None)
+    if out is not None:
+        done = any(os.path.realpath(p) == os.path.realpath(out) for p in _output.completed)
+        if not done:
+            kept = f"; the previous contents of {out} were left untouched" if previous else ""
+            return "no output was written" + kept
+        if args.command == "merge" and args.eval:
+            return f"the merged model in {out} is complete; the evaluation report was not written, or only in part"
+        return f"the output in {out} is complete"
+    if args.command == "eval":
+        return f"no scores were written to {args.json}" if args.json else "nothing was written"
+    if args.command == "diagnose":
+        if not args.out:
+            return "nothing was written"
+        return (
+            f"{args.out} may hold only some of diagnosis.json, diagnosis.html and the plots; each file "
+            "there is whole: run diagnose again for the rest"
+        )
+    if args.command == "tune":
+        return (
+            f"{args.out} is partial: study.db keeps the finished trials (run the same command again to "
+            "go on); best.yml, the summary, the plots and best/ may be missing or from an earlier run"
+        )
+    if args.command == "compare":
+        return f"the report files in {args.out} may be missing or from an earlier run"
+    return "nothing was written"
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -495,7 +570,9 @@ def _merge(args: argparse.Namespace) -> int:
     from mergesmith.plan import parse_size
 
     if args.dry_run:
-        print(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe())
+        from mergesmith._text import printable
+
+        print(printable(validate(args.config, max_shard_size=parse_size(args.max_shard_size)).describe()))
         return 0
     tasks = []
     if args.eval:  # a bad task file is found before the merge, not after it
@@ -547,13 +624,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _print_diagnosis(plan: Plan) -> None:
+    from mergesmith._text import printable
     from mergesmith.diagnose import quick_summary
 
     summary = quick_summary(plan)
     if summary is not None:
         print(
             "before merging (`mergesmith diagnose` reads every tensor; --no-diagnose skips this):\n"
-            + summary,
+            + printable(summary),
             file=sys.stderr,
         )
 
@@ -563,14 +641,16 @@ def _paths(models: Sequence[str]) -> list[str]:
 
 
 def _print_report(report: object, written: Sequence[object]) -> None:
+    from mergesmith._text import printable
     from mergesmith.report import Report
 
     assert isinstance(report, Report)
-    print(report.to_markdown(), end="")
+    print(printable(report.to_markdown()), end="")
     print("report written to " + ", ".join(str(p) for p in written))
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from mergesmith._text import printable
     from mergesmith.tune import tune
 
     weights = {k: float(v) for k, v in _key_values(args.task_weight).items()}  # type: ignore[arg-type]
@@ -600,7 +680,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(
         f"best objective {result.best_objective:.4f} (starting values: {start}) after {result.trials} trials"
         f"{stopped}, {result.seconds_per_trial:.2f} s per trial: "
-        + ", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items())
+        + printable(", ".join(f"{k}={v:.4g}" for k, v in result.best_values.items()))
     )
     print("written: " + ", ".join(str(p) for p in result.files))
     return 0

@@ -17,12 +17,14 @@ tensor, as a merge reads them, each input tensor once:
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergesmith import _memory
+from mergesmith import _memory, _output
 from mergesmith.api import _config
 from mergesmith.errors import CheckpointError, ConfigError
 from mergesmith.execute import read_inputs, to_compute
@@ -581,16 +583,22 @@ def untouched_all(diagnosis: Diagnosis, model: str) -> bool:
     return diagnosis.untouched[model] == diagnosis.tensors
 
 
-def write_diagnosis(diagnosis: Diagnosis, directory: str | Path) -> list[Path]:
+def write_diagnosis(diagnosis: Diagnosis, directory: str | Path, inputs: Sequence[Path] = ()) -> list[Path]:
     """``diagnosis.json``, and ``diagnosis.html`` with its PNG plots beside it (when matplotlib is
-    installed); the HTML needs no server."""
+    installed); the HTML needs no server. Each file is written whole or not at all (through a
+    temporary file renamed into place). A ``directory`` inside one of ``inputs`` (the models'
+    directories) is refused."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _output.check_inside(out, inputs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _output.os_error(out, exc, "cannot create the directory") from None
     written = [out / "diagnosis.json"]
-    written[0].write_text(json.dumps(asdict(diagnosis), indent=2) + "\n", encoding="utf-8")
+    _output.atomic_write(written[0], json.dumps(asdict(diagnosis), indent=2) + "\n")
     plots = _plots(diagnosis, out)
     html = out / "diagnosis.html"
-    html.write_text(_html(diagnosis, plots), encoding="utf-8")
+    _output.atomic_write(html, _html(diagnosis, plots))
     return [*written, html, *plots]
 
 
@@ -605,8 +613,10 @@ def _plots(d: Diagnosis, out: Path) -> list[Path]:
 
     def save(fig: Any, name: str) -> Path:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        data = io.BytesIO()
+        fig.savefig(data, dpi=100, format="png")
         plt.close(fig)
+        _output.atomic_write(out / name, data.getvalue())
         return out / name
 
     def per_layer(series: dict[str, dict[str, float]], ylabel: str, title: str, name: str) -> Path:

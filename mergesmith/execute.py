@@ -15,6 +15,7 @@ import torch
 from mergesmith import _memory, _output, card, vocab, whole_model
 from mergesmith._json import read_json
 from mergesmith._safetensors import ShardWriter
+from mergesmith._text import printable
 from mergesmith.errors import CheckpointError, MethodError
 from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
@@ -279,13 +280,13 @@ def execute(
                 writer = None
         finally:
             if writer is not None:
-                writer.f.close()
+                writer.abort()
             if bar is not None:
                 bar.close()
         for path, fut in digest_jobs.items():
             digests[path] = fut.result()
     for message in warnings or ():
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {printable(message)}", file=sys.stderr)
     try:
         _write_side_files(plan, stage, names, digests, warnings or [])
     except OSError as exc:

@@ -99,7 +99,7 @@ def extract_lora(
     if problems:
         raise CompatibilityError(problems)
     out = Path(out_dir)
-    _output.check_output(out, [base_ckpt.dir, tuned.dir], force)
+    seen = _output.check_output(out, [base_ckpt.dir, tuned.dir], force)
     transpose = bool(arch.fan_in_fan_out)
     factors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     plans: list[tuple[str, str]] = []  # (tensor name, kind)
@@ -164,20 +164,24 @@ def extract_lora(
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    with _output.staged_output(out) as stage:
+    with _output.staged_output(
+        out, [base_ckpt.dir, tuned.dir], force=force, kind="lora extract", seen=seen
+    ) as stage:
         writer = ShardWriter(stage / "adapter_model.safetensors", factors)
-        for key, t in tensors.items():
-            writer.write(key, t)
-        writer.close()
-        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with writer.aborting():
+            for key, t in tensors.items():
+                writer.write(key, t)
+            writer.close()
+        _output.write_file(stage / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         report = [{"module": r.module, "rank": r.rank, "relative_error": r.relative_error} for r in reports]
-        (stage / "extraction_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _output.write_file(stage / "extraction_report.json", json.dumps(report, indent=2) + "\n")
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
-        (stage / "README.md").write_text(
+        _output.write_file(
+            stage / "README.md",
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-extraction\n---\n\n"
             f"# LoRA adapter extracted with mergesmith\n\nBase: `{base}`; fine-tuned model: `{model}`.\n"
             f"{len(reports)} modules, rank {rank if rank is not None else f'by energy {energy}'}; relative "
-            f"Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (extraction_report.json).\n"
+            f"Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (extraction_report.json).\n",
         )
     return reports

@@ -220,7 +220,7 @@ def merge_adapters(
     if problems:
         raise CompatibilityError(problems)
     out = Path(out_dir)
-    _output.check_output(out, [ad.dir for ad in read], force)
+    present = _output.check_output(out, [ad.dir for ad in read], force)
     transpose = bool(read[0].config.get("fan_in_fan_out", False))
     tensors: dict[str, torch.Tensor] = {}
     reports: list[MergedModule] = []
@@ -295,20 +295,24 @@ def merge_adapters(
         "task_type": read[0].config.get("task_type"),
         "inference_mode": True,
     }
-    with _output.staged_output(out) as stage:
+    with _output.staged_output(
+        out, [ad.dir for ad in read], force=force, kind="lora merge", seen=present
+    ) as stage:
         writer = ShardWriter(
             stage / "adapter_model.safetensors", {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         )
-        for key, t in tensors.items():
-            writer.write(key, t)
-        writer.close()
-        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (stage / "merge_report.json").write_text(
+        with writer.aborting():
+            for key, t in tensors.items():
+                writer.write(key, t)
+            writer.close()
+        _output.write_file(stage / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        _output.write_file(
+            stage / "merge_report.json",
             json.dumps(
                 [{"module": r.module, "rank": r.rank, "relative_error": r.relative_error} for r in reports],
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
         if warnings:
             inputs_note = (
@@ -321,15 +325,16 @@ def merge_adapters(
         worst = max((r.relative_error for r in reports), default=0.0)
         mean = math.fsum(r.relative_error for r in reports) / max(1, len(reports))
         how = "exact" if rank is None else f"truncated to rank {rank} by SVD of the stacked factors"
-        (stage / "README.md").write_text(
+        _output.write_file(
+            stage / "README.md",
             "---\nlibrary_name: peft\ntags:\n- mergesmith\n- lora-merge\n---\n\n# Merged LoRA adapter\n\n"
             f"{'The weighted sum' if method == 'linear' else f'The {method} merge (in the shared SVD basis)'} of these adapters' "
             f"updates, {how}:\n\n{inputs}\n\n"
             f"Relative Frobenius error per module: mean {mean:.3g}, worst {worst:.3g} (merge_report.json).\n"
-            f"{inputs_note}"
+            f"{inputs_note}",
         )
     for message in warnings or ():
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {printable(message)}", file=sys.stderr)
     return reports
 
 

@@ -7,6 +7,7 @@ shape mismatches, different architectures, unresolved parameters) is gathered an
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,8 +168,14 @@ def _gb(n: int) -> str:
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a size such as ``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    """Parse a size such as ``5GB``, ``500MB``, ``2GiB`` or a number of bytes: a finite number of
+    at least one byte, else a ConfigError."""
+    fix = "write it like 5GB, 500MB or 2GiB"
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"cannot read size {text!r}: it is not a number of bytes or text; {fix}")
     if isinstance(text, int):
+        if text < 1:
+            raise ConfigError(f"size {text!r} must be at least one byte; {fix}")
         return text
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
@@ -180,9 +187,11 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
-    if value <= 0:
-        raise ConfigError(f"size {text!r} must be positive")
+        raise ConfigError(f"cannot read size {text!r}; {fix}") from None
+    if not math.isfinite(value * mult):
+        raise ConfigError(f"size {text!r} is not a finite number; {fix}")
+    if value * mult < 1:
+        raise ConfigError(f"size {text!r} must be at least one byte; {fix}")
     return int(value * mult)
 
 

@@ -214,6 +214,7 @@ def test_failed_method_leaves_nothing_behind(zoo: dict[str, Path], tmp_path: Pat
 
 
 def test_stale_staging_of_a_dead_process_is_cleaned(zoo: dict[str, Path], tmp_path: Path) -> None:
+    merge(config_for(zoo), tmp_path / "out", progress=False)
     pid = dead_pid()
     stale = tmp_path / f".out{_output.PARTIAL}-{pid}"
     stale.mkdir()
@@ -226,7 +227,8 @@ def test_stale_staging_of_a_dead_process_is_cleaned(zoo: dict[str, Path], tmp_pa
     other = tmp_path / f".other{_output.PARTIAL}-{pid}"
     other.mkdir()
 
-    merge(config_for(zoo), tmp_path / "out", progress=False)
+    # the output is in place, so the dead run's moved-aside previous output is garbage too
+    merge(config_for(zoo), tmp_path / "out", force=True, progress=False)
     assert not stale.exists()
     assert not stale_old.exists()
     # a live process's staging directory and another output's are not touched
@@ -339,7 +341,14 @@ def test_output_contents(zoo: dict[str, Path], tmp_path: Path, write_config: Cal
         torch.testing.assert_close(t, want.to(torch.bfloat16), rtol=0, atol=0)
 
     # nothing else: no staging directories, no stray files
-    expected = {*shards, "model.safetensors.index.json", "config.json", "README.md", "mergesmith_config.yml"}
+    expected = {
+        *shards,
+        "model.safetensors.index.json",
+        "config.json",
+        "README.md",
+        "mergesmith_config.yml",
+        _output.MARKER,
+    }
     assert {p.name for p in out.iterdir()} == expected | set(tok_files)
     assert leftovers(tmp_path) == []
 
