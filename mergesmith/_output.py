@@ -134,7 +134,10 @@ def os_error(path: Path | str, exc: OSError, doing: str = "cannot write") -> Out
         "EDQUOT": ": the disk quota is exceeded; free space or choose an output on another disk",
         "EACCES": ": permission denied; choose a directory you can write to",
         "EROFS": ": the file system is read-only; choose another output directory",
-    }.get(code, "")
+        "ENOENT": ": a directory on the way does not exist; create it or choose another path",
+        "ENOTDIR": ": part of the path is a file, not a directory; choose another path",
+        "EISDIR": ": a directory is in the way; choose another path",
+    }.get(code, ": check the path and the disk, then run again")
     return OutputError(f"{path}: {doing}: {os.strerror(exc.errno or 0)} (errno {exc.errno} {code}){hint}")
 
 
