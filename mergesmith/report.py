@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 
+from mergesmith._output import atomic_write, os_error
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Task, TaskScore, evaluate
@@ -279,11 +280,14 @@ def _best(task: str, pool: Sequence[Entry]) -> Entry | None:
 def write_report(report: Report, directory: str | Path, stem: str = "eval_report") -> list[Path]:
     """``<stem>.md``, ``<stem>.json`` and, when matplotlib is installed, ``<stem>.png``."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(out, exc, "cannot create the report directory") from None
     md = out / f"{stem}.md"
-    md.write_text(report.to_markdown(), encoding="utf-8")
+    atomic_write(md, report.to_markdown())
     js = out / f"{stem}.json"
-    js.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    atomic_write(js, json.dumps(report.to_dict(), indent=2) + "\n")
     written = [md, js]
     png = out / f"{stem}.png"
     if _plot(report, png):

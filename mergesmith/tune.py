@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mergesmith._output import atomic_write
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Encoded, quiet_transformers
 
@@ -720,7 +721,7 @@ def tune(
         "objective": "mean normalized accuracy - penalty x accuracy lost below the base",
         "penalty": penalty,
     }
-    (out / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "tune_summary.json", json.dumps(summary, indent=2) + "\n")
     files.append(out / "tune_summary.json")
     if write_best:
         say(f"merging and evaluating the best values into {out / 'best'}")
@@ -759,7 +760,7 @@ def _write_yaml(target: Path, doc: Mapping[str, Any], source: Path) -> Path:
     text = f"# best values found by mergesmith tune {source.name}\n" + yaml.safe_dump(
         dict(doc), sort_keys=False
     )
-    target.write_text(text, encoding="utf-8")
+    atomic_write(target, text)
     return target
 
 

@@ -142,6 +142,42 @@ def test_report_files(tmp_path: Path) -> None:
     assert (tmp_path / "eval_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_failed_report_write_keeps_the_earlier_report_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from mergesmith import _output
+    from mergesmith.errors import OutputError
+
+    report = build_report(
+        ["add", "rev"], [ADD, REV], [Entry("m", "m", scores(add=0.45, rev=0.40))], base=BASE
+    )
+    write_report(report, tmp_path)
+    before = (tmp_path / "eval_report.md").read_text()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_output.os, "fsync", full)
+    worse = build_report(["add", "rev"], [ADD, REV], [Entry("m", "m", scores(add=0.1, rev=0.1))], base=BASE)
+    with pytest.raises(
+        OutputError, match=r"eval_report.md: cannot write: No space left on device .*disk is full"
+    ):
+        write_report(worse, tmp_path)
+    assert (tmp_path / "eval_report.md").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval_report.json",
+        "eval_report.md",
+        "eval_report.png",
+    ]
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=r"file/sub: cannot create the report directory: Not a directory"):
+        write_report(worse, tmp_path / "file" / "sub")
+
+
 ZOO = Path(__file__).resolve().parent.parent / "zoo"
 
 
