@@ -100,26 +100,6 @@ _VARIANTS = {
 _FIX = "; correct adapter_config.json or save the adapter again with PEFT"
 
 
-# Last parts of tensor names that only quantized checkpoints hold (bitsandbytes, GPTQ/AWQ, FP8).
-_QUANT_SUFFIXES = frozenset(
-    {
-        "SCB",
-        "weight_format",
-        "absmax",
-        "quant_map",
-        "nested_absmax",
-        "nested_quant_map",
-        "qweight",
-        "qzeros",
-        "g_idx",
-        "weight_scale",
-        "weight_scale_inv",
-        "bitsandbytes__nf4",
-        "bitsandbytes__fp4",
-    }
-)
-
-
 def _shown(value: Any) -> str:
     """A value read from adapter_config.json, as JSON writes it, shortened and safe to print."""
     text = printable(json.dumps(value))
@@ -334,14 +314,7 @@ class AdaptedCheckpoint(Checkpoint):
     def _check(self) -> None:
         base_keys = self._base_keys
         file = self.adapter.file
-        quant = self.base.config.get("quantization_config")
-        quant_keys = sorted(k for k in base_keys if k.rpartition(".")[2] in _QUANT_SUFFIXES)
-        if quant or quant_keys:
-            found = f"quantization_config {_shown(quant)}" if quant else f"tensor {printable(quant_keys[0])}"
-            raise CheckpointError(
-                f"{file}: cannot be applied to {self.base.name}, a quantized model ({found}); apply the "
-                "adapter to the unquantized base model"
-            )
+        # a base holding quantization data was refused when it was opened (Checkpoint)
         problems = []
         targets = self.adapter.config.get("target_modules")
         modules = {k[: -len(".weight")] for k in base_keys if k.endswith(".weight")}

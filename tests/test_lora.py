@@ -333,8 +333,8 @@ def test_a_quantized_base_is_refused(adapters: dict[str, Any], tmp_path: Path) -
     with pytest.raises(CheckpointError) as info:
         AdaptedCheckpoint(Checkpoint(bnb), ad, "x")
     assert str(info.value) == (
-        f'{ad.file}: cannot be applied to {bnb}, a quantized model (quantization_config {{"load_in_8bit": '
-        "true}); apply the adapter to the unquantized base model"
+        f"{bnb / 'config.json'}: has a quantization_config: the weights are quantized and cannot be merged "
+        "as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
     )
 
 
@@ -350,8 +350,9 @@ def test_a_float8_base_with_scales_is_refused(adapters: dict[str, Any], tmp_path
     with pytest.raises(CheckpointError) as info:
         AdaptedCheckpoint(Checkpoint(fp8), ad, "x")
     assert str(info.value) == (
-        f"{ad.file}: cannot be applied to {fp8}, a quantized model (tensor {name}_scale_inv); apply the "
-        "adapter to the unquantized base model"
+        f"{fp8}: tensor '{name}_scale_inv' (in model.safetensors) is quantization data for "
+        f"'{name[: -len('.weight')]}': the weights are quantized and cannot be merged as they are; merge the "
+        "unquantized (float16, bfloat16 or float32) model instead"
     )
     del state[f"{name}_scale_inv"]
     tiny.save(fp8, state, json.loads((adapters["base"] / "config.json").read_text()))
