@@ -423,12 +423,13 @@ class Checkpoint:
     def _bin_tensor(self, name: str) -> torch.Tensor:
         path = self._bin[name]
         tensors = self._load_bin(path)
-        # the tensors are mapped from the file: one truncated since would fault on access
+        # the tensors are mapped from the file: one truncated since would fault on access, so the
+        # file is checked and the tensor copied out at once, leaving no later access to the mapping
         try:
             check_unchanged(path, self._bin_stamps[path], os.stat(path))
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        return tensors[name]
+        return tensors[name].clone()
 
     def side_file(self, name: str) -> Path | None:
         """The model's file ``name`` (a tokenizer or generation file to copy into the output), None
