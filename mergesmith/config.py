@@ -142,24 +142,28 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     Every problem is collected and raised together as one :class:`ConfigError`.
     """
     if isinstance(source, Mapping):
-        text = yaml.safe_dump(dict(source), sort_keys=False)
         where = name or "<config>"
+        try:
+            text = yaml.safe_dump(dict(source), sort_keys=False)
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+            raise ConfigError(
+                f"{where}: the config mapping holds a value that is not plain data "
+                f"({type(exc).__name__}); use only mappings, lists, text, numbers and booleans"
+            ) from None
     elif isinstance(source, Path) or ("\n" not in source and not source.lstrip().startswith("{")):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            found = path.is_file()
+        except OSError:  # a name the file system refuses (too long)
+            found = False
+        if not found:
+            raise ConfigError(f"config file {_yaml.excerpt(str(path), 200)} does not exist")
+        text = _yaml.read_text(path)
         where = name or str(path)
     else:
         text = source
         where = name or "<config>"
-    try:
-        doc = _yaml.load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}{line}: not valid YAML: {problem}") from None
+    doc = _yaml.load(text, where=where)
     return _Validator(where, text).run(doc)
 
 

@@ -570,10 +570,7 @@ def tune(
     if workers < 1 or trials < 1:
         raise ConfigError("--workers and --trials must be at least 1")
     path = Path(config)
-    try:
-        doc = _yaml.load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read tune config {path}: {exc.strerror}") from None
+    doc = _yaml.load_file(path, what="tune config")
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{path}: a tune config is a mapping like a merge config")
     doc = json.loads(json.dumps(doc))

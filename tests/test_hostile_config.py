@@ -1,0 +1,176 @@
+"""Configs written to break the reader or the planner: each refused quickly, with a ConfigError (or
+CompatibilityError) that names the file and the fix, and from the CLI with exit 1 and no traceback."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mergesmith import ConfigError, load_config
+from mergesmith.cli import main
+
+
+def refused(source: str | Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(source)
+    return str(info.value)
+
+
+def validate(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``mergesmith validate path``: it must exit 1 with one error message, no traceback."""
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    return err
+
+
+def bounded(run: object, *, seconds: float = 5.0, megabytes: int = 500) -> str:
+    """The ConfigError message of ``run()``, checking it came within ``seconds`` and allocated
+    under ``megabytes`` at its peak."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError) as info:
+            run()  # type: ignore[operator]
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < seconds, f"took {elapsed:.1f} s"
+    assert peak < megabytes << 20, f"peak {peak >> 20} MB"
+    return str(info.value)
+
+
+BASE = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+
+
+# -- reading the YAML ---------------------------------------------------------------------------
+
+
+def test_a_50_mb_config_is_refused_by_its_size_without_being_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yml"
+    with open(path, "w") as f:
+        f.write("merge_method: linear\nmodels:\n")
+        chunk = "- 12\n" * 100_000
+        for _ in range(100):  # 10 million list items, 50 MB
+            f.write(chunk)
+    size = path.stat().st_size
+    assert size > 50_000_000
+    message = bounded(lambda: load_config(path))
+    assert message.startswith(f"{path}: {size:,} bytes, more than the 1,048,576 (1 MiB)")
+    assert "check that this is the right file" in message
+
+
+def test_a_billion_laughs_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    text = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        text += f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]\n"  # 9**9 'lol' once expanded
+    path = tmp_path / "bomb.yml"
+    path.write_text(text)
+    message = bounded(lambda: load_config(path))
+    assert message.startswith(f"{path}:6: it expands to more than 100,000 values (at '&f [*e, *e")
+    assert "write the values out plainly" in message
+
+
+def test_a_long_string_repeated_by_aliases_is_refused_by_its_characters() -> None:
+    text = f"a: &a {'x' * 60_000}\nb: [{', '.join(['*a'] * 30)}]\n"
+    message = bounded(lambda: load_config(text))
+    assert message.startswith("<config>:2: it expands to more than 1,048,576 characters (at '[*a, *a")
+
+
+def test_an_alias_inside_its_own_value_is_refused() -> None:
+    message = refused("merge_method: linear\nmodels: &m [{model: a}, *m]\n")
+    assert message.startswith("<config>:2: an alias refers to the value that contains it (at '&m [{model")
+
+
+def test_a_config_that_is_not_utf8_is_refused_naming_the_byte(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "latin1.yml"
+    path.write_bytes(b"merge_method: linear\nmodels:\n  - model: caf\xe9\n")
+    message = refused(path)
+    assert message == f"{path}: not UTF-8 text at byte 43 (b'\\xe9\\n'); save the config as UTF-8"
+    assert validate(path, capsys) == f"error: {message}\n"
+
+
+def test_a_key_given_twice_is_refused_with_both_lines() -> None:
+    message = refused("merge_method: linear\nmodels:\n  - model: a\nmerge_method: ties\n")
+    assert message == (
+        "<config>:4: key 'merge_method' is given twice in one mapping, on line 1 and line 4; keep one of them"
+    )
+
+
+def test_a_parameter_given_twice_is_refused_with_both_lines() -> None:
+    message = refused(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n"
+        "      normalize: true\n      weight: 2\n"
+    )
+    assert message == (
+        "<config>:7: key 'weight' is given twice in one mapping, on line 5 and line 7; keep one of them"
+    )
+
+
+def test_a_merge_key_may_be_overridden() -> None:
+    config = load_config(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: &p {weight: 1}\n"
+        "  - model: b\n    parameters:\n      <<: *p\n      weight: 2\n"
+    )
+    assert [m.parameters for m in config.models] == [{"weight": 1}, {"weight": 2}]
+
+
+def test_a_key_with_terminal_escapes_is_shown_escaped() -> None:
+    message = refused('merge_method: linear\n"\\e[31mred": 1\n"\\e[31mred": 2\n')
+    assert "key '\\x1b[31mred' is given twice" in message
+    assert "\x1b" not in message
+
+
+def test_nesting_deeper_than_64_levels_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = refused(BASE + "extra: " + "[" * 65 + "]" * 65 + "\n")
+    assert message.startswith("<config>:5: nested more than 64 levels deep (at '[[]]]]")
+    assert message.endswith("a config nests a handful of levels: flatten it")
+    path = tmp_path / "deep.yml"
+    path.write_text("a: " + "[" * 300_000 + "]" * 300_000 + "\n")  # deeper than any stack
+    assert "nested more than 64 levels deep" in bounded(lambda: load_config(path))
+    assert "nested more than 64 levels deep" in validate(path, capsys)
+
+
+def test_aliases_that_nest_deeper_than_64_levels_are_refused() -> None:
+    text = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 80))
+    message = refused(text)
+    assert "aliases nest the values more than 64 levels deep" in message
+
+
+def test_an_integer_of_more_than_100_digits_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    message = refused(BASE.replace("weight: 1", "weight: " + "7" * 5000))
+    assert message == (
+        "<config>:4: the integer '7777777777777777777777777777777777777777...' has more than 100 digits; "
+        "write a number of ordinary size"
+    )
+    assert refused(BASE.replace("weight: 1", "weight: " + "1" * 101)).startswith("<config>:4: the integer")
+    assert load_config(BASE.replace("weight: 1", "weight: " + "1" * 100)).models[0].parameters["weight"] > 0
+
+
+def test_a_date_that_is_not_one_is_refused() -> None:
+    message = refused(BASE + "name: 2024-13-45\n")
+    assert message == "<config>:5: '2024-13-45' looks like a date but is not one; quote it to make it text"
+
+
+def test_a_yaml_syntax_error_is_shown_escaped() -> None:
+    message = refused("merge_method: linear\nmodels: [\x1b]\n")
+    assert "not valid YAML" in message
+    assert "\x1b" not in message
+
+
+def test_config_text_over_1_mib_is_refused() -> None:
+    text = BASE + "#" + "x" * (1 << 20) + "\n"
+    message = bounded(lambda: load_config(text))
+    assert message.startswith(f"<config>: {len(text):,} characters, more than the 1,048,576 (1 MiB)")
+
+
+def test_a_config_name_too_long_for_the_file_system_is_not_found() -> None:
+    message = refused("x" * 5000 + ".yml")
+    assert message.startswith("config file 'xxxx") and message.endswith("...' does not exist")
