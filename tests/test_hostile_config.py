@@ -3,14 +3,18 @@ CompatibilityError) that names the file and the fix, and from the CLI with exit 
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from mergesmith import ConfigError, load_config
+import mergesmith
+from mergesmith import CompatibilityError, ConfigError, load_config
 from mergesmith.cli import main
+from mergesmith.plan import build_plan
 
 
 def refused(source: str | Path) -> str:
@@ -174,3 +178,85 @@ def test_config_text_over_1_mib_is_refused() -> None:
 def test_a_config_name_too_long_for_the_file_system_is_not_found() -> None:
     message = refused("x" * 5000 + ".yml")
     assert message.startswith("config file 'xxxx") and message.endswith("...' does not exist")
+
+
+# -- layer ranges and layer counts ---------------------------------------------------------------
+
+
+def with_layer_count(source: Path, target: Path, count: int) -> Path:
+    """A copy of the model at ``source`` whose config.json declares ``count`` layers."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["num_hidden_layers"] = count
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_billion_layer_range_is_refused_before_it_is_enumerated(
+    zoo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "stack.yml"
+    path.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {zoo['a']}\n"
+        "        layer_range: [0, 1000000000]\n"
+    )
+    message = bounded(lambda: mergesmith.validate(path), megabytes=100)
+    assert message == (
+        f"{path}: slices[0].sources[0]: layer_range [0, 1000000000] of {zoo['a']} goes past its layers: "
+        "its tensors hold 3 (0 to 2); use a layer_range within [0, 3]"
+    )
+    assert validate(path, capsys) == f"error: {message}\n"
+
+
+def test_a_huge_layer_range_of_a_model_that_declares_it_is_refused(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    big = with_layer_count(zoo["a"], tmp_path / "big", 10**9)
+    config = load_config(
+        f"merge_method: linear\nslices:\n  - sources:\n      - model: {big}\n        layer_range: [0, 1000000000]\n"
+        f"      - model: {big}\n        layer_range: [0, 1000000000]\nparameters: {{weight: 1}}\n"
+    )
+    start = time.perf_counter()
+    with pytest.raises(CompatibilityError) as info:
+        build_plan(config)
+    assert time.perf_counter() - start < 5
+    text = str(info.value)
+    assert (
+        f"{big / 'config.json'}: num_hidden_layers is 1000000000, but the tensors of {big} hold 3 layers"
+        in text
+    )
+    assert "layer_range [0, 1000000000] of " in text and "its tensors hold 3 (0 to 2)" in text
+
+
+def test_a_layer_count_in_config_json_that_the_tensors_lack_is_refused_for_slices(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    wrong = with_layer_count(zoo["a"], tmp_path / "wrong", 32)
+    config = load_config(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {wrong}\n        layer_range: [0, 2]\n"
+    )
+    with pytest.raises(CompatibilityError) as info:
+        build_plan(config)
+    assert str(info.value) == (
+        f"{wrong / 'config.json'}: num_hidden_layers is 32, but the tensors of {wrong} hold 3 layers; "
+        "slices are placed by layer, so they would be wrong: set num_hidden_layers to 3 in config.json, "
+        "or use the checkpoint that goes with this config.json"
+    )
+
+
+def test_a_layer_count_in_config_json_that_the_tensors_lack_is_refused_for_gradients(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    a = with_layer_count(zoo["a"], tmp_path / "a", 32)
+    b = with_layer_count(zoo["c"], tmp_path / "b", 32)
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  weight: WEIGHT\n"
+    with pytest.raises(CompatibilityError) as info:
+        build_plan(load_config(text.replace("WEIGHT", "[1, 2]")))
+    assert info.value.problems == [
+        f"{m / 'config.json'}: num_hidden_layers is 32, but the tensors of {m} hold 3 layers; gradients are "
+        "placed by layer, so they would be wrong: set num_hidden_layers to 3 in config.json, or use the "
+        "checkpoint that goes with this config.json"
+        for m in (a, b)
+    ]
+    plain = build_plan(load_config(text.replace("WEIGHT", "1")))  # no gradient: layer positions do not matter
+    assert {j.t for j in plain.jobs if j.layer is not None} == {0.0, 0.5, 1.0}
