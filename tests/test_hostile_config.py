@@ -260,3 +260,98 @@ def test_a_layer_count_in_config_json_that_the_tensors_lack_is_refused_for_gradi
     ]
     plain = build_plan(load_config(text.replace("WEIGHT", "1")))  # no gradient: layer positions do not matter
     assert {j.t for j in plain.jobs if j.layer is not None} == {0.0, 0.5, 1.0}
+
+
+# -- tune configs and options --------------------------------------------------------------------
+
+TUNE = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: SEARCH}\n  - model: b\n"
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        (
+            "{search: [0, .inf]}",
+            "search must be [low, high] with low < high, both finite numbers, found [0, inf]",
+        ),
+        (
+            "{search: [-.inf, 1]}",
+            "search must be [low, high] with low < high, both finite numbers, found [-inf, 1]",
+        ),
+        (
+            "{search: [-1.0e+308, 1.0e+308]}",
+            "search must be [low, high] with low < high, both finite numbers, found [-1e+308, 1e+308]",
+        ),
+        ("{search: [0, 1], default: true}", "default must be a number in [0, 1], found True"),
+        ("{search: [0.1, 1], log: [1]}", "log must be true or false, found [1]"),
+    ],
+)
+def test_a_search_range_that_is_not_finite_is_refused(search: str, expected: str) -> None:
+    from mergesmith import _yaml
+    from mergesmith.tune import search_space
+
+    with pytest.raises(ConfigError) as info:
+        search_space(_yaml.load(TUNE.replace("SEARCH", search)))
+    assert str(info.value) == f"tune config: models.0.parameters.weight: {expected}"
+
+
+def tune_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], *options: str) -> str:
+    path = tmp_path / "tune.yml"
+    path.write_text(
+        TUNE.replace("SEARCH", "{search: [0, 1]}") + "    parameters: {weight: {search: [0, 2]}}\n"
+    )
+    args = ["tune", str(path), "--tasks", str(tmp_path / "math.jsonl"), str(tmp_path / "code.jsonl")]
+    args += ["--out", str(tmp_path / "out"), *options]
+    return validate_run(args, capsys)
+
+
+def validate_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--penalty", "nan"], "--penalty must be a finite number, found nan"),
+        (["--penalty", "inf"], "--penalty must be a finite number, found inf"),
+        (
+            ["--task-weight", "math=abc"],
+            "--task-weight 'math=abc': expected a number, e.g. --task-weight TASK=2",
+        ),
+        (
+            ["--task-weight", "math=true"],
+            "--task-weight 'math=True': expected a number, e.g. --task-weight TASK=2",
+        ),
+        (["--task-weight", "math=.inf"], "--task-weight 'math=.inf': expected a finite number"),
+        (
+            ["--task-weight", "math=[1, 2]"],
+            "--task-weight 'math=[1, 2]': expected one value (a number, true/false or text)",
+        ),
+        (
+            ["--task-weight", "math"],
+            "--task-weight 'math': write it as KEY=VALUE, e.g. --task-weight density=0.5",
+        ),
+        (
+            ["--task-weight", "math=" + "9" * 2000],
+            f"--task-weight 'math={'9' * 75}...': the value is 2,000 characters; give a short value",
+        ),
+        (["--task-weight", "maths=2"], "--task-weight 'maths': no such task; the tasks are 'math', 'code'"),
+        (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), found -1"),
+        (
+            ["--sampler", "grid", "--grid-steps", "1000"],
+            "--grid-steps 1000 over 2 searched values makes 1000**2 grid points, more than 100,000; use fewer steps or the tpe sampler",
+        ),
+    ],
+)
+def test_tune_options_out_of_range_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], expected: str
+) -> None:
+    assert tune_cli(tmp_path, capsys, *options) == expected
+
+
+def test_a_deeply_nested_option_value_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = tune_cli(tmp_path, capsys, "--task-weight", "math=" + "[" * 400 + "]" * 400)
+    assert message.startswith("--task-weight 'math':1: nested more than 64 levels deep")
