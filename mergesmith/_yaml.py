@@ -18,7 +18,7 @@ import yaml
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 
-__all__ = ["LinedDict", "LinedList", "line_of", "load", "load_file", "read_text"]
+__all__ = ["LinedDict", "LinedList", "excerpt", "line_of", "load", "load_file", "read_text", "shown"]
 
 MAX_BYTES = 1 << 20  # a merge or tune config is a few kilobytes
 MAX_DEPTH = 64
@@ -48,6 +48,22 @@ def excerpt(text: str, limit: int = EXCERPT) -> str:
     """``text`` quoted, escaped for the terminal and cut to ``limit`` characters."""
     cut = text if len(text) <= limit else text[:limit] + "..."
     return f"'{printable(cut)}'"
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as a short Python literal for a message: long text and lists cut, control
+    characters escaped, never the whole of a large value."""
+    if isinstance(value, str):
+        text = repr(value[:limit]) + ("..." if len(value) > limit else "")
+    elif isinstance(value, list):
+        items = [shown(v, 20) if not isinstance(v, (dict, list)) else "[...]" for v in value[:4]]
+        text = "[" + ", ".join(items + (["..."] if len(value) > 4 else [])) + "]"
+    elif isinstance(value, dict):
+        text = "{...}" if value else "{}"
+    else:
+        text = repr(value)
+        text = text if len(text) <= limit else text[:limit] + "..."
+    return printable(text)
 
 
 class _Refused(Exception):

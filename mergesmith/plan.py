@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _hub
+from mergesmith import _hub, _yaml
 from mergesmith.architecture import (
     Architecture,
     architecture_for,
@@ -322,7 +322,7 @@ class _Planner:
             if source in (str(ref), ref.path):
                 return i
         raise ConfigError(
-            f"tokenizer_source {source!r} is not one of the input models ({', '.join(map(str, self.refs))}); "
+            f"tokenizer_source {_yaml.shown(source)} is not one of the input models ({', '.join(map(str, self.refs))}); "
             "use base or one of them",
             self.config.source,
         )
@@ -393,7 +393,7 @@ class _Planner:
         missing = [self.refs[i] for i, v in enumerate(vocabs) if v is None and rows[i]]
         if missing:
             self.problem(
-                f"tokenizer_source {source}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
+                f"tokenizer_source {_yaml.shown(source)}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
                 "so its embedding rows cannot be matched by token; add its tokenizer files or remove "
                 "tokenizer_source",
                 key="vocab-missing",

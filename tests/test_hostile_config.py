@@ -355,3 +355,109 @@ def test_tune_options_out_of_range_are_refused(
 def test_a_deeply_nested_option_value_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     message = tune_cli(tmp_path, capsys, "--task-weight", "math=" + "[" * 400 + "]" * 400)
     assert message.startswith("--task-weight 'math':1: nested more than 64 levels deep")
+
+
+# -- any malformed config: a ConfigError, never a crash -----------------------------------------
+
+
+def test_an_empty_list_as_a_parameter_is_a_config_error() -> None:
+    message = refused(BASE.replace("weight: 1", "weight: []"))
+    assert message == "<config>: line 4: models[0].parameters.weight: an empty list gives no value"
+
+
+def test_a_model_name_longer_than_a_path_can_be_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "long.yml"
+    path.write_text(BASE.replace("model: a", "model: " + "x" * 3000 + "@main"))
+    message = validate(path, capsys)
+    assert message == (
+        f"error: {path}: line 3: models[0].model: model reference '{'x' * 60}'... is longer than a path "
+        "can be (255 bytes a name, 4096 in all); check the path or Hub id\n"
+    )
+
+
+def test_a_model_name_with_control_characters_is_a_config_error() -> None:
+    message = refused(BASE.replace("model: a", 'model: "a\\0b\\e[2J"'))
+    assert message == (
+        "<config>: line 3: models[0].model: model reference 'a\\x00b\\x1b[2J' holds control characters; "
+        "write the path or Hub id plainly"
+    )
+
+
+def test_an_unknown_key_with_terminal_escapes_is_shown_escaped() -> None:
+    message = refused(BASE + '"\\e]0;owned\\a": 1\n')
+    assert message == "<config>: line 5: \\x1b]0;owned\\x07: unknown key"
+
+
+def test_a_huge_wrong_value_is_quoted_short() -> None:
+    message = refused(BASE + "dtype: " + "f" * 500_000 + "\n")
+    assert message == (
+        f"<config>: line 5: dtype: unknown dtype '{'f' * 60}'...; use one of float32, float16, bfloat16, float64"
+    )
+
+
+HOSTILE = [None, "", [], {}, [None], [[]], {"": None}, 10**99, -(10**99), 1e308, ".inf", True, "x" * 5000]
+
+
+def test_any_node_replaced_by_a_hostile_value_is_refused_cleanly(
+    zoo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each node of a valid config (every level: top, models, parameters, slices) in turn replaced
+    by a wrong type, a huge number, an empty value or null: validate passes or exits 1 with one
+    short message naming the file, never a traceback."""
+    import yaml
+
+    docs: list[dict[str, object]] = [
+        {
+            "merge_method": "ties",
+            "base_model": str(zoo["base"]),
+            "models": [{"model": str(zoo["a"]), "parameters": {"weight": [0.5, 1], "density": 0.5}}],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+        {
+            "merge_method": "slerp",
+            "base_model": str(zoo["base"]),
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(zoo["base"]), "layer_range": [0, 2]},
+                        {"model": str(zoo["a"]), "layer_range": [1, 3]},
+                    ],
+                    "parameters": {"t": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]},
+                }
+            ],
+        },
+    ]
+    path = tmp_path / "hostile.yml"
+    checked = 0
+    for doc, value in [(d, v) for d in docs for v in HOSTILE]:
+        for where in _nodes(doc):
+            changed = json.loads(json.dumps(doc))
+            node = changed
+            for key in where[:-1]:
+                node = node[key]
+            node[where[-1]] = value
+            text = yaml.safe_dump(changed).replace("'.inf'", ".inf")
+            path.write_text(text)
+            code = main(["validate", str(path)])
+            err = capsys.readouterr().err
+            checked += 1
+            if code == 0:
+                continue
+            assert code == 1, (where, err)
+            assert err.startswith("error: ") and "Traceback" not in err, (where, err)
+            assert len(err) < 3000 and "\x1b" not in err, (where, err[:200])
+    assert checked > 200
+
+
+def _nodes(doc: object, where: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    found: list[tuple[str | int, ...]] = [where] if where else []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            found += _nodes(value, (*where, key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += _nodes(value, (*where, i))
+    return found
