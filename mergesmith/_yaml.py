@@ -201,7 +201,7 @@ def load(text: str, *, where: str = "<config>") -> Any:
             f"{place}: {len(text):,} characters, more than the {MAX_BYTES:,} (1 MiB) a config may have"
         )
     try:
-        _check_nesting(text)  # the composer recurses once per level: bound it first
+        _check_events(text)  # the composer recurses once per level: bound it first
         loader = _LOADER(text)
         try:
             node = loader.get_single_node()
@@ -231,9 +231,19 @@ def load(text: str, *, where: str = "<config>") -> Any:
         ) from None
 
 
-def _check_nesting(text: str) -> None:
-    depth = 0
+def _check_events(text: str) -> None:
+    """Refuse nesting past :data:`MAX_DEPTH` and more than :data:`MAX_NODES` values as written,
+    from the parser's events, before any node is built."""
+    depth = values = 0
     for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)):
+            values += 1
+            if values > MAX_NODES:
+                raise _Refused(
+                    event.start_mark.line + 1 if event.start_mark is not None else None,
+                    f"the config holds more than {MAX_NODES:,} values; no config needs that: check "
+                    "that this is the right file",
+                )
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:

@@ -80,6 +80,17 @@ def test_a_billion_laughs_alias_bomb_is_refused_before_it_expands(tmp_path: Path
     assert "write the values out plainly" in message
 
 
+def test_a_config_of_half_a_million_values_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    path = tmp_path / "wide.yml"
+    path.write_text(BASE + "extra: [" + "1," * 500_000 + "]\n")
+    assert path.stat().st_size < 1 << 20
+    message = bounded(lambda: load_config(path), megabytes=100)
+    assert message == (
+        f"{path}:5: the config holds more than 100,000 values; no config needs that: check that this is "
+        "the right file"
+    )
+
+
 def test_a_long_string_repeated_by_aliases_is_refused_by_its_characters() -> None:
     text = f"a: &a {'x' * 60_000}\nb: [{', '.join(['*a'] * 30)}]\n"
     message = bounded(lambda: load_config(text))
