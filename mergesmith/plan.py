@@ -7,6 +7,7 @@ shape mismatches, different architectures, unresolved parameters) is gathered an
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,8 +169,12 @@ def _gb(n: int) -> str:
 
 def parse_size(text: str | int) -> int:
     """Parse a size such as ``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ConfigError(f"size {text} must be positive")
         return text
+    if not isinstance(text, str):
+        raise ConfigError(f"cannot read size {_yaml.shown(text)}; write it like 5GB, 500MB or 2GiB")
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
     number, mult = s, 1
@@ -180,9 +185,13 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
-    if value <= 0:
-        raise ConfigError(f"size {text!r} must be positive")
+        raise ConfigError(f"cannot read size {_yaml.shown(text)}; write it like 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(value * mult):
+        raise ConfigError(
+            f"size {_yaml.shown(text)} is not a finite number; write it like 5GB, 500MB or 2GiB"
+        )
+    if int(value * mult) <= 0:
+        raise ConfigError(f"size {_yaml.shown(text)} must be at least 1 byte")
     return int(value * mult)
 
 

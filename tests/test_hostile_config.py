@@ -472,3 +472,21 @@ def _nodes(doc: object, where: tuple[str | int, ...] = ()) -> list[tuple[str | i
         for i, value in enumerate(doc):
             found += _nodes(value, (*where, i))
     return found
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("nan", "size 'nan' is not a finite number; write it like 5GB, 500MB or 2GiB"),
+        ("1e999GB", "size '1e999GB' is not a finite number; write it like 5GB, 500MB or 2GiB"),
+        ("0.1", "size '0.1' must be at least 1 byte"),
+        (0, "size 0 must be positive"),
+        (True, "cannot read size True; write it like 5GB, 500MB or 2GiB"),
+    ],
+)
+def test_a_shard_size_that_is_not_a_finite_size_is_refused(size: object, expected: str) -> None:
+    from mergesmith.plan import parse_size
+
+    with pytest.raises(ConfigError) as info:
+        parse_size(size)  # type: ignore[arg-type]
+    assert str(info.value) == expected
