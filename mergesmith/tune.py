@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 
 __all__ = ["Dimension", "Objective", "TrialRunner", "TuneResult", "search_space", "substitute", "tune"]
@@ -645,7 +646,13 @@ def tune(
     doc = _yaml.load_file(path, what="tune config")
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{path}: a tune config is a mapping like a merge config")
-    doc = json.loads(json.dumps(doc))
+    try:
+        doc = json.loads(json.dumps(doc))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{printable(str(path))}: holds a value that is not plain data ({_shown(str(exc))}); use only "
+            "mappings, lists, text, numbers and booleans (quote dates)"
+        ) from None
     space = search_space(doc)
     check_options(
         space,

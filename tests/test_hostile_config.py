@@ -490,3 +490,13 @@ def test_a_shard_size_that_is_not_a_finite_size_is_refused(size: object, expecte
     with pytest.raises(ConfigError) as info:
         parse_size(size)  # type: ignore[arg-type]
     assert str(info.value) == expected
+
+
+def test_a_tune_config_holding_a_date_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tune.yml"
+    path.write_text(TUNE.replace("SEARCH", "{search: [0, 1]}") + "name: 2024-01-01\n")
+    args = ["tune", str(path), "--tasks", str(tmp_path / "math.jsonl"), "--out", str(tmp_path / "out")]
+    assert validate_run(args, capsys) == (
+        f"{path}: holds a value that is not plain data ('Object of type date is not JSON serializable'); "
+        "use only mappings, lists, text, numbers and booleans (quote dates)"
+    )
