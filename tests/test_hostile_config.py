@@ -174,12 +174,6 @@ def test_a_date_that_is_not_one_is_refused() -> None:
     assert message == "<config>:5: '2024-13-45' looks like a date but is not one; quote it to make it text"
 
 
-def test_a_yaml_syntax_error_is_shown_escaped() -> None:
-    message = refused("merge_method: linear\nmodels: [\x1b]\n")
-    assert "not valid YAML" in message
-    assert "\x1b" not in message
-
-
 def test_config_text_over_1_mib_is_refused() -> None:
     text = BASE + "#" + "x" * (1 << 20) + "\n"
     message = bounded(lambda: load_config(text))
