@@ -182,9 +182,12 @@ def check_options(
     grid_steps: int,
     penalty: float,
     task_weights: Mapping[str, float],
+    batch_size: int = 64,
 ) -> None:
     """Refuse search options that are out of range, with every problem named at once."""
     problems: list[str] = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"--batch-size must be a whole number >= 1, found {_shown(batch_size)}")
     if sampler not in SAMPLERS:
         problems.append(f"unknown sampler {_shown(sampler)}; use one of {', '.join(SAMPLERS)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -662,6 +665,7 @@ def tune(
         grid_steps=grid_steps,
         penalty=penalty,
         task_weights=task_weights or {},
+        batch_size=batch_size,
     )
     build_plan(
         load_config(substitute(doc, space, midpoint(space)), name=str(path))

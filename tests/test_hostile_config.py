@@ -345,6 +345,7 @@ def validate_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ),
         (["--task-weight", "maths=2"], "--task-weight 'maths': no such task; the tasks are 'math', 'code'"),
         (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), found -1"),
+        (["--batch-size", "0"], "--batch-size must be a whole number >= 1, found 0"),
         (
             ["--sampler", "grid", "--grid-steps", "1000"],
             "--grid-steps 1000 over 2 searched values makes 1000**2 grid points, more than 100,000; use fewer steps or the tpe sampler",
