@@ -287,18 +287,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _key_values(items: Sequence[str]) -> dict[str, object]:
+def _key_values(items: Sequence[str], option: str = "--param") -> dict[str, object]:
     """``KEY=VALUE`` options, values read as YAML scalars (numbers, true/false, text)."""
-    import yaml
+    import math
 
+    from mergesmith import _yaml
     from mergesmith.errors import ConfigError
 
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        shown = _yaml.excerpt(item, 80)
         if not sep or not key.strip():
-            raise ConfigError(f"--param {item!r}: write it as KEY=VALUE, e.g. --param density=0.5")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"{option} {shown}: write it as KEY=VALUE, e.g. {option} density=0.5")
+        if len(value) > 1000:
+            raise ConfigError(f"{option} {shown}: the value is {len(value):,} characters; give a short value")
+        parsed = _yaml.load(value, where=f"{option} {_yaml.excerpt(key.strip())}")
+        if isinstance(parsed, (dict, list)):
+            raise ConfigError(f"{option} {shown}: expected one value (a number, true/false or text)")
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise ConfigError(f"{option} {shown}: expected a finite number")
+        out[key.strip()] = parsed
     return out
 
 
@@ -650,10 +659,19 @@ def _print_report(report: object, written: Sequence[object]) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from mergesmith import _yaml
     from mergesmith._text import printable
+    from mergesmith.errors import ConfigError
     from mergesmith.tune import tune
 
-    weights = {k: float(v) for k, v in _key_values(args.task_weight).items()}  # type: ignore[arg-type]
+    weights: dict[str, float] = {}
+    for task, weight in _key_values(args.task_weight, "--task-weight").items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            shown = f"{task}={weight}"
+            raise ConfigError(
+                f"--task-weight {_yaml.excerpt(shown, 80)}: expected a number, e.g. --task-weight TASK=2"
+            )
+        weights[task] = float(weight)
     result = tune(
         args.config,
         args.tasks,

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from mergesmith import _yaml
+from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
@@ -31,6 +32,7 @@ DTYPES = {
 }
 
 CHAT_TEMPLATES = ("auto", "chatml")
+MAX_NAME, MAX_PATH = 255, 4096  # bytes of one path component and of a whole path
 
 TOP_KEYS = (
     "merge_method",
@@ -58,10 +60,10 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
-        if "+" in text and not Path(text).exists():
+        if "+" in text and not _exists(text):
             model, _, adapter = text.partition("+")
             return cls(cls.parse(model).path, cls.parse(model).revision, adapter.strip() or None)
-        if "@" in text and not Path(text).exists():
+        if "@" in text and not _exists(text):
             path, _, rev = text.rpartition("@")
             return cls(path, rev or None)
         return cls(text)
@@ -69,6 +71,13 @@ class ModelRef:
     def __str__(self) -> str:
         text = f"{self.path}@{self.revision}" if self.revision else self.path
         return f"{text}+{self.lora}" if self.lora else text
+
+
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name the file system refuses
+        return False
 
 
 Settings = Mapping[str, Any]
@@ -142,24 +151,28 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     Every problem is collected and raised together as one :class:`ConfigError`.
     """
     if isinstance(source, Mapping):
-        text = yaml.safe_dump(dict(source), sort_keys=False)
         where = name or "<config>"
+        try:
+            text = yaml.safe_dump(dict(source), sort_keys=False)
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+            raise ConfigError(
+                f"{where}: the config mapping holds a value that is not plain data "
+                f"({type(exc).__name__}); use only mappings, lists, text, numbers and booleans"
+            ) from None
     elif isinstance(source, Path) or ("\n" not in source and not source.lstrip().startswith("{")):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            found = path.is_file()
+        except OSError:  # a name the file system refuses (too long)
+            found = False
+        if not found:
+            raise ConfigError(f"config file {_yaml.excerpt(str(path), 200)} does not exist")
+        text = _yaml.read_text(path)
         where = name or str(path)
     else:
         text = source
         where = name or "<config>"
-    try:
-        doc = _yaml.load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}{line}: not valid YAML: {problem}") from None
+    doc = _yaml.load(text, where=where)
     return _Validator(where, text).run(doc)
 
 
@@ -172,6 +185,8 @@ class _Validator:
     def add(self, container: Any, key: str | int | None, path: str, message: str) -> None:
         line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
         where = f"line {line}: " if line else ""
+        path = printable(path if len(path) <= 200 else path[:200] + "...")
+        message = printable(message)
         self.problems.append(f"{where}{path}: {message}" if path else f"{where}{message}")
 
     def run(self, doc: Any) -> MergeConfig:
@@ -210,11 +225,11 @@ class _Validator:
                 doc,
                 "chat_template",
                 "chat_template",
-                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text, found {chat_template!r}",
+                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text, found {_yaml.shown(chat_template)}",
             )
         seed = doc.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            self.add(doc, "seed", "seed", f"expected a whole number >= 0, found {seed!r}")
+            self.add(doc, "seed", "seed", f"expected a whole number >= 0, found {_yaml.shown(seed)}")
             seed = 0
         if method is not None and not self.problems:
             self._check_model_counts(doc, method, base, models, slices)
@@ -250,7 +265,7 @@ class _Validator:
                 doc,
                 "merge_method",
                 "merge_method",
-                f"unknown method {name!r}{_suggest(str(name), REGISTRY)}; "
+                f"unknown method {_yaml.shown(name)}{_suggest(str(name), REGISTRY)}; "
                 f"known methods: {', '.join(REGISTRY)}",
             )
         return method
@@ -262,7 +277,10 @@ class _Validator:
             unknown = sorted(set(value) - {"model", "lora"})
             if unknown:
                 self.add(
-                    container, key, path, f"unknown keys {unknown} in a model reference; use model and lora"
+                    container,
+                    key,
+                    path,
+                    f"unknown keys {_yaml.shown(unknown)} in a model reference; use model and lora",
                 )
                 return None
             if "lora" in value:
@@ -273,22 +291,47 @@ class _Validator:
                         container,
                         key,
                         f"{path}.lora",
-                        f"expected a LoRA adapter path or Hub id, found {adapter!r}",
+                        f"expected a LoRA adapter path or Hub id, found {_yaml.shown(adapter)}",
                     )
                     return None
                 lora = adapter.strip()
+                if self._bad_name(container, key, f"{path}.lora", lora):
+                    return None
             inner = value.get("model")
             if isinstance(inner, Mapping):
                 where, revision = inner.get("path"), inner.get("revision")
                 if isinstance(where, str) and where.strip():
+                    if self._bad_name(container, key, path, where.strip()) or (
+                        revision and self._bad_name(container, key, f"{path}.revision", str(revision))
+                    ):
+                        return None
                     return ModelRef(where.strip(), str(revision) if revision else None, lora)
                 inner = where
             value = inner
         if not isinstance(value, str) or not value.strip():
-            self.add(container, key, path, f"expected a model path or Hub id, found {value!r}")
+            self.add(container, key, path, f"expected a model path or Hub id, found {_yaml.shown(value)}")
+            return None
+        if self._bad_name(container, key, path, value.strip()):
             return None
         ref = ModelRef.parse(value.strip())
         return ModelRef(ref.path, ref.revision, lora) if lora else ref
+
+    def _bad_name(self, container: Any, key: str | int, path: str, name: str) -> bool:
+        """Record a problem when ``name`` cannot be a path or Hub id: control characters, or
+        longer than file systems allow."""
+        if printable(name) != name or "\n" in name or "\t" in name:
+            problem = "holds control characters; write the path or Hub id plainly"
+        elif len(name.encode("utf-8", "surrogatepass")) > MAX_PATH or any(
+            len(part.encode("utf-8", "surrogatepass")) > MAX_NAME for part in name.split("/")
+        ):
+            problem = (
+                f"is longer than a path can be ({MAX_NAME} bytes a name, {MAX_PATH} in all); "
+                "check the path or Hub id"
+            )
+        else:
+            return False
+        self.add(container, key, path, f"model reference {_yaml.shown(name)} {problem}")
+        return True
 
     def _dtype(self, doc: Mapping[str, Any], key: str) -> str | None:
         value = doc.get(key)
@@ -296,7 +339,10 @@ class _Validator:
             return None
         if not isinstance(value, str) or value.lower() not in DTYPES:
             self.add(
-                doc, key, key, f"unknown dtype {value!r}; use one of float32, float16, bfloat16, float64"
+                doc,
+                key,
+                key,
+                f"unknown dtype {_yaml.shown(value)}; use one of float32, float16, bfloat16, float64",
             )
             return None
         return DTYPES[value.lower()]
@@ -407,7 +453,7 @@ class _Validator:
                         src,
                         "layer_range" if "layer_range" in src else None,
                         f"{spath}.layer_range",
-                        f"expected [first, end) with 0 <= first < end, found {lr!r}",
+                        f"expected [first, end) with 0 <= first < end, found {_yaml.shown(lr)}",
                     )
                     continue
                 lengths.add(lr[1] - lr[0])
@@ -438,7 +484,10 @@ class _Validator:
             return None
         if not isinstance(value, str):
             self.add(
-                doc, "tokenizer_source", "tokenizer_source", f"expected base or a model, found {value!r}"
+                doc,
+                "tokenizer_source",
+                "tokenizer_source",
+                f"expected base or a model, found {_yaml.shown(value)}",
             )
             return None
         return value

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mergesmith._yaml import shown
+
 __all__ = ["REQUIRED", "Condition", "ParamInfo", "evaluate", "param", "param_infos"]
 
 
@@ -77,25 +79,25 @@ class ParamInfo:
         if self.type is bool:
             if isinstance(value, bool):
                 return value, None
-            return None, f"expected true or false, found {value!r}"
+            return None, f"expected true or false, found {shown(value)}"
         if self.type is str:
             if not isinstance(value, str):
-                return None, f"expected one of {', '.join(self.choices or ())}, found {value!r}"
+                return None, f"expected one of {', '.join(self.choices or ())}, found {shown(value)}"
             if self.choices and value not in self.choices:
-                return None, f"expected one of {', '.join(self.choices)}, found {value!r}"
+                return None, f"expected one of {', '.join(self.choices)}, found {shown(value)}"
             return value, None
         number: float
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            return None, f"expected a number, found {value!r}"
+            return None, f"expected a number, found {shown(value)}"
         try:
             number = float(value)
         except ValueError:
-            return None, f"expected a number, found {value!r}"
+            return None, f"expected a number, found {shown(value)}"
         if not math.isfinite(number):
-            return None, f"expected a finite number, found {value!r}"
+            return None, f"expected a finite number, found {shown(value)}"
         if self.type is int:
             if number != int(number):
-                return None, f"expected a whole number, found {value!r}"
+                return None, f"expected a whole number, found {shown(value)}"
             number = int(number)
         if self.lo is not None and (number < self.lo or (self.lo_open and number == self.lo)):
             return None, f"{_num(number)} is outside {self.bounds_text()}"
@@ -155,24 +157,24 @@ def check_setting(info: ParamInfo, setting: Any) -> list[str]:
     """Problems with a setting written for ``info``: its shape and every value in it."""
     if isinstance(setting, list):
         if not setting:
-            return ["an empty list gives no value"]
+            return [": an empty list gives no value"]
         if is_condition_list(setting):
             problems = []
             for i, cond in enumerate(setting):
                 if not isinstance(cond, Mapping):
-                    problems.append(f"[{i}]: expected {{filter: ..., value: ...}}, found {cond!r}")
+                    problems.append(f"[{i}]: expected {{filter: ..., value: ...}}, found {shown(cond)}")
                     continue
                 unknown = set(cond) - {"filter", "value"}
                 if unknown:
                     problems.append(
-                        f"[{i}]: unknown key {sorted(unknown)[0]!r} (a condition has filter and value)"
+                        f"[{i}]: unknown key {shown(sorted(map(str, unknown))[0])} (a condition has filter and value)"
                     )
                 if "value" not in cond:
                     problems.append(f"[{i}]: a condition needs a value")
                     continue
                 flt = cond.get("filter")
                 if flt is not None and not isinstance(flt, str):
-                    problems.append(f"[{i}].filter: expected a string, found {flt!r}")
+                    problems.append(f"[{i}].filter: expected a string, found {shown(flt)}")
                 if isinstance(cond["value"], list) and is_condition_list(cond["value"]):
                     problems.append(f"[{i}].value: conditions cannot nest")
                     continue

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _hub
+from mergesmith import _hub, _yaml
 from mergesmith.architecture import (
     Architecture,
     architecture_for,
@@ -25,7 +25,7 @@ from mergesmith.architecture import (
 from mergesmith.config import MergeConfig, ModelRef, SliceDef
 from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
 from mergesmith.methods import Method
-from mergesmith.parameters import REQUIRED, resolve
+from mergesmith.parameters import REQUIRED, is_condition_list, resolve
 from mergesmith.sources import Checkpoint, TensorInfo
 from mergesmith.vocab import Key, RowMap, Vocab, align, read_vocab, union_keys
 
@@ -117,6 +117,57 @@ class Plan:
         return sum(j.nbytes for j in self.jobs)
 
     def whole_model_jobs(self) -> list[Job]:
+        """The jobs whose method trims each model over its whole task vector."""
+        return whole_model_jobs(self.method, self.jobs)
+
+    def whole_model_densities(self) -> dict[int, float]:
+        """For a method trimming over whole models: each trimmed model's density (else empty)."""
+        return {m: values.pop() for m, values in _densities(self.whole_model_jobs()).items()}
+
+    def shard_names(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def describe(self) -> str:
+        """A human-readable listing of the plan: inputs, then each output tensor."""
+        lines = [f"method: {self.method.name}", "models:"]
+        for i, (ref, ckpt) in enumerate(zip(self.refs, self.models)):
+            role = " (base)" if self.config.base_model == ref else ""
+            lines.append(f"  [{i}] {ref}{role}: {ckpt.dir} ({len(ckpt.keys())} tensors)")
+        lines.append(
+            f"{len(self.jobs)} output tensors in {len(self.shards)} shard(s); "
+            f"reads {_gb(self.read_bytes)}, writes {_gb(self.write_bytes)}"
+        )
+        for job in self.jobs:
+            lines.append("  " + describe_job(job, self.refs))
+        return "\n".join(lines)
+
+
+def describe_job(job: Job, refs: Sequence[ModelRef]) -> str:
+    shape = "x".join(map(str, job.shape)) or "scalar"
+    layer = f" layer {job.layer} (t={job.t:.3g})" if job.layer is not None else ""
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
+    per = []
+    for ref, mp in zip(job.inputs, job.model_params):
+        if mp:
+            per.append(f"{refs[ref.model]}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in mp.items()))
+    parts = [p for p in (params, "; ".join(per)) if p]
+    return f"{job.name} [{shape} {str(job.out_dtype).replace('torch.', '')}] {job.method}{layer}" + (
+        f" ({'; '.join(parts)})" if parts else ""
+    )
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def whole_model_jobs(self) -> list[Job]:
         """The jobs whose method trims each model over its whole task vector."""
         return whole_model_jobs(self.method, self.jobs)
 
@@ -336,7 +387,7 @@ class _Planner:
             if source in (str(ref), ref.path):
                 return i
         raise ConfigError(
-            f"tokenizer_source {source!r} is not one of the input models ({', '.join(map(str, self.refs))}); "
+            f"tokenizer_source {_yaml.shown(source)} is not one of the input models ({', '.join(map(str, self.refs))}); "
             "use base or one of them",
             self.config.source,
         )
@@ -407,7 +458,7 @@ class _Planner:
         missing = [self.refs[i] for i, v in enumerate(vocabs) if v is None and rows[i]]
         if missing:
             self.problem(
-                f"tokenizer_source {source}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
+                f"tokenizer_source {_yaml.shown(source)}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
                 "so its embedding rows cannot be matched by token; add its tokenizer files or remove "
                 "tokenizer_source",
                 key="vocab-missing",
@@ -449,6 +500,45 @@ class _Planner:
         if model not in self._key_cache:
             self._key_cache[model] = set(self.models[model].keys())
         return self._key_cache[model]
+
+    def tensor_layers(self, model: int) -> list[int]:
+        """The layer indices ``model``'s tensors hold, sorted."""
+        if not hasattr(self, "_layer_cache"):
+            self._layer_cache: dict[int, list[int]] = {}
+        if model not in self._layer_cache:
+            found = {self.arch.layer_of(n) for n in self._keys(model)}
+            self._layer_cache[model] = sorted(n for n in found if n is not None)
+        return self._layer_cache[model]
+
+    def layer_count(self, model: int) -> int:
+        """How many layers ``model``'s tensors hold (one past the highest layer index)."""
+        layers = self.tensor_layers(model)
+        return layers[-1] + 1 if layers else 0
+
+    def first_missing_layer(self, model: int, start: int, end: int) -> int | None:
+        """The first layer in ``[start, end)`` that ``model`` has no tensor of, or None."""
+        expected = start
+        for layer in self.tensor_layers(model):
+            if layer < start:
+                continue
+            if layer >= end or layer != expected:
+                break
+            expected += 1
+        return expected if expected < end else None
+
+    def check_layer_count(self, model: int, why: str) -> None:
+        """Where layer positions matter, config.json's layer count must match the tensors'."""
+        declared = self.arch.num_layers(self.models[model].config)
+        have = self.layer_count(model)
+        if declared is None or declared == have:
+            return
+        self.problem(
+            f"{self.models[model].dir / 'config.json'}: {self.arch.num_layers_key} is {declared}, but the "
+            f"tensors of {self.refs[model]} hold {have} layers; {why} are placed by layer, so they would be "
+            f"wrong: set {self.arch.num_layers_key} to {have} in config.json, or use the checkpoint that "
+            "goes with this config.json",
+            key=f"layer-count:{model}",
+        )
 
     def input_ref(
         self, model: int, name: str, ref_info: TensorInfo, out_name: str, rows_align: bool = False
@@ -499,9 +589,10 @@ class _Planner:
         ref_idx = base if base is not None else inputs[0]
         self.reference = ref_idx
         names = self.models[ref_idx].keys()
-        n_layers = self.arch.num_layers(self.models[ref_idx].config) or (
-            max((self.arch.layer_of(n) or 0) for n in names) + 1
-        )
+        n_layers = self.layer_count(ref_idx)  # gradients run over the layers the tensors hold
+        if _uses_gradients(cfg):
+            for m in ([base] if base is not None else []) + inputs:
+                self.check_layer_count(m, "gradients")
         jobs = []
         for name in _natural(names, self.arch):
             layer = self.arch.layer_of(name)
@@ -541,14 +632,27 @@ class _Planner:
             ref_idx = self.index(ref_src.ref)
             if si == 0:
                 self.reference = ref_idx if base_src is None else self.reference
-            ref_cfg_layers = self.arch.num_layers(self.models[ref_idx].config)
-            for s in sl.sources:
-                limit = self.arch.num_layers(self.models[self.index(s.ref)].config)
-                if limit is not None and s.layer_range[1] > limit:
+            usable = True
+            for j, s in enumerate(sl.sources):
+                m = self.index(s.ref)
+                self.check_layer_count(m, "slices")
+                first, end = s.layer_range
+                have = self.layer_count(m)
+                if end > have:  # checked before any list as long as the range is built
                     self.problem(
-                        f"slices[{si}]: layer_range {list(s.layer_range)} of {s.ref} goes past its "
-                        f"{limit} layers"
+                        f"slices[{si}].sources[{j}]: layer_range [{first}, {end}] of {s.ref} goes past its "
+                        f"layers: its tensors hold {have}{f' (0 to {have - 1})' if have else ''}; use a layer_range within "
+                        f"[0, {have}]",
+                        config=True,
                     )
+                    usable = False
+                    continue
+                missing = self.first_missing_layer(m, first, end)
+                if missing is not None:
+                    self.problem(f"slices[{si}]: {s.ref} has no layer {missing}")
+                    usable = False
+            if not usable:
+                continue
             n = ref_src.layer_range[1] - ref_src.layer_range[0]
             model_scopes = [[s.parameters, sl.parameters, cfg.parameters] for s in others]
             shared = [sl.parameters, cfg.parameters]
@@ -561,8 +665,6 @@ class _Planner:
             for offset in range(n):
                 t = offset / (n - 1) if n > 1 else 1.0
                 src_layer = ref_src.layer_range[0] + offset
-                if src_layer not in by_layer and (ref_cfg_layers is None or src_layer < ref_cfg_layers):
-                    self.problem(f"slices[{si}]: {ref_src.ref} has no layer {src_layer}")
                 for name in by_layer.get(src_layer, []):
                     job = self.make_job(
                         out_name=self.arch.with_layer(name, out_layers + offset),
@@ -738,6 +840,21 @@ class _Planner:
             out_dtype=out_dtype,
             rows=rows,
         )
+
+
+def _uses_gradients(config: MergeConfig) -> bool:
+    """Whether any parameter of ``config`` is a gradient (a value that varies over the layers)."""
+    scopes: list[Mapping[str, Any]] = [config.parameters, *(e.parameters for e in config.models)]
+    for sl in config.slices or ():
+        scopes += [sl.parameters, *(s.parameters for s in sl.sources)]
+    for scope in scopes:
+        for setting in scope.values():
+            values = [setting]
+            if isinstance(setting, list) and is_condition_list(setting):
+                values = [c.get("value") for c in setting if isinstance(c, Mapping)]
+            if any(isinstance(v, list) and not is_condition_list(v) for v in values):
+                return True
+    return False
 
 
 def _natural(names: Sequence[str], arch: Architecture) -> list[str]:

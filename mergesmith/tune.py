@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mergesmith._output import atomic_write
+from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Encoded, quiet_transformers
 
@@ -107,17 +108,24 @@ def search_space(doc: Mapping[str, Any]) -> list[Dimension]:
                     not isinstance(rng, Sequence)
                     or isinstance(rng, str)
                     or len(rng) != 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)
+                    or not all(_finite(v) for v in rng)
                     or not rng[0] < rng[1]
+                    or not math.isfinite(float(rng[1]) - float(rng[0]))
                 ):
-                    problems.append(f"{where}: search must be [low, high] with low < high, found {rng!r}")
+                    problems.append(
+                        f"{where}: search must be [low, high] with low < high, both finite numbers, found "
+                        f"{_shown(rng)}"
+                    )
+                elif not isinstance(node.get("log", False), bool):
+                    problems.append(f"{where}: log must be true or false, found {_shown(node['log'])}")
                 elif node.get("log", False) and rng[0] <= 0:
                     problems.append(f"{where}: a log search needs low > 0, found {rng[0]}")
                 elif "default" in node and not (
-                    isinstance(node["default"], (int, float)) and rng[0] <= node["default"] <= rng[1]
+                    _finite(node["default"]) and rng[0] <= node["default"] <= rng[1]
                 ):
                     problems.append(
-                        f"{where}: default must be a number in [{rng[0]}, {rng[1]}], found {node['default']!r}"
+                        f"{where}: default must be a number in [{rng[0]}, {rng[1]}], found "
+                        f"{_shown(node['default'])}"
                     )
                 else:
                     low, high = float(rng[0]), float(rng[1])
@@ -139,6 +147,74 @@ def search_space(doc: Mapping[str, Any]) -> list[Dimension]:
     if len(set(names)) != len(names):  # two models with the same last path part: fall back to paths
         found = [Dimension(".".join(str(p) for p in d.path), d.path, d.low, d.high, d.log) for d in found]
     return found
+
+
+def _finite(value: Any) -> bool:
+    """A number that is not a boolean, NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past the float range
+        return False
+
+
+def _shown(value: Any) -> str:
+    from mergesmith._text import printable
+
+    if isinstance(value, list):
+        items = [repr(v) if not isinstance(v, (dict, list)) else "..." for v in value[:4]]
+        text = "[" + ", ".join(items + (["..."] if len(value) > 4 else [])) + "]"
+    elif isinstance(value, dict):
+        text = "{...}"
+    else:
+        text = repr(value)
+    return printable(text if len(text) <= 60 else text[:60] + "...")
+
+
+MAX_GRID = 100_000  # points a grid search may enqueue
+
+
+def check_options(
+    space: Sequence[Dimension],
+    tasks: Sequence[str],
+    *,
+    sampler: str,
+    seed: int,
+    grid_steps: int,
+    penalty: float,
+    task_weights: Mapping[str, float],
+    batch_size: int = 64,
+) -> None:
+    """Refuse search options that are out of range, with every problem named at once."""
+    problems: list[str] = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"--batch-size must be a whole number >= 1, found {_shown(batch_size)}")
+    if sampler not in SAMPLERS:
+        problems.append(f"unknown sampler {_shown(sampler)}; use one of {', '.join(SAMPLERS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        problems.append(f"--seed must be a whole number in [0, 2**32), found {_shown(seed)}")
+    if not _finite(penalty):
+        problems.append(f"--penalty must be a finite number, found {_shown(penalty)}")
+    if sampler == "grid":
+        if isinstance(grid_steps, bool) or not isinstance(grid_steps, int) or grid_steps < 1:
+            problems.append(f"--grid-steps must be a whole number >= 1, found {_shown(grid_steps)}")
+        elif grid_steps ** len(space) > MAX_GRID:
+            problems.append(
+                f"--grid-steps {grid_steps} over {len(space)} searched values makes "
+                f"{grid_steps}**{len(space)} grid points, more than {MAX_GRID:,}; use fewer steps or the "
+                "tpe sampler"
+            )
+    names = [Path(t).stem for t in tasks]
+    for task, weight in task_weights.items():
+        if task not in names:
+            problems.append(
+                f"--task-weight {_shown(task)}: no such task; the tasks are {', '.join(map(_shown, names))}"
+            )
+        elif not _finite(weight):
+            problems.append(f"--task-weight {_shown(task)} must be a finite number, found {_shown(weight)}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def substitute(
@@ -607,14 +683,27 @@ def tune(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {batch_size}")
     path = Path(config)
-    try:
-        doc = _yaml.load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read tune config {path}: {exc.strerror}") from None
+    doc = _yaml.load_file(path, what="tune config")
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{path}: a tune config is a mapping like a merge config")
-    doc = json.loads(json.dumps(doc))
+    try:
+        doc = json.loads(json.dumps(doc))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{printable(str(path))}: holds a value that is not plain data ({_shown(str(exc))}); use only "
+            "mappings, lists, text, numbers and booleans (quote dates)"
+        ) from None
     space = search_space(doc)
+    check_options(
+        space,
+        tasks,
+        sampler=sampler,
+        seed=seed,
+        grid_steps=grid_steps,
+        penalty=penalty,
+        task_weights=task_weights or {},
+        batch_size=batch_size,
+    )
     build_plan(
         load_config(substitute(doc, space, midpoint(space)), name=str(path))
     )  # every check, no weights
