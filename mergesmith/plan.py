@@ -167,66 +167,15 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def whole_model_jobs(self) -> list[Job]:
-        """The jobs whose method trims each model over its whole task vector."""
-        return whole_model_jobs(self.method, self.jobs)
-
-    def whole_model_densities(self) -> dict[int, float]:
-        """For a method trimming over whole models: each trimmed model's density (else empty)."""
-        return {m: values.pop() for m, values in _densities(self.whole_model_jobs()).items()}
-
-    def shard_names(self) -> list[str]:
-        n = len(self.shards)
-        if n == 1:
-            return ["model.safetensors"]
-        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-    def describe(self) -> str:
-        """A human-readable listing of the plan: inputs, then each output tensor."""
-        lines = [f"method: {self.method.name}", "models:"]
-        for i, (ref, ckpt) in enumerate(zip(self.refs, self.models)):
-            role = " (base)" if self.config.base_model == ref else ""
-            lines.append(f"  [{i}] {ref}{role}: {ckpt.dir} ({len(ckpt.keys())} tensors)")
-        lines.append(
-            f"{len(self.jobs)} output tensors in {len(self.shards)} shard(s); "
-            f"reads {_gb(self.read_bytes)}, writes {_gb(self.write_bytes)}"
-        )
-        for job in self.jobs:
-            lines.append("  " + describe_job(job, self.refs))
-        return "\n".join(lines)
-
-
-def describe_job(job: Job, refs: Sequence[ModelRef]) -> str:
-    shape = "x".join(map(str, job.shape)) or "scalar"
-    layer = f" layer {job.layer} (t={job.t:.3g})" if job.layer is not None else ""
-    params = ", ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
-    per = []
-    for ref, mp in zip(job.inputs, job.model_params):
-        if mp:
-            per.append(f"{refs[ref.model]}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in mp.items()))
-    parts = [p for p in (params, "; ".join(per)) if p]
-    return f"{job.name} [{shape} {str(job.out_dtype).replace('torch.', '')}] {job.method}{layer}" + (
-        f" ({'; '.join(parts)})" if parts else ""
-    )
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
 def parse_size(text: str | int) -> int:
     """Parse a size such as ``5GB``, ``500MB``, ``2GiB`` or a number of bytes: a finite number of
     at least one byte, else a ConfigError."""
     fix = "write it like 5GB, 500MB or 2GiB"
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ConfigError(f"cannot read size {text!r}: it is not a number of bytes or text; {fix}")
+        raise ConfigError(f"cannot read size {_yaml.shown(text)}: it is not a number of bytes or text; {fix}")
     if isinstance(text, int):
         if text < 1:
-            raise ConfigError(f"size {text!r} must be at least one byte; {fix}")
+            raise ConfigError(f"size {_yaml.shown(text)} must be at least one byte; {fix}")
         return text
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
@@ -238,11 +187,11 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(f"cannot read size {text!r}; {fix}") from None
+        raise ConfigError(f"cannot read size {_yaml.shown(text)}; {fix}") from None
     if not math.isfinite(value * mult):
-        raise ConfigError(f"size {text!r} is not a finite number; {fix}")
+        raise ConfigError(f"size {_yaml.shown(text)} is not a finite number; {fix}")
     if value * mult < 1:
-        raise ConfigError(f"size {text!r} must be at least one byte; {fix}")
+        raise ConfigError(f"size {_yaml.shown(text)} must be at least one byte; {fix}")
     return int(value * mult)
 
 
