@@ -317,10 +317,13 @@ class _Validator:
         return ModelRef(ref.path, ref.revision, lora) if lora else ref
 
     def _bad_name(self, container: Any, key: str | int, path: str, name: str) -> bool:
-        """Record a problem when ``name`` cannot be a path or Hub id: control characters, or
-        longer than file systems allow."""
-        if printable(name) != name or "\n" in name or "\t" in name:
-            problem = "holds control characters; write the path or Hub id plainly"
+        """Record a problem when ``name`` cannot be a path or Hub id: a NUL character, or longer
+        than file systems allow. (Other control characters can be in a real directory's name; they
+        are escaped wherever the name is printed.)"""
+        if "\x00" in name:
+            problem = (
+                "holds a NUL character, which no path or Hub id can hold; write the path or Hub id plainly"
+            )
         elif len(name.encode("utf-8", "surrogatepass")) > MAX_PATH or any(
             len(part.encode("utf-8", "surrogatepass")) > MAX_NAME for part in name.split("/")
         ):

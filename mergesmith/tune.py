@@ -680,8 +680,6 @@ def tune(
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if workers < 1 or trials < 1:
         raise ConfigError("--workers and --trials must be at least 1")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {batch_size}")
     path = Path(config)
     doc = _yaml.load_file(path, what="tune config")
     if not isinstance(doc, Mapping):

@@ -345,7 +345,6 @@ def validate_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ),
         (["--task-weight", "maths=2"], "--task-weight 'maths': no such task; the tasks are 'math', 'code'"),
         (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), found -1"),
-        (["--batch-size", "0"], "--batch-size must be a whole number >= 1, found 0"),
         (
             ["--sampler", "grid", "--grid-steps", "1000"],
             "--grid-steps 1000 over 2 searched values makes 1000**2 grid points, more than 100,000; use fewer steps or the tpe sampler",
@@ -386,8 +385,8 @@ def test_a_model_name_longer_than_a_path_can_be_is_a_config_error(
 def test_a_model_name_with_control_characters_is_a_config_error() -> None:
     message = refused(BASE.replace("model: a", 'model: "a\\0b\\e[2J"'))
     assert message == (
-        "<config>: line 3: models[0].model: model reference 'a\\x00b\\x1b[2J' holds control characters; "
-        "write the path or Hub id plainly"
+        "<config>: line 3: models[0].model: model reference 'a\\x00b\\x1b[2J' holds a NUL character, which "
+        "no path or Hub id can hold; write the path or Hub id plainly"
     )
 
 
@@ -474,9 +473,12 @@ def _nodes(doc: object, where: tuple[str | int, ...] = ()) -> list[tuple[str | i
     [
         ("nan", "size 'nan' is not a finite number; write it like 5GB, 500MB or 2GiB"),
         ("1e999GB", "size '1e999GB' is not a finite number; write it like 5GB, 500MB or 2GiB"),
-        ("0.1", "size '0.1' must be at least 1 byte"),
-        (0, "size 0 must be positive"),
-        (True, "cannot read size True; write it like 5GB, 500MB or 2GiB"),
+        ("0.1", "size '0.1' must be at least one byte; write it like 5GB, 500MB or 2GiB"),
+        (0, "size 0 must be at least one byte; write it like 5GB, 500MB or 2GiB"),
+        (
+            True,
+            "cannot read size True: it is not a number of bytes or text; write it like 5GB, 500MB or 2GiB",
+        ),
     ],
 )
 def test_a_shard_size_that_is_not_a_finite_size_is_refused(size: object, expected: str) -> None:
