@@ -13,7 +13,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from mergesmith._text import printable
+from mergesmith.errors import CheckpointError
+
 __all__ = ["Architecture", "architecture_for"]
+
+# a million layers is far past any model; longer numbers in tensor names are refused, not parsed
+MAX_LAYER_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,15 @@ class Architecture:
     def layer_of(self, tensor: str) -> int | None:
         """The layer index in a tensor's name, or None for tensors outside the layer stack."""
         m = self.layer_pattern.search(tensor)
-        return int(m.group(1)) if m else None
+        if m is None:
+            return None
+        if len(m.group(1)) > MAX_LAYER_DIGITS:
+            raise CheckpointError(
+                f"tensor {printable(tensor[:80])}{'...' if len(tensor) > 80 else ''}: its layer number has "
+                f"{len(m.group(1))} digits, more than any model's layer stack; the checkpoint is corrupt or "
+                "not a model: check where it came from"
+            )
+        return int(m.group(1))
 
     def with_layer(self, tensor: str, layer: int) -> str:
         """The same tensor name with its layer index replaced."""

@@ -592,3 +592,22 @@ def test_union_with_a_malformed_tokenizer_config_names_the_input(tmp_path: Path)
         "repair the tokenizer files or download the model again"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_number_of_thousands_of_digits_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = small_state()
+    huge = "model.layers." + "9" * 5000 + ".mlp.up_proj.weight"
+    state[huge] = state.pop("model.layers.0.mlp.up_proj.weight")
+    a = tiny.save(tmp_path / "a", state, tiny.llama_config())
+    b = tiny.save(tmp_path / "b", state, tiny.llama_config())
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n"
+    )
+    assert main(["validate", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith(f"error: tensor model.layers.{'9' * 67}...: its layer number has 5000 digits")
+    assert "the checkpoint is corrupt or not a model" in err
