@@ -680,6 +680,13 @@ def tune(
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if workers < 1 or trials < 1:
         raise ConfigError("--workers and --trials must be at least 1")
+    most = max(8, 4 * (os.cpu_count() or 1))
+    if executor == "local" and workers > most:
+        raise ConfigError(
+            f"--workers {workers}: far more local worker processes than this machine's "
+            f"{os.cpu_count() or 1} CPUs, each holding a model; use at most --workers {most} (about one a "
+            "CPU is best), or --executor ray to spread them over machines"
+        )
     path = Path(config)
     doc = _yaml.load_file(path, what="tune config")
     if not isinstance(doc, Mapping):

@@ -4,6 +4,7 @@ CompatibilityError) that names the file and the fix, and from the CLI with exit 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import tracemalloc
@@ -345,6 +346,12 @@ def validate_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ),
         (["--task-weight", "maths=2"], "--task-weight 'maths': no such task; the tasks are 'math', 'code'"),
         (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), found -1"),
+        (
+            ["--workers", "100000"],
+            f"--workers 100000: far more local worker processes than this machine's {os.cpu_count() or 1} "
+            f"CPUs, each holding a model; use at most --workers {max(8, 4 * (os.cpu_count() or 1))} (about "
+            "one a CPU is best), or --executor ray to spread them over machines",
+        ),
         (
             ["--sampler", "grid", "--grid-steps", "1000"],
             "--grid-steps 1000 over 2 searched values makes 1000**2 grid points, more than 100,000; use fewer steps or the tpe sampler",
