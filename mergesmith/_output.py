@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergesmith._json import parse_json
 from mergesmith.errors import OutputError
 
 PARTIAL = ".mergesmith-partial"
@@ -91,7 +92,7 @@ def written_here(directory: Path) -> bool:
     try:
         marker = directory / MARKER
         if marker.is_file() and not marker.is_symlink() and marker.stat().st_size < 1 << 16:
-            data = json.loads(marker.read_text(encoding="utf-8"))
+            data = parse_json(marker.read_bytes(), str(marker), error=OutputError)
             if isinstance(data, dict) and data.get("written_by") == "mergesmith":
                 return True
         readme = directory / "README.md"
@@ -101,7 +102,7 @@ def written_here(directory: Path) -> bool:
             if head.startswith("---\n"):
                 front = head[4:].split("\n---", 1)[0]
                 return "- mergesmith" in front.splitlines()
-    except (OSError, ValueError):
+    except (OSError, OutputError):
         return False
     return False
 

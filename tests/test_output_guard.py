@@ -134,6 +134,17 @@ def test_every_output_is_marked_and_force_replaces_marked_or_carded_outputs(
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 1
 
 
+def test_a_marker_that_is_not_ours_is_not_trusted(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for text in ["[" * 60_000 + "]" * 60_000, '{"written_by": "someone else"}', "\xff\xfe"]:
+        (out / _output.MARKER).write_text(text, encoding="latin-1")
+        with pytest.raises(OutputError, match=r"was not written by mergesmith .* would delete 2 entries"):
+            merge(config(models), out, force=True, progress=False)
+        assert (out / "keep.txt").read_text() == "mine"
+
+
 # -- an output that appears while the merge runs --------------------------------------------------
 
 
