@@ -224,6 +224,25 @@ def _parser() -> argparse.ArgumentParser:
         "--no-best", action="store_true", help="do not merge and evaluate the best config at the end"
     )
 
+    mu = sub.add_parser("multi", help="run a multi-stage config (mergekit-multi): merges of earlier merges")
+    mu.add_argument("config", help="YAML merge configs, one document per stage, each with a name")
+    mu.add_argument("stages_dir", nargs="?", metavar="OUT_DIR", help="the named stages go to OUT_DIR/<name>")
+    mu.add_argument("-I", "--intermediate-dir", help="OUT_DIR, as mergekit-multi spells it")
+    mu.add_argument("--out-path", help="where the unnamed stage, the final merge, is written")
+    mu.add_argument(
+        "--lazy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip stages finished by an earlier run with the same config (default: yes)",
+    )
+    mu.add_argument(
+        "--dry-run", action="store_true", help="check every stage and print the order; merge nothing"
+    )
+    mu.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    mu.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
+    mu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_option(mu)
+
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
     )
@@ -463,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "merge":
             return _merge(args)
+        if args.command == "multi":
+            from mergesmith.multi import run_cli
+
+            return run_cli(args, _say)
     except MergesmithError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
@@ -569,6 +592,10 @@ def _interrupted(args: argparse.Namespace, previous: bool) -> str:
         )
     if args.command == "compare":
         return f"the report files in {args.out} may be missing or from an earlier run"
+    if args.command == "multi":
+        from mergesmith.multi import interrupted
+
+        return interrupted()
     return "nothing was written"
 
 
