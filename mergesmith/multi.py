@@ -139,7 +139,7 @@ def load_multi(
         unknown: list[tuple[str, str]] = []
         plain = _patched(item, dirs, needs, unknown)
         plain.pop("name", None)
-        problems += [_unknown(label, at, ref, named) for at, ref in unknown]
+        problems += [_unknown(label, at, ref, named - {label}) for at, ref in unknown]
         if problems:
             continue
         config = load_config(plain, name=f"{where} (stage {label})")
