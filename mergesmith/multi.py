@@ -127,6 +127,15 @@ def load_multi(
             f"line {names[None]}: this stage has no name, so it is the final merge, which is written to "
             "--out-path: give --out-path DIR (out_path=...), or name the stage to write it to OUT_DIR/<name>"
         )
+    if None in names and out_path is not None:
+        final = Path(out_path).absolute()
+        for n, d in dirs.items():
+            if final == d or d in final.parents or final in d.parents:
+                problems.append(
+                    f"--out-path {final} is, holds or sits inside {d}, the output of stage {n}; the final "
+                    "merge needs a directory of its own: choose another --out-path"
+                )
+                break
     built: dict[str | None, Stage] = {}
     for name, item, line in stages:
         label = name if name is not None else FINAL

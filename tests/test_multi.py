@@ -268,6 +268,12 @@ def test_cli_exit_codes(
     assert main(["multi", str(config), "--out-path", str(tmp_path / "final")]) == 1
     assert "error: multi: give OUT_DIR" in capsys.readouterr().err
 
+    assert main(["multi", str(config), str(tmp_path / "stages"), "--out-path", str(tmp_path / "stages")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {config}: --out-path {tmp_path / 'stages'} is, holds or sits inside "
+        f"{tmp_path / 'stages' / 'ab'}, the output of stage ab; the final merge needs a directory of its own: "
+        "choose another --out-path\n"
+    )
     args = ["multi", str(config), "-I", str(tmp_path / "stages"), "--out-path", str(tmp_path / "final")]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
