@@ -35,6 +35,8 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 """What a stage name may be: one directory name, without the characters a model reference gives a
 meaning to (``/``, ``@``, ``+``)."""
 FINAL = "final merge"
+written: list[Path] = []
+"""The stage outputs the current :func:`multi` run has written, for an interrupted command to say."""
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,7 @@ def multi(
 
     plan = load_multi(config, out_dir, out_path=out_path)
     skip = check(plan, lazy=lazy)
+    written.clear()
     merged: list[Stage] = []
     total = len(plan.stages)
     for i, stage in enumerate(plan.stages, 1):
@@ -362,6 +365,7 @@ def multi(
         _tell(say, f"stage {i}/{total}: {stage.label} -> {stage.out_dir}")
         merge(stage.config, stage.out_dir, force=True, **options)
         merged.append(stage)
+        written.append(stage.out_dir)
     return merged
 
 
@@ -387,9 +391,9 @@ def stages_dir(given: str | None, intermediate: str | None) -> str:
 
 def interrupted() -> str:
     """What an interrupted ``multi`` leaves, for the command line."""
-    done = ", ".join(str(p) for p in _output.completed)
+    done = ", ".join(str(p) for p in written)
     return (
-        (f"the stages written in {done} are complete" if done else "no stage was written in this run")
+        (f"the stages written to {done} are complete" if done else "no stage was written in this run")
         + "; the stage being merged was not written (its previous output, if any, was left as it was): "
         "run the same command again to go on, finished stages are skipped"
     )

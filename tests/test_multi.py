@@ -291,6 +291,40 @@ def test_cli_exit_codes(
     assert exit_.value.code == 2
 
 
+def test_an_interrupted_run_says_which_stages_are_complete(
+    zoo: dict[str, Path],
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = mergesmith.api.merge
+
+    def stop_at_final(config: Any, out_dir: Any, **kwargs: Any) -> Any:
+        if Path(out_dir).name == "final":
+            raise KeyboardInterrupt
+        return real(config, out_dir, **kwargs)
+
+    monkeypatch.setattr(mergesmith.api, "merge", stop_at_final)
+    config = write_config(two_stages(zoo))
+    args = ["multi", str(config), str(tmp_path / "stages"), "--out-path", str(tmp_path / "final")]
+    assert main(args) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted: the stages written to {tmp_path / 'stages' / 'ab'} are complete; the stage being "
+        "merged was not written (its previous output, if any, was left as it was): run the same command "
+        "again to go on, finished stages are skipped"
+    )
+    assert not (tmp_path / "final").exists()
+    monkeypatch.setattr(mergesmith.api, "merge", real)
+    assert main(args) == 0
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[0]
+        .endswith("(finished earlier in " + str(tmp_path / "stages" / "ab") + "; skipped)")
+    )
+    close(tiny.load_state(tmp_path / "final"), expected(zoo, 2.0))
+
+
 def test_load_all_reads_every_document_with_the_same_bounds() -> None:
     docs = _yaml.load_all("a: 1\n---\nb:\n  - 2\n---\n")
     assert docs == [{"a": 1}, {"b": [2]}, None]  # the empty document after the last ---
