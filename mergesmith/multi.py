@@ -333,6 +333,8 @@ def check(plan: MultiPlan, *, lazy: bool) -> set[str | None]:
                 f"stage {s.label}: {p}" for s, e in same if isinstance(e, type(first)) for p in e.problems
             ]
             raise type(first)(problems, plan.source)
+        if isinstance(first, OutputError):
+            raise OutputError(f"stage {errors[0][0].label}: {first}") from None
         raise first
     return skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,11 @@ def test_a_foreign_directory_in_the_way_is_refused_first(
     config = write_config(two_stages(zoo))
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="was not written by mergesmith"):
+    with pytest.raises(
+        OutputError,
+        match="^"
+        + re.escape(f"stage final merge: --force: output directory {tmp_path / 'final'} was not written"),
+    ):
         multi(config, tmp_path / "stages", out_path=tmp_path / "final")
     assert calls == [] and (tmp_path / "final" / "notes.txt").read_text() == "mine"
 
