@@ -13,6 +13,7 @@ import torch
 import mergesmith.api
 from mergesmith import CompatibilityError, ConfigError, OutputError, _yaml
 from mergesmith.cli import main
+from mergesmith.config import ModelRef
 from mergesmith.multi import load_multi, multi
 from tests import tiny
 
@@ -159,6 +160,34 @@ def test_a_stage_not_recorded_as_this_config_is_redone(
     calls.clear()
     multi(config, out, out_path=final)
     assert calls == [out / "ab", final]
+
+
+def test_every_kind_of_model_reference_can_name_a_stage(
+    zoo: dict[str, Path], write_config: Callable[[str], Path], tmp_path: Path
+) -> None:
+    config = write_config(
+        f"name: ab\nmerge_method: linear\nmodels: [{zoo['a']}, {zoo['b']}]\nparameters: {{weight: 1}}\n---\n"
+        f"name: cd\nmerge_method: linear\nmodels: [{zoo['c']}, {zoo['d']}]\nparameters: {{weight: 1}}\n---\n"
+        "name: sl\nmerge_method: slerp\nbase_model: {model: {path: ab}}\ntokenizer_source: cd\n"
+        "slices:\n  - sources:\n      - {model: ab, layer_range: [0, 3]}\n"
+        "      - {model: cd, layer_range: [0, 3]}\nparameters: {t: 0.5}\n---\n"
+        f"name: ta\nmerge_method: task_arithmetic\nbase_model: {zoo['base']}\n"
+        "models: [{model: sl+adapters/x, parameters: {weight: 1}}]\n"
+    )
+    plan = load_multi(config, tmp_path / "out")
+    out = (tmp_path / "out").absolute()
+    assert [(s.name, s.needs) for s in plan.stages] == [
+        ("ab", ()),
+        ("cd", ()),
+        ("sl", ("ab", "cd")),
+        ("ta", ("sl",)),
+    ]
+    sl, ta = plan.stages[2].config, plan.stages[3].config
+    assert sl.base_model == ModelRef(str(out / "ab"))
+    assert sl.tokenizer_source == str(out / "cd")
+    assert sl.slices is not None
+    assert [s.ref for s in sl.slices[0].sources] == [ModelRef(str(out / "ab")), ModelRef(str(out / "cd"))]
+    assert ta.models[0].ref == ModelRef(str(out / "sl"), None, "adapters/x")
 
 
 def test_cycles_are_refused_before_any_model_is_opened(
