@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,16 @@ from mergesmith.errors import ConfigError
 from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
 
-__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "ModelRef", "SliceDef", "SliceSource", "load_config"]
+__all__ = [
+    "DTYPES",
+    "ConfigWarning",
+    "MergeConfig",
+    "ModelEntry",
+    "ModelRef",
+    "SliceDef",
+    "SliceSource",
+    "load_config",
+]
 
 DTYPES = {
     "float32": "float32",
@@ -48,6 +58,10 @@ TOP_KEYS = (
     "name",
     "seed",
 )
+
+
+class ConfigWarning(UserWarning):
+    """A config setting that is accepted, as mergekit accepts it, but has no effect."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,7 @@ class MergeConfig:
     seed: int
     text: str
     source: str
+    warnings: tuple[str, ...] = ()
 
     @property
     def merge_method(self) -> Method[Any, Any]:
@@ -181,6 +196,12 @@ class _Validator:
         self.source = source
         self.text = text
         self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def warn(self, container: Any, key: str | int | None, path: str, message: str) -> None:
+        line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
+        where = f"line {line}: " if line else ""
+        self.warnings.append(printable(f"{where}{path}: {message}"))
 
     def add(self, container: Any, key: str | int | None, path: str, message: str) -> None:
         line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
@@ -237,6 +258,8 @@ class _Validator:
             raise ConfigError(sorted(self.problems, key=_line_key), self.source)
         if method is None:  # _method() has recorded why
             raise ConfigError("merge_method is missing or unknown", self.source)
+        for text in self.warnings:
+            warnings.warn(f"{printable(self.source)}: {text}", ConfigWarning, stacklevel=3)
         return MergeConfig(
             method=method.name,
             base_model=base,
@@ -250,6 +273,7 @@ class _Validator:
             seed=seed,
             text=self.text,
             source=self.source,
+            warnings=tuple(self.warnings),
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -364,6 +388,7 @@ class _Validator:
         shared = {i.key: i for i in method.param_infos}
         per_model = {i.key: i for i in method.model_param_infos}
         known = shared | per_model if scope != "model" else per_model
+        kept: dict[str, Any] = {}
         for name, setting in value.items():
             info: ParamInfo | None = known.get(name)
             where = f"{path}.{name}"
@@ -377,17 +402,28 @@ class _Validator:
                         "top-level parameters",
                     )
                     continue
-                names = ", ".join(known) or "none"
+                if name in _every_parameter():
+                    whose = f" for {owner}" if (owner := _owner(container, scope)) else ""
+                    self.warn(
+                        value,
+                        name,
+                        where,
+                        f"{method.name} does not use {name}, so it has no effect{whose} "
+                        "(mergekit accepts and ignores it too); remove it to silence this warning",
+                    )
+                    continue
                 self.add(
                     value,
                     name,
                     where,
-                    f"unknown parameter for {method.name}{_suggest(name, known)}; its parameters: {names}",
+                    f"unknown parameter for {method.name}{_suggest(name, known)}; "
+                    + _parameters_text(method),
                 )
                 continue
+            kept[name] = setting
             for problem in check_setting(info, setting):
                 self.add(value, name, where + problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
-        return dict(value)
+        return kept
 
     def _models(
         self, doc: Mapping[str, Any], method: Method[Any, Any] | None, base: ModelRef | None
@@ -431,7 +467,15 @@ class _Validator:
                 self.add(items, i, path, "expected {sources: [{model: ..., layer_range: [a, b]}]}")
                 continue
             for key in item:
-                if key not in ("sources", "parameters", "base_model"):
+                if key == "residual_weight":
+                    self.warn(
+                        item,
+                        key,
+                        f"{path}.{key}",
+                        "has no effect: mergekit accepts residual_weight and ignores it, and so does "
+                        "mergesmith; remove it to silence this warning",
+                    )
+                elif key not in ("sources", "parameters", "base_model"):
                     self.add(item, key, f"{path}.{key}", "unknown key")
             sources = []
             lengths = set()
@@ -608,6 +652,33 @@ class _Validator:
                 "the weights sum to 0 and normalize is true, which divides by "
                 "zero: change the weights or set normalize: false",
             )
+
+
+def _every_parameter() -> set[str]:
+    """Every parameter name some method takes: mergekit accepts any of them anywhere."""
+    names: set[str] = set()
+    for method in REGISTRY.values():
+        names |= {i.key for i in method.param_infos} | {i.key for i in method.model_param_infos}
+    return names
+
+
+def _owner(container: Any, scope: str) -> str | None:
+    """The model a per-model setting belongs to, as written, for a message."""
+    if scope != "model" or not isinstance(container, Mapping):
+        return None
+    model = container.get("model")
+    if isinstance(model, Mapping):
+        model = model.get("model")
+        model = model.get("path") if isinstance(model, Mapping) else model
+    return str(model) if isinstance(model, str) else None
+
+
+def _parameters_text(method: Method[Any, Any]) -> str:
+    per_model = ", ".join(i.key for i in method.model_param_infos) or "none"
+    shared = ", ".join(i.key for i in method.param_infos) or "none"
+    return (
+        f"its per-model parameters: {per_model}; its merge-wide parameters (top-level parameters:): {shared}"
+    )
 
 
 def _line_key(problem: str) -> int:

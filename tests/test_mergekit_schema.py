@@ -1,0 +1,96 @@
+"""mergekit's config keys beyond the common ones: accepted with mergekit's meaning, or with a
+warning where mergekit accepts and ignores them; other mergekit tools' configs are recognised."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mergesmith import ConfigError, load_config
+from mergesmith.cli import main
+from mergesmith.config import ConfigWarning
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(text)
+    return info.value.problems
+
+
+SLERP_WITH_WEIGHT = """merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {a}
+    parameters:
+      weight: 0.7
+parameters:
+  t: 0.5
+"""
+
+
+def test_a_parameter_the_method_ignores_is_a_warning_and_dropped() -> None:
+    with pytest.warns(ConfigWarning) as caught:
+        config = load_config(SLERP_WITH_WEIGHT.format(base="./b", a="./a"))
+    expected = (
+        "line 7: models[1].parameters.weight: slerp does not use weight, so it has no effect for ./a "
+        "(mergekit accepts and ignores it too); remove it to silence this warning"
+    )
+    assert config.warnings == (expected,)
+    assert [str(w.message) for w in caught] == [f"<config>: {expected}"]
+    assert config.models[1].parameters == {}
+
+
+@pytest.mark.parametrize("method", ["model_stock", "karcher", "nearswap", "sce"])
+def test_weight_is_ignored_with_a_warning_by_methods_without_weights(method: str) -> None:
+    other, extra = ("./b", "parameters: {t: 0.5}\n") if method == "nearswap" else ("./c", "")
+    text = (
+        f"merge_method: {method}\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {{weight: 2}}\n"
+        f"  - model: {other}\n{extra}"
+    )
+    with pytest.warns(ConfigWarning):
+        config = load_config(text)
+    assert config.warnings == (
+        f"line 5: models[0].parameters.weight: {method} does not use weight, so it has no effect for ./a "
+        "(mergekit accepts and ignores it too); remove it to silence this warning",
+    )
+
+
+def test_a_name_no_method_takes_is_still_refused_and_lists_every_parameter() -> None:
+    (p,) = problems(
+        "merge_method: slerp\nbase_model: ./b\nmodels:\n  - model: ./b\n  - model: ./a\n"
+        "    parameters: {wieght: 1}\nparameters: {t: 0.5}\n"
+    )
+    assert p == (
+        "line 6: models[1].parameters.wieght: unknown parameter for slerp; its per-model parameters: "
+        "none; its merge-wide parameters (top-level parameters:): t"
+    )
+
+
+def test_residual_weight_is_accepted_with_a_warning() -> None:
+    text = (
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 2]\n"
+        "    residual_weight: 0.5\n"
+    )
+    with pytest.warns(ConfigWarning):
+        config = load_config(text)
+    assert config.warnings == (
+        "line 6: slices[0].residual_weight: has no effect: mergekit accepts residual_weight and ignores "
+        "it, and so does mergesmith; remove it to silence this warning",
+    )
+    assert config.slices is not None and config.slices[0].sources[0].layer_range == (0, 2)
+
+
+def test_the_cli_prints_the_warning_and_succeeds(
+    zoo: dict[str, Path], write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(SLERP_WITH_WEIGHT.format(base=zoo["base"], a=zoo["a"]))
+    assert main(["validate", str(path), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {path}: line 7: models[1].parameters.weight: slerp does not use weight, so it has no "
+        f"effect for {zoo['a']} (mergekit accepts and ignores it too)"
+    ) in err
+    assert "Traceback" not in err and "ConfigWarning" not in err
