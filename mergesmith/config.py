@@ -187,8 +187,38 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     else:
         text = source
         where = name or "<config>"
-    doc = _yaml.load(text, where=where)
+    doc = _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    _other_tool(doc, where)
     return _Validator(where, text).run(doc)
+
+
+_MULTI = "run it with mergesmith multi, which runs each merge in turn"
+
+
+def _other_tool(doc: Any, where: str) -> None:
+    """Refuse, naming the right command, a config written for another mergekit tool."""
+    if isinstance(doc, list) and doc and all(isinstance(d, Mapping) and "merge_method" in d for d in doc):
+        raise ConfigError(f"the file is a list of {len(doc)} merge configs, not one: {_MULTI}", where)
+    if not isinstance(doc, Mapping) or "merge_method" in doc:
+        return
+    moe = [k for k in ("experts", "gate_mode") if k in doc]
+    evolve = [k for k in ("genome", "tasks") if k in doc]
+    if moe:
+        line = _yaml.line_of(doc, moe[0])
+        raise ConfigError(
+            f"line {line}: this is a mergekit-moe config (it has {' and '.join(moe)}:), which builds a "
+            "mixture-of-experts model; merge and validate take a merge config (merge_method: ...). "
+            "A mergesmith moe command is planned but not available yet",
+            where,
+        )
+    if evolve:
+        line = _yaml.line_of(doc, evolve[0])
+        raise ConfigError(
+            f"line {line}: this is a mergekit-evolve config (it has {' and '.join(evolve)}:); "
+            "mergesmith's search over merge parameters is mergesmith tune, which takes a merge config "
+            "whose searched values are written {search: [low, high]} (see docs/cli.md, section tune)",
+            where,
+        )
 
 
 class _Validator:

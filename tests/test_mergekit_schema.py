@@ -94,3 +94,74 @@ def test_the_cli_prints_the_warning_and_succeeds(
         f"effect for {zoo['a']} (mergekit accepts and ignores it too)"
     ) in err
     assert "Traceback" not in err and "ConfigWarning" not in err
+
+
+def test_a_mergekit_moe_config_names_the_command_for_it(
+    write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        "base_model: ./base\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n  - source_model: ./a\n"
+        "    positive_prompts: [code]\n"
+    )
+    for command in ("merge", "validate"):
+        args = [command, str(path)] + (["./out"] if command == "merge" else [])
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: {path}: line 4: this is a mergekit-moe config (it has experts and gate_mode:), which "
+            "builds a mixture-of-experts model; merge and validate take a merge config (merge_method: ...). "
+            "A mergesmith moe command is planned but not available yet\n"
+        )
+
+
+def test_a_mergekit_evolve_config_names_tune() -> None:
+    (p,) = problems(
+        "genome:\n  models: [./a, ./b]\n  merge_method: ties\n  base_model: ./a\n"
+        "tasks:\n  - name: arc\n    weight: 1.0\nlimit: 100\n"
+    )
+    assert p == (
+        "line 1: this is a mergekit-evolve config (it has genome and tasks:); mergesmith's search over "
+        "merge parameters is mergesmith tune, which takes a merge config whose searched values are "
+        "written {search: [low, high]} (see docs/cli.md, section tune)"
+    )
+
+
+MULTI = """name: first
+merge_method: linear
+models:
+  - model: ./a
+  - model: ./b
+---
+merge_method: slerp
+base_model: first
+models:
+  - model: first
+  - model: ./c
+parameters: {t: 0.5}
+"""
+
+
+def test_several_yaml_documents_name_mergesmith_multi(
+    write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(MULTI)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {path}:6: holds several YAML documents (separated by ---) where one is expected; "
+        "this is a file of several merges: run it with mergesmith multi, which runs each merge in turn\n"
+    )
+    assert "not valid YAML" not in err
+
+
+def test_a_list_of_configs_names_mergesmith_multi() -> None:
+    listed = (
+        "- "
+        + MULTI.split("---\n")[0].replace("\n", "\n  ").rstrip()
+        + "\n- merge_method: linear\n  models: [./a]\n"
+    )
+    (p,) = problems(listed)
+    assert (
+        p
+        == "the file is a list of 2 merge configs, not one: run it with mergesmith multi, which runs each merge in turn"
+    )
