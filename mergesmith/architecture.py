@@ -84,11 +84,14 @@ def _build(row: dict[str, Any]) -> Architecture:
     )
 
 
-def architecture_for(config: dict[str, Any]) -> Architecture:
-    """The family whose model_types include the config's model_type, else the generic fallback."""
+def architecture_for(config: dict[str, Any], override: str | None = None) -> Architecture:
+    """The family whose model_types include the config's model_type, else the generic fallback.
+
+    ``override`` (mergekit's ``override_architecture``, a class name such as ``LlamaForCausalLM``)
+    picks the family whose architectures include it instead, whatever config.json says."""
     model_type = config.get("model_type")
     for row in _data()["families"]:
-        if model_type in row["model_types"]:
+        if override in row.get("architectures", ()) if override else model_type in row["model_types"]:
             return _build(row)
     return _build(_data()["fallback"])
 

@@ -71,6 +71,7 @@ class ModelRef:
     path: str
     revision: str | None = None
     lora: str | None = None  # a PEFT LoRA adapter applied to the model (path or Hub id)
+    architecture: str | None = None  # mergekit's override_architecture: used instead of config.json's
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
@@ -327,16 +328,29 @@ class _Validator:
     def _ref(self, container: Any, key: str | int, path: str) -> ModelRef | None:
         value = container[key]
         lora: str | None = None
+        arch: str | None = None
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"model", "lora"})
+            unknown = sorted(set(value) - {"model", "lora", "override_architecture"})
             if unknown:
                 self.add(
                     container,
                     key,
                     path,
-                    f"unknown keys {_yaml.shown(unknown)} in a model reference; use model and lora",
+                    f"unknown keys {_yaml.shown(unknown)} in a model reference; use model, lora and "
+                    "override_architecture",
                 )
                 return None
+            if value.get("override_architecture") is not None:
+                arch = value["override_architecture"]
+                if not isinstance(arch, str) or not arch.strip():
+                    self.add(
+                        value,
+                        "override_architecture",
+                        f"{path}.override_architecture",
+                        f"expected an architecture class name such as LlamaForCausalLM, found {_yaml.shown(arch)}",
+                    )
+                    return None
+                arch = arch.strip()
             if "lora" in value:
                 adapter = value["lora"]
                 adapter = adapter.get("path") if isinstance(adapter, Mapping) else adapter
@@ -359,7 +373,7 @@ class _Validator:
                         revision and self._bad_name(container, key, f"{path}.revision", str(revision))
                     ):
                         return None
-                    return ModelRef(where.strip(), str(revision) if revision else None, lora)
+                    return ModelRef(where.strip(), str(revision) if revision else None, lora, arch)
                 inner = where
             value = inner
         if not isinstance(value, str) or not value.strip():
@@ -368,7 +382,7 @@ class _Validator:
         if self._bad_name(container, key, path, value.strip()):
             return None
         ref = ModelRef.parse(value.strip())
-        return ModelRef(ref.path, ref.revision, lora) if lora else ref
+        return ModelRef(ref.path, ref.revision, lora or ref.lora, arch) if lora or arch else ref
 
     def _bad_name(self, container: Any, key: str | int, path: str, name: str) -> bool:
         """Record a problem when ``name`` cannot be a path or Hub id: a NUL character, or longer

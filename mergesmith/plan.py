@@ -242,7 +242,14 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     refs = config.referenced_models()
     models = open_models(refs)
     reference = 0
-    arch = architecture_for(models[reference].config)
+    overrides = sorted({r.architecture for r in refs if r.architecture})
+    if len(overrides) > 1:
+        raise ConfigError(
+            f"the models name different override_architecture values ({', '.join(overrides)}); "
+            "mergesmith merges models of one architecture: give them all the same one",
+            config.source,
+        )
+    arch = architecture_for(models[reference].config, overrides[0] if overrides else None)
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
@@ -297,6 +304,8 @@ class _Planner:
         else:
             jobs, layers = self.plan_slices(self.config.slices)
         out_config = json.loads(json.dumps(self.models[self.reference].config))
+        if self.refs[self.reference].architecture:  # as mergekit, the override is what is written
+            out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:
             self.renumber_config(out_config, layers)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None

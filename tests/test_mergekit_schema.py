@@ -165,3 +165,57 @@ def test_a_list_of_configs_names_mergesmith_multi() -> None:
         p
         == "the file is a list of 2 merge configs, not one: run it with mergesmith multi, which runs each merge in turn"
     )
+
+
+@pytest.fixture
+def mystery(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Llama and a fine-tune whose config.json names an architecture mergesmith does not know."""
+    from tests import tiny
+
+    base, cfg = tiny.llama_state(0)
+    cfg = {**cfg, "model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
+    return (
+        tiny.save(tmp_path / "base", base, cfg),
+        tiny.save(tmp_path / "a", tiny.finetune(base, 1), cfg),
+    )
+
+
+def test_override_architecture_picks_the_architecture_row(mystery: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    import mergesmith
+
+    base, a = mystery
+    plain = f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters: {{weight: 1}}\n"
+    assert mergesmith.validate(plain).arch.name == "generic transformer"
+    override = plain.replace(
+        f"base_model: {base}\n", f"base_model: {{model: {base}, override_architecture: LlamaForCausalLM}}\n"
+    ).replace(
+        f"  - model: {base}\n", f"  - model: {{model: {base}, override_architecture: LlamaForCausalLM}}\n"
+    )
+    config = load_config(override)
+    assert config.base_model is not None and config.base_model.architecture == "LlamaForCausalLM"
+    plan = mergesmith.merge(override, tmp_path / "out")
+    assert plan.arch.name == "decoder (Llama style)"
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["model_type"] == "mystery"
+
+
+def test_override_architecture_must_be_a_name_and_agree(mystery: tuple[Path, Path]) -> None:
+    base, a = mystery
+    (p,) = problems(f"merge_method: linear\nmodels:\n  - model: {{model: {a}, override_architecture: 3}}\n")
+    assert p == (
+        "line 3: models[0].model.override_architecture: expected an architecture class name such as "
+        "LlamaForCausalLM, found 3"
+    )
+    with pytest.raises(ConfigError) as info:
+        import mergesmith
+
+        mergesmith.validate(
+            f"merge_method: linear\nmodels:\n  - model: {{model: {a}, override_architecture: GPT2LMHeadModel}}\n"
+            f"  - model: {{model: {base}, override_architecture: LlamaForCausalLM}}\nparameters: {{weight: 1}}\n"
+        )
+    assert info.value.problems == [
+        "the models name different override_architecture values (GPT2LMHeadModel, LlamaForCausalLM); "
+        "mergesmith merges models of one architecture: give them all the same one"
+    ]
