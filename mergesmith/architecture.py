@@ -32,6 +32,7 @@ class Architecture:
     vocab_weights: tuple[str, ...]
     tied: dict[str, str]
     fan_in_fan_out: bool = False  # layer weights stored (in, out), as GPT-2's Conv1D
+    modules: tuple[str, ...] = ("default",)  # mergekit's module names (a config's modules: keys)
 
     def layer_of(self, tensor: str) -> int | None:
         """The layer index in a tensor's name, or None for tensors outside the layer stack."""
@@ -81,6 +82,7 @@ def _build(row: dict[str, Any]) -> Architecture:
         vocab_weights=tuple(row["vocab_weights"]),
         tied=dict(row["tied"]),
         fan_in_fan_out=bool(row.get("fan_in_fan_out", False)),
+        modules=tuple(row["modules"]),
     )
 
 

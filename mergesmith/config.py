@@ -49,6 +49,7 @@ TOP_KEYS = (
     "base_model",
     "models",
     "slices",
+    "modules",
     "parameters",
     "dtype",
     "out_dtype",
@@ -135,6 +136,9 @@ class MergeConfig:
     text: str
     source: str
     warnings: tuple[str, ...] = ()
+    # mergekit's modules: the module names the config gives, each with its line (0 when unknown);
+    # the one module's models or slices are ``models``/``slices``, its parameters in ``parameters``
+    modules: tuple[tuple[str, int], ...] = ()
 
     @property
     def merge_method(self) -> Method[Any, Any]:
@@ -228,6 +232,7 @@ class _Validator:
         self.text = text
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.prefix = ""  # where models and slices are, for messages: "" or "modules.NAME."
 
     def warn(self, container: Any, key: str | int | None, path: str, message: str) -> None:
         line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
@@ -255,16 +260,19 @@ class _Validator:
         dtype = self._dtype(doc, "dtype")
         out_dtype = self._dtype(doc, "out_dtype")
         params = self._settings(doc, "parameters", "parameters", method, scope="top")
+        modules: list[tuple[str, int]] = []
+        if doc.get("modules") is not None:
+            doc, params, modules = self._modules(doc, method, params)
         models: list[ModelEntry] = []
         slices: list[SliceDef] | None = None
         has_models, has_slices = bool(doc.get("models")), bool(doc.get("slices"))
         if has_models and has_slices:
-            self.add(doc, "slices", "slices", "give either models or slices, not both")
+            self.add(doc, "slices", f"{self.prefix}slices", "give either models or slices, not both")
         elif has_slices:
             slices = self._slices(doc, method, base)
         elif has_models:
             models = self._models(doc, method, base)
-        elif method is not None:
+        elif method is not None and doc.get("modules") is None:  # a modules: problem is recorded
             self.add(doc, "merge_method", "", "the config lists no models: add a models: list")
 
         tokenizer_source = self._tokenizer_source(doc)
@@ -305,6 +313,7 @@ class _Validator:
             text=self.text,
             source=self.source,
             warnings=tuple(self.warnings),
+            modules=tuple(modules),
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -478,7 +487,7 @@ class _Validator:
             return []
         out: list[ModelEntry] = []
         for i, item in enumerate(items):
-            path = f"models[{i}]"
+            path = f"{self.prefix}models[{i}]"
             if isinstance(item, str):
                 item = {"model": item}
             if not isinstance(item, Mapping) or "model" not in item:
@@ -506,7 +515,7 @@ class _Validator:
             return []
         out: list[SliceDef] = []
         for i, item in enumerate(items):
-            path = f"slices[{i}]"
+            path = f"{self.prefix}slices[{i}]"
             if not isinstance(item, Mapping) or not isinstance(item.get("sources"), list):
                 self.add(items, i, path, "expected {sources: [{model: ..., layer_range: [a, b]}]}")
                 continue
@@ -565,6 +574,63 @@ class _Validator:
             settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="slice")
             out.append(SliceDef(tuple(sources), settings, slice_base))
         return out
+
+    def _modules(
+        self, doc: Mapping[str, Any], method: Method[Any, Any] | None, params: dict[str, Any]
+    ) -> tuple[Mapping[str, Any], dict[str, Any], list[tuple[str, int]]]:
+        """mergekit's ``modules: {NAME: {models | slices, parameters}}``. The first module's models
+        or slices stand for the config's, its parameters over the top-level ones (a condition list
+        that matches no tensor falls through to them, as in mergekit). Whether the names are the
+        architecture's modules is checked once the models are open."""
+        block = doc["modules"]
+        if doc.get("models") or doc.get("slices"):
+            self.add(doc, "modules", "modules", "give one of models, slices or modules, not several")
+            return doc, params, []
+        if not isinstance(block, Mapping) or not block:
+            self.add(
+                doc,
+                "modules",
+                "modules",
+                "expected a mapping of module names to {models: [...]} or {slices: [...]}",
+            )
+            return doc, params, []
+        names: list[tuple[str, int]] = []
+        chosen: Mapping[str, Any] | None = None
+        for name, module in block.items():
+            names.append((name, _yaml.line_of(block, name) or 0))
+            path = f"modules.{name}"
+            if not isinstance(module, Mapping):
+                self.add(
+                    block, name, path, "expected {models: [...]} or {slices: [...]}, with optional parameters"
+                )
+                continue
+            for key in module:
+                if key not in ("models", "slices", "parameters", "name"):
+                    self.add(
+                        module,
+                        key,
+                        f"{path}.{key}",
+                        f"unknown key{_suggest(key, ('models', 'slices', 'parameters'))}",
+                    )
+            if bool(module.get("models")) == bool(module.get("slices")):
+                self.add(block, name, path, "give either models or slices (one of them, not both)")
+                continue
+            own = self._settings(module, "parameters", f"{path}.parameters", method, scope="top")
+            if chosen is None:
+                chosen = module
+                self.prefix = f"{path}."
+                params = {**params, **{k: _over(v, params.get(k)) for k, v in own.items()}}
+        if chosen is None:
+            return doc, params, names
+        rewritten = _yaml.LinedDict({k: v for k, v in doc.items() if k != "modules"})
+        rewritten.lines = {k: _yaml.line_of(doc, k) or 0 for k in doc}
+        rewritten.line = getattr(doc, "line", 0)
+        for key in ("models", "slices"):
+            if chosen.get(key):
+                rewritten[key] = chosen[key]
+                rewritten.lines[key] = _yaml.line_of(chosen, key) or 0
+        rewritten["parameters"] = params
+        return rewritten, params, names
 
     def _tokenizer_source(self, doc: Mapping[str, Any]) -> str | None:
         value = doc.get("tokenizer_source")
@@ -696,6 +762,16 @@ class _Validator:
                 "the weights sum to 0 and normalize is true, which divides by "
                 "zero: change the weights or set normalize: false",
             )
+
+
+def _over(setting: Any, below: Any) -> Any:
+    """``setting`` in place of ``below``, the setting of the scope under it; a condition list
+    without a catch-all falls through to ``below`` for the tensors it does not match."""
+    if below is None or not is_condition_list(setting):
+        return setting
+    if any(isinstance(c, Mapping) and c.get("filter") in (None, "*") for c in setting):
+        return setting
+    return [*setting, *(below if is_condition_list(below) else [{"value": below}])]
 
 
 def _every_parameter() -> set[str]:

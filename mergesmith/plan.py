@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mergesmith import _hub, _yaml
+from mergesmith._text import printable
 from mergesmith.architecture import (
     Architecture,
     architecture_for,
@@ -250,6 +251,7 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
             config.source,
         )
     arch = architecture_for(models[reference].config, overrides[0] if overrides else None)
+    _check_modules(config, arch)
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
@@ -259,6 +261,24 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
         for name in names:
             model.side_file(name)
     return plan
+
+
+def _check_modules(config: MergeConfig, arch: Architecture) -> None:
+    """The module names of a ``modules:`` config must be the architecture's (mergekit's names)."""
+    known = ", ".join(arch.modules)
+    problems = [
+        f"{f'line {line}: ' if line else ''}modules.{printable(name)}: the {arch.name} architecture has no "
+        f"module {printable(repr(name))}; its modules: {known}"
+        for name, line in config.modules
+        if name not in arch.modules
+    ]
+    if not problems and len(config.modules) > 1:
+        problems.append(
+            f"modules: {len(config.modules)} modules are given; mergesmith merges one module per config: "
+            "merge each module in a config of its own"
+        )
+    if problems:
+        raise ConfigError(problems, config.source)
 
 
 class _Planner:

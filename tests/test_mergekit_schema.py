@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergesmith import ConfigError, load_config
 from mergesmith.cli import main
@@ -219,3 +220,90 @@ def test_override_architecture_must_be_a_name_and_agree(mystery: tuple[Path, Pat
         "the models name different override_architecture values (GPT2LMHeadModel, LlamaForCausalLM); "
         "mergesmith merges models of one architecture: give them all the same one"
     ]
+
+
+def test_a_default_module_merges_with_its_own_parameters_over_the_top_level(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    import mergesmith
+    from tests import tiny
+
+    text = f"""merge_method: linear
+modules:
+  default:
+    models:
+      - model: {zoo["a"]}
+      - model: {zoo["b"]}
+        parameters: {{weight: 0.5}}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 3.0
+      normalize: false
+parameters:
+  weight: 1.0
+  normalize: true
+"""
+    config = load_config(text)
+    assert config.modules == (("default", 3),)
+    mergesmith.merge(text, tmp_path / "out")
+    a, b, out = tiny.load_state(zoo["a"]), tiny.load_state(zoo["b"]), tiny.load_state(tmp_path / "out")
+    assert out.keys() == a.keys()
+    for name, merged in out.items():
+        wa = 3.0 if "mlp" in name else 1.0  # the module's condition, else the top-level weight
+        expected = wa * a[name] + 0.5 * b[name]  # the module's normalize: false wins
+        torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
+    assert any("mlp" in n for n in out) and any("mlp" not in n for n in out)
+
+
+def test_a_module_of_slices_is_the_slices_form(zoo: dict[str, Path], tmp_path: Path) -> None:
+    import mergesmith
+    from tests import tiny
+
+    text = (
+        f"merge_method: passthrough\nmodules:\n  default:\n    slices:\n      - sources:\n"
+        f"          - model: {zoo['a']}\n            layer_range: [1, 2]\n"
+    )
+    mergesmith.merge(text, tmp_path / "out")
+    a, out = tiny.load_state(zoo["a"]), tiny.load_state(tmp_path / "out")
+    torch.testing.assert_close(
+        out["model.layers.0.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert not any(n.startswith("model.layers.1.") for n in out)
+
+
+def test_a_module_the_architecture_lacks_lists_its_modules(
+    zoo: dict[str, Path], write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        f"merge_method: linear\nparameters: {{weight: 1}}\nmodules:\n  text_decoder:\n"
+        f"    models: [{zoo['a']}, {zoo['b']}]\n  vision_tower:\n    models: [{zoo['a']}]\n"
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: 2 problems in the config in {path}:\n"
+        "  - line 4: modules.text_decoder: the decoder (Llama style) architecture has no module "
+        "'text_decoder'; its modules: default\n"
+        "  - line 6: modules.vision_tower: the decoder (Llama style) architecture has no module "
+        "'vision_tower'; its modules: default\n"
+    )
+
+
+def test_modules_are_one_input_form_of_three() -> None:
+    (p,) = problems(
+        "merge_method: linear\nparameters: {weight: 1}\nmodels: [./a]\nmodules:\n  default:\n    models: [./a]\n"
+    )
+    assert p == "line 4: modules: give one of models, slices or modules, not several"
+    (p,) = problems(
+        "merge_method: linear\nparameters: {weight: 1}\nmodules:\n  default:\n    models: [./a]\n"
+        "    slices:\n      - sources: [{model: ./a, layer_range: [0, 1]}]\n"
+    )
+    assert p == "line 4: modules.default: give either models or slices (one of them, not both)"
+    (p,) = problems(
+        "merge_method: ties\nbase_model: ./b\nmodules:\n  default:\n    models:\n      - model: ./a\n"
+        "        parameters: {densty: 0.5, weight: 1}\n"
+    )
+    assert p.startswith(
+        "line 7: modules.default.models[0].parameters.densty: unknown parameter for ties (did you mean 'density'?)"
+    )
