@@ -320,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _config_warnings() -> Iterator[None]:
-    """A config setting that has no effect is shown on stderr as ``warning: ...``, every time."""
+    """A config setting that has no effect is shown on stderr as ``warning: ...``, once a run
+    however often the config is read (tune reads it for every trial)."""
     import warnings
 
     from mergesmith._text import printable
@@ -329,10 +330,13 @@ def _config_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("always", ConfigWarning)
         shown = warnings.showwarning
+        seen: set[str] = set()
 
         def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
             if issubclass(category, ConfigWarning):
-                print(f"warning: {printable(str(message))}", file=sys.stderr)
+                if str(message) not in seen:
+                    seen.add(str(message))
+                    print(f"warning: {printable(str(message))}", file=sys.stderr)
             else:
                 shown(message, category, *rest, **kw)
 

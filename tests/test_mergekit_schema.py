@@ -97,6 +97,22 @@ def test_the_cli_prints_the_warning_and_succeeds(
     assert "Traceback" not in err and "ConfigWarning" not in err
 
 
+def test_the_cli_shows_a_warning_once_however_often_the_config_is_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mergesmith.cli import _config_warnings
+
+    text = SLERP_WITH_WEIGHT.format(base="./b", a="./a")
+    with _config_warnings():
+        for _ in range(3):  # tune reads its config for every trial, merge --eval twice
+            load_config(text)
+    err = capsys.readouterr().err
+    assert err == (
+        "warning: <config>: line 7: models[1].parameters.weight: slerp does not use weight, so it has no "
+        "effect for ./a (mergekit accepts and ignores it too); remove it to silence this warning\n"
+    )
+
+
 def test_a_mergekit_moe_config_names_the_command_for_it(
     write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
