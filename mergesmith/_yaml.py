@@ -203,10 +203,11 @@ def load_file(path: Path, *, what: str = "config") -> Any:
     return load(read_text(path, what=what), where=str(path))
 
 
-def load(text: str, *, where: str = "<config>") -> Any:
+def load(text: str, *, where: str = "<config>", several: str = "keep one document") -> Any:
     """Parse YAML with safe constructors only; mappings and lists carry line numbers.
 
-    Every refusal is a :class:`ConfigError` naming ``where`` and the line."""
+    Every refusal is a :class:`ConfigError` naming ``where`` and the line; ``several`` is the fix
+    given for text holding more than one YAML document."""
     place = printable(where)
     if len(text) > MAX_BYTES:
         raise ConfigError(
@@ -263,6 +264,10 @@ def _refusals(place: str) -> Iterator[None]:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.composer.ComposerError) and "single document" in str(exc.context):
+            raise ConfigError(
+                f"{place}{line}: holds several YAML documents (separated by ---) where one is expected; {several}"
+            ) from None
         if "nesting depth" in str(problem):  # libyaml's own bound, below the nesting check's reach
             raise ConfigError(
                 f"{place}{line}: nested more than {MAX_DEPTH} levels deep; "

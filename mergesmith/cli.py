@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mergesmith import __version__
 
@@ -332,6 +333,37 @@ def _key_values(items: Sequence[str], option: str = "--param") -> dict[str, obje
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _config_warnings():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _config_warnings() -> Iterator[None]:
+    """A config setting that has no effect is shown on stderr as ``warning: ...``, once a run
+    however often the config is read (tune reads it for every trial)."""
+    import warnings
+
+    from mergesmith._text import printable
+    from mergesmith.config import ConfigWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        shown = warnings.showwarning
+        seen: set[str] = set()
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, ConfigWarning):
+                if str(message) not in seen:
+                    seen.add(str(message))
+                    print(f"warning: {printable(str(message))}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
