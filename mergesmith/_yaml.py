@@ -213,7 +213,7 @@ def load(text: str, *, where: str = "<config>", several: str = "keep one documen
         raise ConfigError(
             f"{place}: {len(text):,} characters, more than the {MAX_BYTES:,} (1 MiB) a config may have"
         )
-    with _refusals(place):
+    with _refusals(place, several):
         _check_events(text)  # the composer recurses once per level: bound it first
         loader = _LOADER(text)
         try:
@@ -253,8 +253,9 @@ def load_all(text: str, *, where: str = "<config>") -> list[Any]:
 
 
 @contextmanager
-def _refusals(place: str) -> Iterator[None]:
-    """Turn what reading YAML can raise into a ConfigError naming ``place`` and the line."""
+def _refusals(place: str, several: str = "") -> Iterator[None]:
+    """Turn what reading YAML can raise into a ConfigError naming ``place`` and the line;
+    ``several`` as for :func:`load`."""
     try:
         yield
     except _Refused as exc:
