@@ -11,7 +11,7 @@ import torch
 
 import mergesmith
 from mergesmith import ConfigError, load_config
-from mergesmith.methods import REGISTRY
+from mergesmith.methods import REGISTRY, arcee_fusion
 from tests import tiny
 from tests.test_methods import run
 
@@ -107,6 +107,23 @@ def test_arcee_fusion_matches_the_formula_on_random_tensors() -> None:
     np.testing.assert_allclose(
         run("arcee_fusion", [other], {}, [{}], base=vec), np_arcee_fusion(vec, other), **TOL
     )
+
+
+def test_arcee_fusion_uses_exact_quartiles_on_tensors_over_a_million_entries() -> None:
+    # mergekit estimates the quartiles from a random sample above 1e6 entries; these are exact
+    g = np.random.default_rng(5)
+    base = g.normal(size=(1001, 1000)).astype(np.float32)
+    other = (base + 0.02 * g.normal(size=base.shape)).astype(np.float32)
+    scores, threshold = np_fusion_scores(base, other)
+    got = arcee_fusion.threshold(arcee_fusion.importance(torch.tensor(base), torch.tensor(other)))
+    assert float(got) == pytest.approx(threshold, rel=1e-4)
+    out = run("arcee_fusion", [other], {}, [{}], base=base)
+    # float32 sums of a thousand-entry row's KL terms are good to about 1e-3 (relative): compare the
+    # entries clear of the threshold by more than that
+    clear = np.abs(scores - threshold) > 5e-3 * threshold
+    assert clear.mean() > 0.99
+    np.testing.assert_allclose(out[clear], np_arcee_fusion(base, other)[clear], **TOL)
+    np.testing.assert_array_equal(run("arcee_fusion", [other], {}, [{}], base=base, seed=9), out)
 
 
 def test_arcee_fusion_identical_inputs_merge_to_themselves() -> None:
