@@ -85,6 +85,15 @@ def test_arcee_fusion_quartiles_are_order_statistics_at_truncated_positions() ->
     assert interpolated == pytest.approx(0.8375)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 10, 11, 1023, 999_999, 1_000_000])
+def test_arcee_fusion_quartile_positions_are_mergekits_float32_truncation(n: int) -> None:
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(n)).to(torch.float64)
+    got = [int(v) for v in arcee_fusion.order_statistics(values)]
+    # mergekit: (float32 q * (n - 1)) truncated to an integer position of the sorted values
+    expected = [int(np.float32(q) * np.float32(n - 1)) for q in (0.25, 0.5, 0.75)]
+    assert got == expected
+
+
 def test_arcee_fusion_weighs_changes_by_the_row_kl_divergence() -> None:
     # two rows with the same |changes|; row 0's changes move its softmax far more (larger logits)
     base = np.zeros((2, 4), dtype=np.float32)

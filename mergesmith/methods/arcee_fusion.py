@@ -8,12 +8,12 @@ the base's.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 
 SOFTMAX_FLOOR = 1e-8  # added to both softmaxes before taking the KL divergence
-QUANTILES = (0.25, 0.5, 0.75)
 
 
 def importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,16 @@ def importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def order_statistics(values: torch.Tensor) -> list[torch.Tensor]:
-    """The entries at 0-based positions ``floor(q * (n - 1))`` of the sorted values, for each
-    quantile ``q`` in QUANTILES, as 0-dim tensors of the values' dtype."""
+    """The entries at 0-based positions ``floor(q * (n - 1))`` of the sorted values, for the
+    quartiles ``q`` = 1/4, 1/2, 3/4, as 0-dim tensors of the values' dtype."""
     flat = values.reshape(-1)
     n = flat.numel()
-    # the positions are computed in float32, then truncated
-    pos = (torch.tensor(QUANTILES, dtype=torch.float32) * (n - 1)).long().tolist()
-    return [torch.kthvalue(flat, i + 1).values for i in pos]  # exact selection, no full sort
+    # floor(q * (n - 1)) for q = 1/4, 1/2, 3/4, in exact integer arithmetic
+    pos = [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
+    # exact selection without a full sort; numpy's needs one copy of the values, where
+    # torch.kthvalue would also allocate an int64 index per entry
+    picked = np.partition(flat.detach().cpu().numpy(), pos)[pos]
+    return [torch.tensor(v, dtype=values.dtype, device=values.device) for v in picked]
 
 
 def threshold(scores: torch.Tensor) -> torch.Tensor:
