@@ -406,6 +406,22 @@ CASES: list[Case] = [
     ),
     Case("nearswap t=.01", _task("nearswap", _models(["ft1"]), t=0.01)),
     Case("nearswap t=gradient", _task("nearswap", _models(["ft2"]), t=[0.001, 0.05])),
+    Case("arcee_fusion", _task("arcee_fusion", _models(["ft1"]))),
+    Case(
+        "ram",
+        _task("ram", _models(FTS)),
+        note="Dense task vectors: every model counts everywhere (the mean).",
+    ),
+    Case(
+        "ram epsilon=.02",
+        _task("ram", _models(FTS), epsilon=0.02),
+        note="epsilon near the noise scale: entries are changed by 0 to 3 models.",
+    ),
+    Case("ramplus_tl", _task("ramplus_tl", _models(FTS), epsilon=0.02)),
+    Case(
+        "ramplus_tl r=.5 alpha=gradient",
+        _task("ramplus_tl", _models(["ft1", "ft2"]), r=0.5, alpha=[0.5, 3.0], epsilon=0.03),
+    ),
 ]
 
 

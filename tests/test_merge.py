@@ -16,6 +16,7 @@ from mergesmith.cli import main
 from mergesmith.methods import REGISTRY
 from tests import tiny
 from tests.test_methods import numpy_slerp, numpy_ties
+from tests.test_methods_ram_fusion import np_boosts, np_ram
 
 ALL = ["base", "a", "b", "c", "d"]
 
@@ -39,6 +40,7 @@ def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
         "passthrough": ["d"],
         "nuslerp": ["a", "b"],
         "nearswap": ["b"],
+        "arcee_fusion": ["b"],
     }.get(method, ["a", "b", "c", "d"])
     weights = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
     lines = [f"merge_method: {method}", f"base_model: {zoo['base']}", "models:"]
@@ -90,6 +92,16 @@ def test_every_method_merges_every_layout_and_transformers_loads_it(
         expected = numpy_slerp(0.5, base, src["b"][name].numpy())
     elif method == "passthrough":
         expected = src["d"][name].numpy()
+    elif method in ("ram", "ramplus_tl"):
+        models = [src[m][name].numpy() for m in "abcd"]
+        boosts = np_boosts(base, models, 0.1, 0.2, 1e-5) if method == "ramplus_tl" else None
+        expected = np_ram(base, models, 1e-5, boosts)
+    elif method == "arcee_fusion":
+        # the outliers of importance take b's value, the rest keep the base's
+        taken = merged[name] != src["base"][name]
+        assert 0 < float(taken.float().mean()) < 0.5
+        torch.testing.assert_close(merged[name][taken], src["b"][name][taken], rtol=1e-5, atol=1e-6)
+        return
     else:
         # random methods: entries either keep the base or move; the survivors' share is about density
         changed = (merged[name].numpy() != base).mean()

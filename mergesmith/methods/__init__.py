@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergesmith.methods import (
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
@@ -17,6 +18,7 @@ from mergesmith.methods import (
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
@@ -38,6 +40,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         karcher.METHOD,
         model_stock.METHOD,
         nearswap.METHOD,
+        arcee_fusion.METHOD,
         # task-vector methods
         task_arithmetic.METHOD,
         ties.METHOD,
@@ -49,6 +52,8 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         della.DELLA_LINEAR,
         sce.METHOD,
         knots.METHOD,
+        ram.RAM,
+        ram.RAMPLUS_TL,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,
