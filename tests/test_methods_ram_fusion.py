@@ -11,6 +11,7 @@ import torch
 
 import mergesmith
 from mergesmith import ConfigError, load_config
+from mergesmith.config import ConfigWarning
 from mergesmith.methods import REGISTRY, arcee_fusion
 from tests import tiny
 from tests.test_methods import run
@@ -299,8 +300,19 @@ def test_bad_values_and_model_counts_are_refused_at_config_time() -> None:
     assert problems("merge_method: ram\nmodels:\n  - model: a\n  - model: b\n") == [
         "line 1: base_model: ram needs a base_model: add base_model: <the model the others were fine-tuned from>"
     ]
-    found = problems("merge_method: ram\nbase_model: a\nmodels:\n  - model: b\n    parameters: {weight: 1}\n")
-    assert found == ["line 5: models[0].parameters.weight: unknown parameter for ram; its parameters: none"]
+    found = problems("merge_method: ram\nbase_model: a\nmodels:\n  - model: b\n    parameters: {wieght: 1}\n")
+    assert found == [
+        "line 5: models[0].parameters.wieght: unknown parameter for ram; its per-model parameters: none; "
+        "its merge-wide parameters (top-level parameters:): epsilon"
+    ]
+    with pytest.warns(ConfigWarning):  # a parameter of other methods is ignored, as mergekit does
+        cfg = load_config(
+            "merge_method: ram\nbase_model: a\nmodels:\n  - model: b\n    parameters: {weight: 1}\n"
+        )
+    assert cfg.warnings == (
+        "line 5: models[0].parameters.weight: ram does not use weight, so it has no effect for b "
+        "(mergekit accepts and ignores it too); remove it to silence this warning",
+    )
 
 
 def test_mergekit_configs_load_unchanged() -> None:
