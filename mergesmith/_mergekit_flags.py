@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterable
 
 from mergesmith.errors import ConfigError
 
@@ -68,8 +69,15 @@ def parse_kmb(text: str) -> int:
 
 def add_mergekit_flags(p: argparse.ArgumentParser) -> None:
     """Add mergekit-yaml's options to the ``merge`` parser, in a group of their own."""
+
+    def spelled(dests: Iterable[str]) -> str:
+        return ", ".join(f"--{d.replace('_', '-')}" for d in dests)
+
     g = p.add_argument_group(
-        "mergekit-yaml options", "accepted as mergekit spells them; see docs/cli.md (mergekit flags)"
+        "mergekit-yaml options",
+        "accepted as mergekit spells them (docs/cli.md, mergekit flags). Also accepted, with a note "
+        f"that they change nothing here: {spelled([*NOTES, *VALUE_NOTES])}. Refused, with the "
+        f"reason: {spelled(REFUSED)}.",
     )
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--cuda", action=on_off, help="same as --device cuda")
@@ -77,8 +85,8 @@ def add_mergekit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--out-shard-size",
         metavar="SIZE",
-        help="largest output shard as mergekit counts it: bytes, written 5B, 500M, 20K or 1000 "
-        "(K, M, B: thousands, millions, billions); 0: one shard",
+        help="largest output shard in bytes, written as mergekit does: 5B (5 billion bytes), 500M, "
+        "20K or 1000; 0: one shard",
     )
     g.add_argument(
         "--copy-tokenizer", action=on_off, help="copy the tokenizer files into the output (default: yes)"

@@ -4,6 +4,7 @@ what mergesmith does instead; none is an unrecognized argument."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -344,3 +345,13 @@ def test_quiet_and_num_threads(
         assert capsys.readouterr().err == "error: --threads 2 and --num-threads 3 disagree; give one\n"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_merge_help_names_every_mergekit_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["merge", "--help"])
+    assert info.value.code == 0
+    text = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))  # undo wrapping at hyphens
+    for option in MERGEKIT_OPTIONS:
+        flag = option[0].replace("--no-", "--")
+        assert flag in text or flag in ("-vv", "--device"), flag
