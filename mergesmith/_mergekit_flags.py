@@ -126,7 +126,8 @@ def apply_mergekit_flags(args: argparse.Namespace) -> None:
 
     if args.cuda or args.gpu_rich:
         if args.device not in (None, "cuda") and not str(args.device).startswith("cuda:"):
-            raise ConfigError(f"--cuda asks for the GPU, --device {args.device} for another device; give one")
+            flag = "--cuda" if args.cuda else "--gpu-rich"
+            raise ConfigError(f"{flag} asks for the GPU, --device {args.device} for another device; give one")
         args.device = args.device or "cuda"
     if args.device == "auto":  # mergekit's spelling: the GPU when there is one
         import torch

@@ -281,6 +281,8 @@ def test_cuda_is_device_cuda(
     rc, err = _merge(capsys, cfg, tmp_path / "out", "--cuda", "--device", "cpu")
     assert rc == 1
     assert err == ["error: --cuda asks for the GPU, --device cpu for another device; give one"]
+    rc, err = _merge(capsys, cfg, tmp_path / "out", "--gpu-rich", "--device", "cpu")
+    assert err == ["error: --gpu-rich asks for the GPU, --device cpu for another device; give one"]
     # mergekit's --device auto: the GPU when there is one, here none
     assert _merge(capsys, cfg, tmp_path / "out", "--device", "auto", "--no-cuda")[0] == 0
 
