@@ -357,3 +357,17 @@ def test_merge_help_names_every_mergekit_option(capsys: pytest.CaptureFixture[st
     for option in MERGEKIT_OPTIONS:
         flag = option[0].replace("--no-", "--")
         assert flag in text or flag in ("-vv", "--device"), flag
+
+
+def test_python_api_leaves_out_tokenizer_and_card(
+    zoo: dict[str, Path], write_config: Config, tmp_path: Path
+) -> None:
+    import mergesmith
+
+    cfg = _task_arithmetic(zoo, write_config)
+    mergesmith.merge(cfg, tmp_path / "out", progress=False, copy_tokenizer=False, write_model_card=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
+        "config.json",
+        "mergesmith_config.yml",
+        "model.safetensors",
+    ]
