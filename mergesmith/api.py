@@ -57,6 +57,8 @@ def merge(
     on_nonfinite: str = "error",
     before: Callable[[Plan], None] | None = None,
     threads: int | None = None,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -70,6 +72,9 @@ def merge(
     ``before`` is called with the validated plan just before the first tensor is merged.
     ``threads``: torch's threads for the merge (default: the cores the load average leaves idle,
     see ``mergesmith._threads``); the previous setting is restored afterwards.
+    ``copy_tokenizer=False`` leaves the tokenizer files out unless the config's tokenizer_source
+    asks for a tokenizer, and ``write_model_card=False`` leaves README.md out (as mergekit's
+    ``--no-copy-tokenizer`` and ``--no-write-model-card`` do).
     """
     from mergesmith._threads import positive_threads, using_threads
 
@@ -90,6 +95,13 @@ def merge(
         before(plan)
     with using_threads(threads), _output.staged_output(out, inputs, force=force, seen=seen) as stage:
         execute(
-            plan, stage, device=dev, progress=progress, full_digests=full_digests, on_nonfinite=on_nonfinite
+            plan,
+            stage,
+            device=dev,
+            progress=progress,
+            full_digests=full_digests,
+            on_nonfinite=on_nonfinite,
+            copy_tokenizer=copy_tokenizer,
+            write_model_card=write_model_card,
         )
     return plan

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mergesmith import __version__
+from mergesmith._mergekit_flags import add_mergekit_flags, apply_mergekit_flags
 
 if TYPE_CHECKING:
     from mergesmith.plan import Plan
@@ -67,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a non-empty output directory written earlier by mergesmith",
     )
-    m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    m.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
+    m.add_argument("--max-shard-size", help="largest output shard (default 5GB)")
+    m.add_argument("--device", help="device for the arithmetic: cpu or cuda (default cpu)")
     m.add_argument(
         "--seed", type=int, default=None, help="seed for random methods (default: config's seed or 0)"
     )
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _eval_options(m, 32)
     _threads_option(m)
+    add_mergekit_flags(m)
 
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")
     v.add_argument("config")
@@ -377,6 +379,8 @@ def _main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, _terminated)
     previous = _previous_output(args)
     try:
+        if args.command == "merge":
+            apply_mergekit_flags(args)
         if hasattr(args, "threads"):
             import torch
 
@@ -661,6 +665,8 @@ def _merge(args: argparse.Namespace) -> int:
         on_nonfinite=args.on_nonfinite,
         before=None if args.no_diagnose else _print_diagnosis,
         threads=args.threads,
+        copy_tokenizer=args.copy_tokenizer is not False,
+        write_model_card=args.write_model_card is not False,
     )
     took = time.perf_counter() - start
     print(

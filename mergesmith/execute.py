@@ -233,6 +233,8 @@ def execute(
     progress: bool | None = None,
     full_digests: bool = False,
     on_nonfinite: str = "error",
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> list[str]:
     """Write the merged model described by ``plan`` into the (empty) directory ``stage``.
 
@@ -240,6 +242,8 @@ def execute(
     extra read of the inputs); otherwise local files get a quick digest. ``on_nonfinite="warn"``
     writes tensors with NaN, infinities or float16 overflow and returns the warnings (also
     printed and recorded in the model card); the default raises on the first one.
+    ``copy_tokenizer=False`` copies no tokenizer files unless the config sets tokenizer_source;
+    ``write_model_card=False`` writes no README.md.
     """
     if on_nonfinite not in ("error", "warn"):
         raise ValueError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
@@ -288,7 +292,15 @@ def execute(
     for message in warnings or ():
         print(f"warning: {printable(message)}", file=sys.stderr)
     try:
-        _write_side_files(plan, stage, names, digests, warnings or [])
+        _write_side_files(
+            plan,
+            stage,
+            names,
+            digests,
+            warnings or [],
+            copy_tokenizer=copy_tokenizer or plan.config.tokenizer_source is not None,
+            write_model_card=write_model_card,
+        )
     except OSError as exc:
         raise _output.os_error(exc.filename or stage, exc) from None
     return warnings or []
@@ -303,7 +315,14 @@ def side_files(plan: Plan) -> list[tuple[Checkpoint, tuple[str, ...]]]:
 
 
 def _write_side_files(
-    plan: Plan, stage: Path, names: list[str], digests: dict[Path, str], warnings: list[str]
+    plan: Plan,
+    stage: Path,
+    names: list[str],
+    digests: dict[Path, str],
+    warnings: list[str],
+    *,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> None:
     if len(names) > 1:
         index = {
@@ -316,6 +335,8 @@ def _write_side_files(
     if plan.out_config:
         (stage / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
     for model, files in side_files(plan):
+        if files is TOKENIZER_FILES and not copy_tokenizer:
+            continue
         for name in files:
             src = model.side_file(name)
             if src is not None:
@@ -339,7 +360,8 @@ def _write_side_files(
                 )
             data.pop("chat_template", None)
             tok_cfg.write_text(json.dumps(data, indent=2) + "\n")
-    (stage / "README.md").write_text(card.model_card(plan, digests, warnings))
+    if write_model_card:
+        (stage / "README.md").write_text(card.model_card(plan, digests, warnings))
     (stage / "mergesmith_config.yml").write_text(plan.config.text)
 
 

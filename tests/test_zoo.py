@@ -112,3 +112,20 @@ def test_mergesmith_eval_reproduces_the_build_scores(
     assert main(["eval", lora, "--tasks", str(ZOO / "tasks" / "rev.jsonl"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())[0]["accuracy"] == BUILD_REPORT["rev LoRA"]["rev"]
     assert "rev" in capsys.readouterr().out
+
+
+def test_zoo_models_name_their_architecture(tmp_path: Path) -> None:
+    """config.json lists the class that loads the weights, as save_pretrained writes it: mergekit
+    (and transformers' Auto classes) read it to know the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for skill in ("base", *SKILLS):
+        config = json.loads((ZOO / "models" / skill / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"], skill
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    build_module().save_model(tiny, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

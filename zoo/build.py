@@ -280,6 +280,8 @@ def save_model(model: torch.nn.Module, directory: Path) -> None:
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = "float16"
+    # the class that loads these weights, as save_pretrained records it (mergekit reads it)
+    cfg["architectures"] = [type(model).__name__]
     for machine_specific in ("transformers_version", "dtype", "_name_or_path"):
         cfg.pop(machine_specific, None)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
