@@ -10,11 +10,12 @@ from typing import Any
 
 import yaml
 
-from mergesmith import _yaml
+from mergesmith import _yaml, chat_templates
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
+from mergesmith.tokenizer_spec import TokenizerSpec, parse_tokenizer
 
 __all__ = ["DTYPES", "MergeConfig", "ModelEntry", "ModelRef", "SliceDef", "SliceSource", "load_config"]
 
@@ -31,7 +32,7 @@ DTYPES = {
     "fp64": "float64",
 }
 
-CHAT_TEMPLATES = ("auto", "chatml")
+CHAT_TEMPLATES = ("auto", *chat_templates.BUILTIN)
 MAX_NAME, MAX_PATH = 255, 4096  # bytes of one path component and of a whole path
 
 TOP_KEYS = (
@@ -119,6 +120,7 @@ class MergeConfig:
     seed: int
     text: str
     source: str
+    tokenizer: TokenizerSpec | None = None  # the tokenizer: section
 
     @property
     def merge_method(self) -> Method[Any, Any]:
@@ -195,8 +197,15 @@ class _Validator:
         for key in doc:
             if key not in TOP_KEYS:
                 self.add(doc, key, key, f"unknown key{_suggest(key, TOP_KEYS)}")
-        if "tokenizer" in doc:
-            self._check_tokenizer_block(doc)
+        tokenizer = parse_tokenizer(self.add, doc)
+        if doc.get("tokenizer_source") and doc.get("tokenizer") is not None:
+            self.add(
+                doc,
+                "tokenizer_source",
+                "tokenizer_source",
+                "give either tokenizer_source or a tokenizer: section, not both; "
+                "move the value to tokenizer.source",
+            )
 
         method = self._method(doc)
         base = self._ref(doc, "base_model", "base_model") if doc.get("base_model") is not None else None
@@ -219,13 +228,14 @@ class _Validator:
         chat_template = doc.get("chat_template")
         if chat_template is not None and (
             not isinstance(chat_template, str)
-            or (chat_template not in CHAT_TEMPLATES and "{" not in chat_template)
+            or (chat_template not in CHAT_TEMPLATES and not chat_templates.is_inline(chat_template))
         ):
             self.add(
                 doc,
                 "chat_template",
                 "chat_template",
-                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text, found {_yaml.shown(chat_template)}",
+                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text (with a {{ and 20 characters "
+                f"or more), found {_yaml.shown(chat_template)}",
             )
         seed = doc.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -250,6 +260,7 @@ class _Validator:
             seed=seed,
             text=self.text,
             source=self.source,
+            tokenizer=tokenizer,
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -482,7 +493,7 @@ class _Validator:
         value = doc.get("tokenizer_source")
         block = doc.get("tokenizer")
         if value is None and isinstance(block, Mapping):
-            value = block.get("source")
+            value = block.get("source", "union")
         if value is None:
             return None
         if not isinstance(value, str):
@@ -494,15 +505,6 @@ class _Validator:
             )
             return None
         return value
-
-    def _check_tokenizer_block(self, doc: Mapping[str, Any]) -> None:
-        block = doc["tokenizer"]
-        if not isinstance(block, Mapping):
-            self.add(doc, "tokenizer", "tokenizer", "expected {source: ...}")
-            return
-        for key in block:
-            if key != "source":
-                self.add(block, key, f"tokenizer.{key}", "only tokenizer.source is supported")
 
     def _check_model_counts(
         self,

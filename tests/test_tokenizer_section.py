@@ -1,0 +1,172 @@
+"""The tokenizer: section (source, tokens, pad_to_multiple_of) and chat templates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import ConfigError
+from tests import tiny
+from tests.test_vocab import EMBED, HEAD, with_tokens
+
+V = len(tiny.VOCAB)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("toksec")
+    base, cfg = tiny.llama_state(11)
+    base_dir = tiny.save(root / "base", base, cfg, tokenizer=True)
+    return {
+        "base": base_dir,
+        "code": with_tokens(root / "code", base_dir, base, ["<code>"], 1),
+        "code2": with_tokens(root / "code2", base_dir, base, ["<code>"], 3),
+        "chat": with_tokens(root / "chat", base_dir, base, ["<chat>", "<tool>"], 2),
+    }
+
+
+def rows(directory: Path, name: str) -> np.ndarray:
+    return tiny.load_state(directory)[name].numpy().astype(np.float64)
+
+
+def test_tokens_sources_force_and_padding_follow_mergekit(models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    forced, donor = tiny.VOCAB[5], tiny.VOCAB[6]
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {models['base']}\nmodels:\n"
+        f"  - model: {models['code']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 0.4}}\n"
+        "dtype: float32\n"
+        "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n"
+        "    <tool>:\n      source: {kind: zero}\n"
+        f"    {forced}:\n      source: {{kind: model_token, model: {models['base']}, token: {donor}}}\n"
+        "      force: true\n"
+        f"    <new>:\n      source: {{kind: model_token, model: {models['chat']}, token: <chat>}}\n"
+    )
+    out = tmp_path / "out"
+    mergesmith.merge(text, out)
+    n = V + 4  # the base's tokens, <code>, <chat>, <tool>, then <new>
+    padded = 40
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == padded
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.get_vocab()
+    assert [ids[t] for t in ("<code>", "<chat>", "<tool>", "<new>")] == [V, V + 1, V + 2, V + 3]
+    assert tok("a<new>b")["input_ids"] == [ids["a"], V + 3, ids["b"]]
+    assert tok.convert_ids_to_tokens(tok("<tool><code>")["input_ids"]) == ["<tool>", "<code>"]
+    for name in (EMBED, HEAD):
+        b, c, h = (rows(models[k], name) for k in ("base", "code", "chat"))
+        merged = tiny.load_state(out)[name].numpy()
+        assert merged.shape == (padded, 32)
+        expected = np.empty((n, 32))
+        # tokens every model has: task arithmetic row by row
+        expected[:V] = b + 0.7 * (c[:V] - b) + 0.4 * (h[:V] - b)
+        # forced: every model takes the base's row for another token, so the task vectors vanish
+        expected[5] = b[6]
+        # <code>, <chat>: one model has it, so every model takes that model's row
+        expected[V] = c[V]
+        expected[V + 1] = h[V]
+        # <tool>: a zero row where it is missing (base, code); chat keeps its own row
+        expected[V + 2] = 0.4 * h[V + 1]
+        # <new>: no model has it; every model takes chat's row for <chat>
+        expected[V + 3] = h[V]
+        np.testing.assert_allclose(merged[:n], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        # padding: each model's rows past the tokens are the mean of its token rows
+        np.testing.assert_allclose(
+            merged[n:], np.broadcast_to(expected.mean(0), (padded - n, 32)), rtol=1e-5, atol=1e-6
+        )
+    net = AutoModelForCausalLM.from_pretrained(out)
+    assert net(torch.tensor([[V + 3, ids["a"]]])).logits.shape == (1, 2, padded)
+
+
+def test_token_held_by_several_models_without_base_is_their_mean(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    mergesmith.merge(
+        f"merge_method: linear\nmodels:\n  - model: {models['code']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['code2']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 2}}\n"
+        "dtype: float32\ntokenizer: {source: union}\n",
+        out,
+    )
+    c, c2, h = (rows(models[k], EMBED) for k in ("code", "code2", "chat"))
+    merged = tiny.load_state(out)[EMBED].numpy()
+    assert merged.shape == (V + 3, 32)
+    # chat lacks <code>: its row is the mean of code's and code2's
+    mean = (c[V] + c2[V]) / 2
+    np.testing.assert_allclose(merged[V], (c[V] + c2[V] + 2 * mean) / 4, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged[V + 1], h[V], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged[:V], (c[:V] + c2[:V] + 2 * h[:V]) / 4, rtol=1e-5, atol=1e-6)
+
+
+def test_same_vocabulary_padded_to_a_multiple(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    mergesmith.merge(
+        f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['code']}\n    parameters: {{weight: 3}}\n"
+        "dtype: float32\ntokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
+        out,
+    )
+    b, c = rows(models["base"], HEAD), rows(models["code"], HEAD)
+    merged = tiny.load_state(out)[HEAD].numpy()
+    assert merged.shape == (64, 32)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    expected = (b + 3 * c[:V]) / 4
+    np.testing.assert_allclose(merged[:V], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        merged[V:], np.broadcast_to(expected.mean(0), (64 - V, 32)), rtol=1e-5, atol=1e-6
+    )
+
+
+def config_problem(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        mergesmith.validate(text)
+    return str(info.value)
+
+
+def test_tokenizer_source_with_tokenizer_section_is_refused(models: dict[str, Path]) -> None:
+    message = config_problem(
+        f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+        "tokenizer_source: base\ntokenizer:\n  source: union\n"
+    )
+    assert (
+        "line 5: tokenizer_source: give either tokenizer_source or a tokenizer: section, not both; "
+        "move the value to tokenizer.source"
+    ) in message
+
+
+def test_bad_tokenizer_sections_are_refused_with_the_key() -> None:
+    head = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\ntokenizer:\n"
+    assert "line 6: tokenizer.pad_to_multiple_of: expected a whole number >= 1, found 0" in config_problem(
+        head + "  pad_to_multiple_of: 0\n"
+    )
+    assert "line 6: tokenizer.tokens.<x>.source.kind: expected model_token or zero, found 'copy'" in (
+        config_problem(head + "  tokens:\n    <x>: {source: {kind: copy}}\n").replace("line 7", "line 6")
+    )
+    assert "give exactly one of token (a token's text) and token_id (a row number)" in config_problem(
+        head + "  tokens:\n    <x>: {source: {kind: model_token, model: a}}\n"
+    )
+    assert "line 6: tokenizer.colour: unknown key; use source, tokens or pad_to_multiple_of" in (
+        config_problem(head + "  colour: red\n")
+    )
+
+
+def test_token_source_outside_the_merge_is_refused(models: dict[str, Path]) -> None:
+    message = config_problem(
+        f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
+        "tokenizer:\n  tokens:\n    <chat>: {source: {kind: model_token, model: elsewhere, token: a}}\n"
+    )
+    assert "tokenizer.tokens.'<chat>'.source: 'elsewhere' is not one of the input models" in message
+    message = config_problem(
+        f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
+        f"tokenizer:\n  tokens:\n    <chat>: {{source: {{kind: model_token, model: {models['base']}, token: <zz>}}}}\n"
+    )
+    assert f"tokenizer.tokens.'<chat>'.source.token: {models['base']} has no token '<zz>'" in message
