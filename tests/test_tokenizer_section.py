@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,158 @@ def test_token_source_outside_the_merge_is_refused(models: dict[str, Path]) -> N
         f"tokenizer:\n  tokens:\n    <chat>: {{source: {{kind: model_token, model: {models['base']}, token: <zz>}}}}\n"
     )
     assert f"tokenizer.tokens.'<chat>'.source.token: {models['base']} has no token '<zz>'" in message
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " Hi there "},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+]
+
+# each built-in template's rendering of CONVERSATION with a generation prompt (bos <s>, eos </s>),
+# worked out from the template of that name mergekit ships
+RENDERED = {
+    # the last system message first; turns apart by a blank line, except after the last one
+    "alpaca": "Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!\n\n### Instruction:\nBye### Response:\n",
+    "chatml": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi there <|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    # the template's indentation and line breaks are part of its output
+    "exaone": (
+        "    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|] Hi there \n        \n\n"
+        "    [|assistant|]Hello!\n        [|endofturn|]\n\n    [|user|]Bye\n        \n\n    [|assistant|]\n"
+    ),
+    "llama3": (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>\n"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>\n"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\n"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    # no generation prompt of its own: the text ends after the last [/INST]
+    "mistral": "<s> [INST] Be brief.\n\n Hi there  [/INST] Hello!</s> [INST] Bye [/INST]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_builtin_chat_template_renders_as_mergekits(name: str) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mergesmith.chat_templates import BUILTIN
+
+    assert sorted(BUILTIN) == sorted(RENDERED)
+    text, _ = render_jinja_template(
+        conversations=[CONVERSATION],
+        chat_template=BUILTIN[name],
+        add_generation_prompt=True,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    assert text[0] == RENDERED[name]
+
+
+def test_mistral_template_refuses_roles_out_of_turn() -> None:
+    from jinja2.exceptions import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mergesmith.chat_templates import BUILTIN
+
+    with pytest.raises(TemplateError, match="conversation roles must alternate user/assistant"):
+        render_jinja_template(
+            conversations=[[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]],
+            chat_template=BUILTIN["mistral"],
+            bos_token="<s>",
+            eos_token="</s>",
+        )
+
+
+def linear_of(models: dict[str, Path], names: list[str], extra: str) -> str:
+    lines = ["merge_method: linear", "models:"]
+    for n in names:
+        lines += [f"  - model: {models[n]}", "    parameters: {weight: 1}"]
+    return "\n".join(lines) + "\ndtype: float32\n" + extra
+
+
+@pytest.fixture(scope="module")
+def templated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four models of one vocabulary: two share a template (one with trailing white space), one
+    has another, one has none."""
+    root = tmp_path_factory.mktemp("templated")
+    base, cfg = tiny.llama_state(5)
+    out = {}
+    templates = {
+        "x": "{{ 'X:' + messages[0]['content'] }}",
+        "y1": "{{ 'Y:' + messages[0]['content'] }}",
+        "y2": "{{ 'Y:' + messages[0]['content'] }}\n\n",
+        "none": None,
+    }
+    for i, (name, template) in enumerate(templates.items()):
+        d = tiny.save(root / name, tiny.finetune(base, i), cfg, tokenizer=True)
+        if template is not None:
+            tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+            tok_cfg["chat_template"] = template
+            (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+        out[name] = d
+    return out
+
+
+def test_auto_chat_template_is_the_most_common_among_the_inputs(
+    templated: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    mergesmith.merge(linear_of(templated, ["x", "none", "y1", "y2"], "chat_template: auto\n"), out)
+    # y1 and y2 are one template once surrounding white space is stripped; x is found once
+    assert (out / "chat_template.jinja").read_text() == "{{ 'Y:' + messages[0]['content'] }}"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "Y:hi"
+
+
+def test_inline_chat_template_is_written_verbatim(templated: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    inline = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    out = tmp_path / "out"
+    mergesmith.merge(linear_of(templated, ["x", "y1"], f"chat_template: {json.dumps(inline)}\n"), out)
+    assert (out / "chat_template.jinja").read_text() == inline
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(CONVERSATION[:2], tokenize=False)
+    assert text == "[system] Be brief.\n[user]  Hi there \n"
+    # mergekit's rule: a text with a { counts as a template from 20 characters on
+    shortest = "{{ messages[0].x }}!"
+    assert len(shortest) == 20
+    mergesmith.validate(linear_of(templated, ["x", "y1"], f"chat_template: {json.dumps(shortest)}\n"))
+    with pytest.raises(ConfigError, match="chat_template: expected auto, alpaca"):
+        mergesmith.validate(
+            linear_of(templated, ["x", "y1"], f"chat_template: {json.dumps(shortest[:-1])}\n")
+        )
+
+
+def test_named_chat_template_reaches_the_output_tokenizer(templated: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    mergesmith.merge(linear_of(templated, ["x", "y1"], "chat_template: llama3\n"), out)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert text == RENDERED["llama3"]
+
+
+def test_unknown_or_short_chat_template_is_refused_naming_the_choices(
+    write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.cli import main
+
+    head = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+    for value in ("vicuna", "'{{ messages }}'"):
+        cfg = write_config(head + f"chat_template: {value}\n")
+        assert main(["validate", str(cfg)]) == 1
+        err = capsys.readouterr().err
+        assert (
+            "line 5: chat_template: expected auto, alpaca, chatml, exaone, llama3, mistral or a Jinja "
+            "template text (with a { and 20 characters or more), found"
+        ) in err
+        assert "Traceback" not in err
