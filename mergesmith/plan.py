@@ -437,11 +437,19 @@ class _Planner:
             first = vocabs[chosen]
             if first is None or first.file.name != "tokenizer.json":
                 self.problem(
-                    f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
-                    "other models' tokens; use tokenizer_source: base or one model's name",
+                    (
+                        f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
+                        "other models' tokens; use tokenizer_source: base or one model's name"
+                    )
+                    if source == "union"
+                    else (
+                        f"tokenizer.tokens: {self.refs[chosen]} has no tokenizer.json to add "
+                        f"{_yaml.shown(extra[0])} to; list only tokens its tokenizer has"
+                    ),
                     key="vocab-missing",
                 )
                 return None
+        if source == "union":
             out_keys = union_keys(keys[chosen], [k for i, k in enumerate(keys) if i != chosen])
         else:
             out_keys = keys[chosen]
@@ -835,6 +843,15 @@ class _Planner:
             every = ([base_ref] if base_ref is not None else []) + in_refs
             permute = None
             if alignment.fills is not None:
+                held = {r.model for r in every}
+                outside = sorted({f.model for f in alignment.fills.values() if f.model is not None} - held)
+                for m in outside:
+                    self.problem(
+                        f"{out_name}: tokenizer.tokens takes rows from {self.refs[m]}, which is not among "
+                        "this tensor's inputs; name a model that this slice merges",
+                        key=f"fill-outside:{m}",
+                        config=True,
+                    )
                 permute = Permute(
                     tuple(r.model for r in every), base_ref is not None, len(alignment.keys), alignment.fills
                 )

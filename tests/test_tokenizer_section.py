@@ -85,6 +85,31 @@ def test_tokens_sources_force_and_padding_follow_mergekit(models: dict[str, Path
     assert net(torch.tensor([[V + 3, ids["a"]]])).logits.shape == (1, 2, padded)
 
 
+def test_one_models_vocabulary_with_a_new_token_and_a_forced_one(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    mergesmith.merge(
+        f"merge_method: task_arithmetic\nbase_model: {models['base']}\nmodels:\n"
+        f"  - model: {models['code']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 0.4}}\n"
+        f"dtype: float32\ntokenizer:\n  source: {models['chat']}\n  tokens:\n"
+        f"    <new>: {{source: {{kind: model_token, model: {models['code']}, token: <code>}}}}\n"
+        f"    b: {{source: {models['chat']}, force: true}}\n",
+        out,
+    )
+    ids = AutoTokenizer.from_pretrained(out).get_vocab()
+    # chat's vocabulary (the code model's <code> is not in it), then <new>
+    assert len(ids) == V + 3 and "<code>" not in ids
+    assert [ids[t] for t in ("<chat>", "<tool>", "<new>")] == [V, V + 1, V + 2]
+    b, c, h = (rows(models[k], EMBED) for k in ("base", "code", "chat"))
+    expected = np.concatenate([b + 0.7 * (c[:V] - b) + 0.4 * (h[:V] - b), h[V:], c[V:]])
+    expected[ids["b"]] = h[ids["b"]]  # every model takes chat's row for b
+    np.testing.assert_allclose(tiny.load_state(out)[EMBED].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_token_held_by_several_models_without_base_is_their_mean(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
