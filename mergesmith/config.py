@@ -225,6 +225,8 @@ class _Validator:
             self.add(doc, "merge_method", "", "the config lists no models: add a models: list")
 
         tokenizer_source = self._tokenizer_source(doc)
+        if tokenizer is None and tokenizer_source is not None:  # as mergekit: tokenizer: {source: ...}
+            tokenizer = TokenizerSpec(tokenizer_source)
         chat_template = doc.get("chat_template")
         if chat_template is not None and (
             not isinstance(chat_template, str)

@@ -1,11 +1,11 @@
 """Vocabularies: read each model's tokenizer, align embedding rows by token, merge row groups.
 
 When fine-tunes added tokens, the same row index means different tokens in different models. With
-``tokenizer_source`` set, the rows of the embedding and LM-head tensors are matched by token string
-instead: the output vocabulary is chosen (``base``, ``union`` or one model's), each input gets a map
-from output rows to its own rows (or -1 where it lacks the token), and each output row is the
-method's formula applied to the rows of the models that have that token. A model's rows beyond
-its tokenizer's ids (padding rows) are matched by index with other models' padding rows.
+``tokenizer_source`` or a ``tokenizer:`` section, the rows of the embedding and LM-head tensors are
+matched by token string instead: the output vocabulary is chosen (``base``, ``union`` or one
+model's), each input gets a map from output rows to its own rows (or -1 where it lacks the token),
+and each input's tensor is rebuilt in the output's order before the merge (:func:`permute_rows`).
+:func:`merge_rows` merges row groups over the models holding each token instead.
 """
 
 from __future__ import annotations
