@@ -2,13 +2,14 @@
 
     python bench/threads_contention.py [--competitors N] [--settle S] [--repeats R]
 
-Starts N CPU-bound competing processes (default: one per core, a machine fully booked by other
-work), lets the load average see them for S seconds, then times a fixed workload shaped like an
-evaluation's forward pass (a batch of activations through a stack of matmuls, a softmax over
-the vocabulary) with torch set to every core, then to the thread count the default policy picks
-(mergesmith._threads.default_threads), alternating, R times each. Prints the medians side by
-side and their ratio, with the load average and the policy's choice. The competitors are
-stopped at the end, however the run ends.
+Times a fixed workload shaped like an evaluation's forward pass (a batch of activations through
+a stack of matmuls, a softmax over the vocabulary) alone with every core, then starts N CPU-bound
+competing processes (default: one per core, a machine fully booked by other work), lets the load
+average see them for S seconds, and times it again with torch set to every core, then to the
+thread count the default policy picks (mergesmith._threads.default_threads), alternating, R times
+each. Prints the medians side by side, their ratios (every core over the policy, and each under
+load over alone), the load average and the policy's choice. The competitors are stopped at the
+end, however the run ends.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> int:
     head = torch.randn(512, 8192, generator=gen) / 512**0.5
     batch = torch.randn(256, 512, generator=gen)
     _workload(1, layers, head, batch)  # warm up
+    alone = [_workload(cores, layers, head, batch) for _ in range(args.repeats)]  # before any competitor
 
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -82,12 +84,14 @@ def main() -> int:
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
-    a, b = statistics.median(every), statistics.median(chosen)
+    a, b, c = statistics.median(every), statistics.median(chosen), statistics.median(alone)
     print(f"{cores} cores, {args.competitors} competing processes, 1-minute load average {load:.2f}")
     print(f"{'threads':>24} {'median s':>10} {'min s':>8}")
+    print(f"{f'alone, every core ({cores})':>24} {c:>10.3f} {min(alone):>8.3f}")
     print(f"{f'every core ({cores})':>24} {a:>10.3f} {min(every):>8.3f}")
     print(f"{f'default policy ({policy})':>24} {b:>10.3f} {min(chosen):>8.3f}")
     print(f"every core / default policy: {a / b:.2f}x")
+    print(f"under load / alone: every core {a / c:.2f}x, default policy {b / c:.2f}x")
     return 0
 
 

@@ -10,6 +10,8 @@ more than :data:`MAX_DIGITS` digits.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,17 @@ import yaml
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 
-__all__ = ["LinedDict", "LinedList", "excerpt", "line_of", "load", "load_file", "read_text", "shown"]
+__all__ = [
+    "LinedDict",
+    "LinedList",
+    "excerpt",
+    "line_of",
+    "load",
+    "load_all",
+    "load_file",
+    "read_text",
+    "shown",
+]
 
 MAX_BYTES = 1 << 20  # a merge or tune config is a few kilobytes
 MAX_DEPTH = 64
@@ -191,16 +203,17 @@ def load_file(path: Path, *, what: str = "config") -> Any:
     return load(read_text(path, what=what), where=str(path))
 
 
-def load(text: str, *, where: str = "<config>") -> Any:
+def load(text: str, *, where: str = "<config>", several: str = "keep one document") -> Any:
     """Parse YAML with safe constructors only; mappings and lists carry line numbers.
 
-    Every refusal is a :class:`ConfigError` naming ``where`` and the line."""
+    Every refusal is a :class:`ConfigError` naming ``where`` and the line; ``several`` is the fix
+    given for text holding more than one YAML document."""
     place = printable(where)
     if len(text) > MAX_BYTES:
         raise ConfigError(
             f"{place}: {len(text):,} characters, more than the {MAX_BYTES:,} (1 MiB) a config may have"
         )
-    try:
+    with _refusals(place, several):
         _check_events(text)  # the composer recurses once per level: bound it first
         loader = _LOADER(text)
         try:
@@ -211,6 +224,40 @@ def load(text: str, *, where: str = "<config>") -> Any:
             return loader.construct_document(node)
         finally:
             loader.dispose()
+
+
+def load_all(text: str, *, where: str = "<config>") -> list[Any]:
+    """Every document of a YAML stream (documents separated by ``---``), each read as :func:`load`
+    reads one: the same safe constructors, line numbers and bounds, the bounds on size, nesting and
+    values applying to the whole text. An empty document is None."""
+    place = printable(where)
+    if len(text) > MAX_BYTES:
+        raise ConfigError(
+            f"{place}: {len(text):,} characters, more than the {MAX_BYTES:,} (1 MiB) a config may have"
+        )
+    docs: list[Any] = []
+    with _refusals(place):
+        _check_events(text)
+        loader = _LOADER(text)
+        try:
+            while loader.check_node():
+                node = loader.get_node()
+                if node is None:
+                    docs.append(None)
+                    continue
+                _check_size(node, text)
+                docs.append(loader.construct_document(node))
+        finally:
+            loader.dispose()
+    return docs
+
+
+@contextmanager
+def _refusals(place: str, several: str = "") -> Iterator[None]:
+    """Turn what reading YAML can raise into a ConfigError naming ``place`` and the line;
+    ``several`` as for :func:`load`."""
+    try:
+        yield
     except _Refused as exc:
         line = f":{exc.line}" if exc.line is not None else ""
         raise ConfigError(f"{place}{line}: {exc.message}") from None
@@ -218,6 +265,10 @@ def load(text: str, *, where: str = "<config>") -> Any:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.composer.ComposerError) and "single document" in str(exc.context):
+            raise ConfigError(
+                f"{place}{line}: holds several YAML documents (separated by ---) where one is expected; {several}"
+            ) from None
         if "nesting depth" in str(problem):  # libyaml's own bound, below the nesting check's reach
             raise ConfigError(
                 f"{place}{line}: nested more than {MAX_DEPTH} levels deep; "

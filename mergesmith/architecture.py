@@ -32,6 +32,7 @@ class Architecture:
     vocab_weights: tuple[str, ...]
     tied: dict[str, str]
     fan_in_fan_out: bool = False  # layer weights stored (in, out), as GPT-2's Conv1D
+    modules: tuple[str, ...] = ("default",)  # mergekit's module names (a config's modules: keys)
 
     def layer_of(self, tensor: str) -> int | None:
         """The layer index in a tensor's name, or None for tensors outside the layer stack."""
@@ -81,14 +82,18 @@ def _build(row: dict[str, Any]) -> Architecture:
         vocab_weights=tuple(row["vocab_weights"]),
         tied=dict(row["tied"]),
         fan_in_fan_out=bool(row.get("fan_in_fan_out", False)),
+        modules=tuple(row["modules"]),
     )
 
 
-def architecture_for(config: dict[str, Any]) -> Architecture:
-    """The family whose model_types include the config's model_type, else the generic fallback."""
+def architecture_for(config: dict[str, Any], override: str | None = None) -> Architecture:
+    """The family whose model_types include the config's model_type, else the generic fallback.
+
+    ``override`` (mergekit's ``override_architecture``, a class name such as ``LlamaForCausalLM``)
+    picks the family whose architectures include it instead, whatever config.json says."""
     model_type = config.get("model_type")
     for row in _data()["families"]:
-        if model_type in row["model_types"]:
+        if override in row.get("architectures", ()) if override else model_type in row["model_types"]:
             return _build(row)
     return _build(_data()["fallback"])
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mergesmith import __version__
 
@@ -224,6 +225,25 @@ def _parser() -> argparse.ArgumentParser:
         "--no-best", action="store_true", help="do not merge and evaluate the best config at the end"
     )
 
+    mu = sub.add_parser("multi", help="run a multi-stage config (mergekit-multi): merges of earlier merges")
+    mu.add_argument("config", help="YAML merge configs, one document per stage, each with a name")
+    mu.add_argument("stages_dir", nargs="?", metavar="OUT_DIR", help="the named stages go to OUT_DIR/<name>")
+    mu.add_argument("-I", "--intermediate-dir", help="OUT_DIR, as mergekit-multi spells it")
+    mu.add_argument("--out-path", help="where the unnamed stage, the final merge, is written")
+    mu.add_argument(
+        "--lazy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip stages finished by an earlier run with the same config (default: yes)",
+    )
+    mu.add_argument(
+        "--dry-run", action="store_true", help="check every stage and print the order; merge nothing"
+    )
+    mu.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    mu.add_argument("--device", default="cpu", help="device for the arithmetic: cpu or cuda (default cpu)")
+    mu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_option(mu)
+
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
     )
@@ -313,6 +333,37 @@ def _key_values(items: Sequence[str], option: str = "--param") -> dict[str, obje
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _config_warnings():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _config_warnings() -> Iterator[None]:
+    """A config setting that has no effect is shown on stderr as ``warning: ...``, once a run
+    however often the config is read (tune reads it for every trial)."""
+    import warnings
+
+    from mergesmith._text import printable
+    from mergesmith.config import ConfigWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        shown = warnings.showwarning
+        seen: set[str] = set()
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, ConfigWarning):
+                if str(message) not in seen:
+                    seen.add(str(message))
+                    print(f"warning: {printable(str(message))}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
@@ -463,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "merge":
             return _merge(args)
+        if args.command == "multi":
+            from mergesmith.multi import run_cli
+
+            return run_cli(args, _say)
     except MergesmithError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
@@ -569,6 +624,10 @@ def _interrupted(args: argparse.Namespace, previous: bool) -> str:
         )
     if args.command == "compare":
         return f"the report files in {args.out} may be missing or from an earlier run"
+    if args.command == "multi":
+        from mergesmith.multi import interrupted
+
+        return interrupted()
     return "nothing was written"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,16 @@ from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
 from mergesmith.tokenizer_spec import TokenizerSpec, parse_tokenizer
 
-__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "ModelRef", "SliceDef", "SliceSource", "load_config"]
+__all__ = [
+    "DTYPES",
+    "ConfigWarning",
+    "MergeConfig",
+    "ModelEntry",
+    "ModelRef",
+    "SliceDef",
+    "SliceSource",
+    "load_config",
+]
 
 DTYPES = {
     "float32": "float32",
@@ -40,6 +50,7 @@ TOP_KEYS = (
     "base_model",
     "models",
     "slices",
+    "modules",
     "parameters",
     "dtype",
     "out_dtype",
@@ -51,6 +62,10 @@ TOP_KEYS = (
 )
 
 
+class ConfigWarning(UserWarning):
+    """A config setting that is accepted, as mergekit accepts it, but has no effect."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model as written in the config: a local path or a Hub id, with an optional revision."""
@@ -58,6 +73,7 @@ class ModelRef:
     path: str
     revision: str | None = None
     lora: str | None = None  # a PEFT LoRA adapter applied to the model (path or Hub id)
+    architecture: str | None = None  # mergekit's override_architecture: used instead of config.json's
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
@@ -121,6 +137,10 @@ class MergeConfig:
     text: str
     source: str
     tokenizer: TokenizerSpec | None = None  # the tokenizer: section
+    warnings: tuple[str, ...] = ()
+    # mergekit's modules: the module names the config gives, each with its line (0 when unknown);
+    # the one module's models or slices are ``models``/``slices``, its parameters in ``parameters``
+    modules: tuple[tuple[str, int], ...] = ()
 
     @property
     def merge_method(self) -> Method[Any, Any]:
@@ -174,8 +194,38 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     else:
         text = source
         where = name or "<config>"
-    doc = _yaml.load(text, where=where)
+    doc = _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    _other_tool(doc, where)
     return _Validator(where, text).run(doc)
+
+
+_MULTI = "run it with mergesmith multi, which runs each merge in turn"
+
+
+def _other_tool(doc: Any, where: str) -> None:
+    """Refuse, naming the right command, a config written for another mergekit tool."""
+    if isinstance(doc, list) and doc and all(isinstance(d, Mapping) and "merge_method" in d for d in doc):
+        raise ConfigError(f"the file is a list of {len(doc)} merge configs, not one: {_MULTI}", where)
+    if not isinstance(doc, Mapping) or "merge_method" in doc:
+        return
+    moe = [k for k in ("experts", "gate_mode") if k in doc]
+    evolve = [k for k in ("genome", "tasks") if k in doc]
+    if moe:
+        line = _yaml.line_of(doc, moe[0])
+        raise ConfigError(
+            f"line {line}: this is a mergekit-moe config (it has {' and '.join(moe)}:), which builds a "
+            "mixture-of-experts model; merge and validate take a merge config (merge_method: ...). "
+            "A mergesmith moe command is planned but not available yet",
+            where,
+        )
+    if evolve:
+        line = _yaml.line_of(doc, evolve[0])
+        raise ConfigError(
+            f"line {line}: this is a mergekit-evolve config (it has {' and '.join(evolve)}:); "
+            "mergesmith's search over merge parameters is mergesmith tune, which takes a merge config "
+            "whose searched values are written {search: [low, high]} (see docs/cli.md, section tune)",
+            where,
+        )
 
 
 class _Validator:
@@ -183,6 +233,13 @@ class _Validator:
         self.source = source
         self.text = text
         self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.prefix = ""  # where models and slices are, for messages: "" or "modules.NAME."
+
+    def warn(self, container: Any, key: str | int | None, path: str, message: str) -> None:
+        line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
+        where = f"line {line}: " if line else ""
+        self.warnings.append(printable(f"{where}{path}: {message}"))
 
     def add(self, container: Any, key: str | int | None, path: str, message: str) -> None:
         line = _yaml.line_of(container, key) if key is not None else getattr(container, "line", None)
@@ -212,16 +269,19 @@ class _Validator:
         dtype = self._dtype(doc, "dtype")
         out_dtype = self._dtype(doc, "out_dtype")
         params = self._settings(doc, "parameters", "parameters", method, scope="top")
+        modules: list[tuple[str, int]] = []
+        if doc.get("modules") is not None:
+            doc, params, modules = self._modules(doc, method, params)
         models: list[ModelEntry] = []
         slices: list[SliceDef] | None = None
         has_models, has_slices = bool(doc.get("models")), bool(doc.get("slices"))
         if has_models and has_slices:
-            self.add(doc, "slices", "slices", "give either models or slices, not both")
+            self.add(doc, "slices", f"{self.prefix}slices", "give either models or slices, not both")
         elif has_slices:
             slices = self._slices(doc, method, base)
         elif has_models:
             models = self._models(doc, method, base)
-        elif method is not None:
+        elif method is not None and doc.get("modules") is None:  # a modules: problem is recorded
             self.add(doc, "merge_method", "", "the config lists no models: add a models: list")
 
         tokenizer_source = self._tokenizer_source(doc)
@@ -249,6 +309,8 @@ class _Validator:
             raise ConfigError(sorted(self.problems, key=_line_key), self.source)
         if method is None:  # _method() has recorded why
             raise ConfigError("merge_method is missing or unknown", self.source)
+        for text in self.warnings:
+            warnings.warn(f"{printable(self.source)}: {text}", ConfigWarning, stacklevel=3)
         return MergeConfig(
             method=method.name,
             base_model=base,
@@ -263,6 +325,8 @@ class _Validator:
             text=self.text,
             source=self.source,
             tokenizer=tokenizer,
+            warnings=tuple(self.warnings),
+            modules=tuple(modules),
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -286,16 +350,29 @@ class _Validator:
     def _ref(self, container: Any, key: str | int, path: str) -> ModelRef | None:
         value = container[key]
         lora: str | None = None
+        arch: str | None = None
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"model", "lora"})
+            unknown = sorted(set(value) - {"model", "lora", "override_architecture"})
             if unknown:
                 self.add(
                     container,
                     key,
                     path,
-                    f"unknown keys {_yaml.shown(unknown)} in a model reference; use model and lora",
+                    f"unknown keys {_yaml.shown(unknown)} in a model reference; use model, lora and "
+                    "override_architecture",
                 )
                 return None
+            if value.get("override_architecture") is not None:
+                arch = value["override_architecture"]
+                if not isinstance(arch, str) or not arch.strip():
+                    self.add(
+                        value,
+                        "override_architecture",
+                        f"{path}.override_architecture",
+                        f"expected an architecture class name such as LlamaForCausalLM, found {_yaml.shown(arch)}",
+                    )
+                    return None
+                arch = arch.strip()
             if "lora" in value:
                 adapter = value["lora"]
                 adapter = adapter.get("path") if isinstance(adapter, Mapping) else adapter
@@ -318,7 +395,7 @@ class _Validator:
                         revision and self._bad_name(container, key, f"{path}.revision", str(revision))
                     ):
                         return None
-                    return ModelRef(where.strip(), str(revision) if revision else None, lora)
+                    return ModelRef(where.strip(), str(revision) if revision else None, lora, arch)
                 inner = where
             value = inner
         if not isinstance(value, str) or not value.strip():
@@ -327,7 +404,7 @@ class _Validator:
         if self._bad_name(container, key, path, value.strip()):
             return None
         ref = ModelRef.parse(value.strip())
-        return ModelRef(ref.path, ref.revision, lora) if lora else ref
+        return ModelRef(ref.path, ref.revision, lora or ref.lora, arch) if lora or arch else ref
 
     def _bad_name(self, container: Any, key: str | int, path: str, name: str) -> bool:
         """Record a problem when ``name`` cannot be a path or Hub id: a NUL character, or longer
@@ -377,6 +454,7 @@ class _Validator:
         shared = {i.key: i for i in method.param_infos}
         per_model = {i.key: i for i in method.model_param_infos}
         known = shared | per_model if scope != "model" else per_model
+        kept: dict[str, Any] = {}
         for name, setting in value.items():
             info: ParamInfo | None = known.get(name)
             where = f"{path}.{name}"
@@ -390,17 +468,28 @@ class _Validator:
                         "top-level parameters",
                     )
                     continue
-                names = ", ".join(known) or "none"
+                if name in _every_parameter():
+                    whose = f" for {owner}" if (owner := _owner(container, scope)) else ""
+                    self.warn(
+                        value,
+                        name,
+                        where,
+                        f"{method.name} does not use {name}, so it has no effect{whose} "
+                        "(mergekit accepts and ignores it too); remove it to silence this warning",
+                    )
+                    continue
                 self.add(
                     value,
                     name,
                     where,
-                    f"unknown parameter for {method.name}{_suggest(name, known)}; its parameters: {names}",
+                    f"unknown parameter for {method.name}{_suggest(name, known)}; "
+                    + _parameters_text(method),
                 )
                 continue
+            kept[name] = setting
             for problem in check_setting(info, setting):
                 self.add(value, name, where + problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
-        return dict(value)
+        return kept
 
     def _models(
         self, doc: Mapping[str, Any], method: Method[Any, Any] | None, base: ModelRef | None
@@ -411,7 +500,7 @@ class _Validator:
             return []
         out: list[ModelEntry] = []
         for i, item in enumerate(items):
-            path = f"models[{i}]"
+            path = f"{self.prefix}models[{i}]"
             if isinstance(item, str):
                 item = {"model": item}
             if not isinstance(item, Mapping) or "model" not in item:
@@ -439,12 +528,20 @@ class _Validator:
             return []
         out: list[SliceDef] = []
         for i, item in enumerate(items):
-            path = f"slices[{i}]"
+            path = f"{self.prefix}slices[{i}]"
             if not isinstance(item, Mapping) or not isinstance(item.get("sources"), list):
                 self.add(items, i, path, "expected {sources: [{model: ..., layer_range: [a, b]}]}")
                 continue
             for key in item:
-                if key not in ("sources", "parameters", "base_model"):
+                if key == "residual_weight":
+                    self.warn(
+                        item,
+                        key,
+                        f"{path}.{key}",
+                        "has no effect: mergekit accepts residual_weight and ignores it, and so does "
+                        "mergesmith; remove it to silence this warning",
+                    )
+                elif key not in ("sources", "parameters", "base_model"):
                     self.add(item, key, f"{path}.{key}", "unknown key")
             sources = []
             lengths = set()
@@ -490,6 +587,63 @@ class _Validator:
             settings = self._settings(item, "parameters", f"{path}.parameters", method, scope="slice")
             out.append(SliceDef(tuple(sources), settings, slice_base))
         return out
+
+    def _modules(
+        self, doc: Mapping[str, Any], method: Method[Any, Any] | None, params: dict[str, Any]
+    ) -> tuple[Mapping[str, Any], dict[str, Any], list[tuple[str, int]]]:
+        """mergekit's ``modules: {NAME: {models | slices, parameters}}``. The first module's models
+        or slices stand for the config's, its parameters over the top-level ones (a condition list
+        that matches no tensor falls through to them, as in mergekit). Whether the names are the
+        architecture's modules is checked once the models are open."""
+        block = doc["modules"]
+        if doc.get("models") or doc.get("slices"):
+            self.add(doc, "modules", "modules", "give one of models, slices or modules, not several")
+            return doc, params, []
+        if not isinstance(block, Mapping) or not block:
+            self.add(
+                doc,
+                "modules",
+                "modules",
+                "expected a mapping of module names to {models: [...]} or {slices: [...]}",
+            )
+            return doc, params, []
+        names: list[tuple[str, int]] = []
+        chosen: Mapping[str, Any] | None = None
+        for name, module in block.items():
+            names.append((name, _yaml.line_of(block, name) or 0))
+            path = f"modules.{name}"
+            if not isinstance(module, Mapping):
+                self.add(
+                    block, name, path, "expected {models: [...]} or {slices: [...]}, with optional parameters"
+                )
+                continue
+            for key in module:
+                if key not in ("models", "slices", "parameters", "name"):
+                    self.add(
+                        module,
+                        key,
+                        f"{path}.{key}",
+                        f"unknown key{_suggest(key, ('models', 'slices', 'parameters'))}",
+                    )
+            if bool(module.get("models")) == bool(module.get("slices")):
+                self.add(block, name, path, "give either models or slices (one of them, not both)")
+                continue
+            own = self._settings(module, "parameters", f"{path}.parameters", method, scope="top")
+            if chosen is None:
+                chosen = module
+                self.prefix = f"{path}."
+                params = {**params, **{k: _over(v, params.get(k)) for k, v in own.items()}}
+        if chosen is None:
+            return doc, params, names
+        rewritten = _yaml.LinedDict({k: v for k, v in doc.items() if k != "modules"})
+        rewritten.lines = {k: _yaml.line_of(doc, k) or 0 for k in doc}
+        rewritten.line = getattr(doc, "line", 0)
+        for key in ("models", "slices"):
+            if chosen.get(key):
+                rewritten[key] = chosen[key]
+                rewritten.lines[key] = _yaml.line_of(chosen, key) or 0
+        rewritten["parameters"] = params
+        return rewritten, params, names
 
     def _tokenizer_source(self, doc: Mapping[str, Any]) -> str | None:
         value = doc.get("tokenizer_source")
@@ -612,6 +766,43 @@ class _Validator:
                 "the weights sum to 0 and normalize is true, which divides by "
                 "zero: change the weights or set normalize: false",
             )
+
+
+def _over(setting: Any, below: Any) -> Any:
+    """``setting`` in place of ``below``, the setting of the scope under it; a condition list
+    without a catch-all falls through to ``below`` for the tensors it does not match."""
+    if below is None or not is_condition_list(setting):
+        return setting
+    if any(isinstance(c, Mapping) and c.get("filter") in (None, "*") for c in setting):
+        return setting
+    return [*setting, *(below if is_condition_list(below) else [{"value": below}])]
+
+
+def _every_parameter() -> set[str]:
+    """Every parameter name some method takes: mergekit accepts any of them anywhere."""
+    names: set[str] = set()
+    for method in REGISTRY.values():
+        names |= {i.key for i in method.param_infos} | {i.key for i in method.model_param_infos}
+    return names
+
+
+def _owner(container: Any, scope: str) -> str | None:
+    """The model a per-model setting belongs to, as written, for a message."""
+    if scope != "model" or not isinstance(container, Mapping):
+        return None
+    model = container.get("model")
+    if isinstance(model, Mapping):
+        model = model.get("model")
+        model = model.get("path") if isinstance(model, Mapping) else model
+    return str(model) if isinstance(model, str) else None
+
+
+def _parameters_text(method: Method[Any, Any]) -> str:
+    per_model = ", ".join(i.key for i in method.model_param_infos) or "none"
+    shared = ", ".join(i.key for i in method.param_infos) or "none"
+    return (
+        f"its per-model parameters: {per_model}; its merge-wide parameters (top-level parameters:): {shared}"
+    )
 
 
 def _line_key(problem: str) -> int:

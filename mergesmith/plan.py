@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mergesmith import _hub, _yaml
+from mergesmith._text import printable
 from mergesmith.architecture import (
     Architecture,
     architecture_for,
@@ -248,7 +249,15 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     refs = config.referenced_models()
     models = open_models(refs)
     reference = 0
-    arch = architecture_for(models[reference].config)
+    overrides = sorted({r.architecture for r in refs if r.architecture})
+    if len(overrides) > 1:
+        raise ConfigError(
+            f"the models name different override_architecture values ({', '.join(overrides)}); "
+            "mergesmith merges models of one architecture: give them all the same one",
+            config.source,
+        )
+    arch = architecture_for(models[reference].config, overrides[0] if overrides else None)
+    _check_modules(config, arch)
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
@@ -258,6 +267,24 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
         for name in names:
             model.side_file(name)
     return plan
+
+
+def _check_modules(config: MergeConfig, arch: Architecture) -> None:
+    """The module names of a ``modules:`` config must be the architecture's (mergekit's names)."""
+    known = ", ".join(arch.modules)
+    problems = [
+        f"{f'line {line}: ' if line else ''}modules.{printable(name)}: the {arch.name} architecture has no "
+        f"module {printable(repr(name))}; its modules: {known}"
+        for name, line in config.modules
+        if name not in arch.modules
+    ]
+    if not problems and len(config.modules) > 1:
+        problems.append(
+            f"modules: {len(config.modules)} modules are given; mergesmith merges one module per config: "
+            "merge each module in a config of its own"
+        )
+    if problems:
+        raise ConfigError(problems, config.source)
 
 
 class _Planner:
@@ -303,6 +330,8 @@ class _Planner:
         else:
             jobs, layers = self.plan_slices(self.config.slices)
         out_config = json.loads(json.dumps(self.models[self.reference].config))
+        if self.refs[self.reference].architecture:  # as mergekit, the override is what is written
+            out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:
             self.renumber_config(out_config, layers)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
