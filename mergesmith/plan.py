@@ -516,7 +516,7 @@ class _Planner:
             out_row = where[token]
             src = entry.source
             assert src is not None
-            path = f"tokenizer.tokens.{_yaml.shown(token)}.source"
+            path = f"tokenizer.tokens.{printable(token)}.source"
             if src.kind == "zero":
                 fills[out_row] = Fill(None, 0, entry.force)
                 continue

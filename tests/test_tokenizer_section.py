@@ -172,8 +172,8 @@ def test_bad_tokenizer_sections_are_refused_with_the_key() -> None:
     assert "line 6: tokenizer.pad_to_multiple_of: expected a whole number >= 1, found 0" in config_problem(
         head + "  pad_to_multiple_of: 0\n"
     )
-    assert "line 6: tokenizer.tokens.<x>.source.kind: expected model_token or zero, found 'copy'" in (
-        config_problem(head + "  tokens:\n    <x>: {source: {kind: copy}}\n").replace("line 7", "line 6")
+    assert "line 7: tokenizer.tokens.<x>.source.kind: expected model_token or zero, found 'copy'" in (
+        config_problem(head + "  tokens:\n    <x>: {source: {kind: copy}}\n")
     )
     assert "give exactly one of token (a token's text) and token_id (a row number)" in config_problem(
         head + "  tokens:\n    <x>: {source: {kind: model_token, model: a}}\n"
@@ -189,13 +189,13 @@ def test_token_source_outside_the_merge_is_refused(models: dict[str, Path]) -> N
         f"  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
         "tokenizer:\n  tokens:\n    <chat>: {source: {kind: model_token, model: elsewhere, token: a}}\n"
     )
-    assert "tokenizer.tokens.'<chat>'.source: 'elsewhere' is not one of the input models" in message
+    assert "tokenizer.tokens.<chat>.source: 'elsewhere' is not one of the input models" in message
     message = config_problem(
         f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
         f"  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
         f"tokenizer:\n  tokens:\n    <chat>: {{source: {{kind: model_token, model: {models['base']}, token: <zz>}}}}\n"
     )
-    assert f"tokenizer.tokens.'<chat>'.source.token: {models['base']} has no token '<zz>'" in message
+    assert f"tokenizer.tokens.<chat>.source.token: {models['base']} has no token '<zz>'" in message
 
 
 CONVERSATION = [
@@ -351,3 +351,24 @@ def test_unknown_or_short_chat_template_is_refused_naming_the_choices(
             "template text (with a { and 20 characters or more), found"
         ) in err
         assert "Traceback" not in err
+
+
+def test_token_id_source_takes_that_row(models: dict[str, Path], tmp_path: Path) -> None:
+    def config(row: int) -> str:
+        return (
+            f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {models['code']}\n    parameters: {{weight: 3}}\ndtype: float32\n"
+            "tokenizer:\n  source: base\n  tokens:\n"
+            f"    a: {{source: {{kind: model_token, model: {models['code']}, token_id: {row}}}, force: true}}\n"
+        )
+
+    out = tmp_path / "out"
+    mergesmith.merge(config(V), out)
+    b, c = rows(models["base"], EMBED), rows(models["code"], EMBED)
+    expected = (b + 3 * c[:V]) / 4
+    expected[tiny.VOCAB.index("a")] = c[V]  # both models take code's row V (its <code>)
+    np.testing.assert_allclose(tiny.load_state(out)[EMBED].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert (
+        f"tokenizer.tokens.a.source.token_id: {V + 1} is past the {V + 1} embedding rows of {models['code']}; "
+        f"give a row number below {V + 1}"
+    ) in config_problem(config(V + 1))
