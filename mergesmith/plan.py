@@ -881,9 +881,16 @@ class _Planner:
                         key=f"fill-outside:{m}",
                         config=True,
                     )
-                permute = Permute(
-                    tuple(r.model for r in every), base_ref is not None, len(alignment.keys), alignment.fills
-                )
+                models = tuple(r.model for r in every)
+                # the base model's rows are the default where it has a token, whether or not the
+                # method merges against it (mergekit's rule)
+                base_cfg = self.config.base_model
+                base_at = None
+                if base_ref is not None:
+                    base_at = 0
+                elif base_cfg is not None and base_cfg in self.refs and self.index(base_cfg) in models:
+                    base_at = models.index(self.index(base_cfg))
+                permute = Permute(models, base_at, len(alignment.keys), alignment.fills)
             rows = RowMap(alignment.size, tuple(alignment.maps[r.model] for r in every), permute)
         shared = {}
         for info in self.method.param_infos:

@@ -183,7 +183,7 @@ class Permute:
     :func:`permute_rows`), and the mean of those rows in each padding row past ``tokens``."""
 
     models: tuple[int, ...]  # the plan's model index of each input (base first, as in the job)
-    base: bool  # whether the first input is the base model
+    base: int | None  # the position among the inputs of the base model (base_model), if one
     tokens: int  # output rows holding tokens; the rest are padding
     fills: dict[int, Fill]  # by output row
 
@@ -366,10 +366,11 @@ def permute_rows(row_map: RowMap, tensors: Sequence[torch.Tensor]) -> list[torch
         rows = (single & held[i]).nonzero().reshape(-1)
         default[rows] = t[m[rows]].to(dtype)
     shared = open_ & (count > 1)
-    if info.base:
-        rows = (shared & held[0]).nonzero().reshape(-1)
-        default[rows] = tensors[0][maps[0][rows]].to(dtype)
-        shared = shared & ~held[0]
+    if info.base is not None:
+        k = info.base
+        rows = (shared & held[k]).nonzero().reshape(-1)
+        default[rows] = tensors[k][maps[k][rows]].to(dtype)
+        shared = shared & ~held[k]
     rows = shared.nonzero().reshape(-1)
     if len(rows):
         total = torch.zeros((len(rows), *shape[1:]), dtype=dtype, device=template.device)

@@ -372,3 +372,21 @@ def test_token_id_source_takes_that_row(models: dict[str, Path], tmp_path: Path)
         f"tokenizer.tokens.a.source.token_id: {V + 1} is past the {V + 1} embedding rows of {models['code']}; "
         f"give a row number below {V + 1}"
     ) in config_problem(config(V + 1))
+
+
+def test_base_models_row_is_the_default_also_for_a_method_without_a_base(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    mergesmith.merge(
+        f"merge_method: linear\nbase_model: {models['code2']}\nmodels:\n"
+        f"  - model: {models['code2']}\n    parameters: {{weight: 0.2}}\n"
+        f"  - model: {models['code']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 0.4}}\n"
+        "dtype: float32\ntokenizer: {source: union}\n",
+        out,
+    )
+    c2, c = rows(models["code2"], EMBED), rows(models["code"], EMBED)
+    # chat lacks <code>, which code2 (the base) and code have: chat takes code2's row, not the mean
+    expected = (0.2 * c2[V] + 0.7 * c[V] + 0.4 * c2[V]) / 1.3
+    np.testing.assert_allclose(tiny.load_state(out)[EMBED].numpy()[V], expected, rtol=1e-5, atol=1e-6)
