@@ -390,3 +390,19 @@ def test_base_models_row_is_the_default_also_for_a_method_without_a_base(
     # chat lacks <code>, which code2 (the base) and code have: chat takes code2's row, not the mean
     expected = (0.2 * c2[V] + 0.7 * c[V] + 0.4 * c2[V]) / 1.3
     np.testing.assert_allclose(tiny.load_state(out)[EMBED].numpy()[V], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_a_token_source_outside_the_merge_without_a_traceback(
+    models: dict[str, Path], write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.cli import main
+
+    cfg = write_config(
+        f"merge_method: linear\nmodels:\n  - model: {models['base']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
+        "tokenizer:\n  tokens:\n    <chat>: {source: elsewhere, force: true}\n"
+    )
+    assert main(["validate", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer.tokens.<chat>.source: 'elsewhere' is not one of the input models" in err
+    assert "Traceback" not in err
