@@ -650,6 +650,8 @@ class _Validator:
         block = doc.get("tokenizer")
         if value is None and isinstance(block, Mapping):
             value = block.get("source", "union")
+            if not isinstance(value, str):  # the tokenizer: section's check reports it
+                return None
         if value is None:
             return None
         if not isinstance(value, str):
