@@ -52,6 +52,9 @@ class TokenizerSpec:
     pad_to_multiple_of: int | None = None
 
 
+# padding multiples in use are 8 to 256; a far larger one would only allocate rows nobody uses
+MAX_PAD_MULTIPLE = 1 << 16
+
 Add = Callable[[Any, "str | int | None", str, str], None]
 
 
@@ -135,7 +138,15 @@ def parse_tokenizer(add: Add, doc: Mapping[str, Any]) -> TokenizerSpec | None:
         )
         ok = False
     pad = block.get("pad_to_multiple_of")
-    if pad is not None and (not _whole(pad) or pad < 1):
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad > MAX_PAD_MULTIPLE:
+        add(
+            block,
+            "pad_to_multiple_of",
+            "tokenizer.pad_to_multiple_of",
+            f"{pad} is past {MAX_PAD_MULTIPLE}; vocabularies are padded to multiples such as 64 or 128",
+        )
+        ok = False
+    elif pad is not None and (not _whole(pad) or pad < 1):
         add(
             block,
             "pad_to_multiple_of",

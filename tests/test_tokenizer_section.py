@@ -178,6 +178,10 @@ def test_bad_tokenizer_sections_are_refused_with_the_key() -> None:
     assert "give exactly one of token (a token's text) and token_id (a row number)" in config_problem(
         head + "  tokens:\n    <x>: {source: {kind: model_token, model: a}}\n"
     )
+    assert (
+        "line 6: tokenizer.pad_to_multiple_of: 65537 is past 65536; vocabularies are padded"
+        in config_problem(head + "  pad_to_multiple_of: 65537\n")
+    )
     assert config_problem(head + "  source: [a]\n") == (
         "<config>: line 6: tokenizer.source: expected base, union or a model, found ['a']"
     )
