@@ -11,11 +11,12 @@ from typing import Any
 
 import yaml
 
-from mergesmith import _yaml
+from mergesmith import _yaml, chat_templates
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
+from mergesmith.tokenizer_spec import TokenizerSpec, parse_tokenizer
 
 __all__ = [
     "DTYPES",
@@ -41,7 +42,7 @@ DTYPES = {
     "fp64": "float64",
 }
 
-CHAT_TEMPLATES = ("auto", "chatml")
+CHAT_TEMPLATES = ("auto", *chat_templates.BUILTIN)
 MAX_NAME, MAX_PATH = 255, 4096  # bytes of one path component and of a whole path
 
 TOP_KEYS = (
@@ -135,6 +136,7 @@ class MergeConfig:
     seed: int
     text: str
     source: str
+    tokenizer: TokenizerSpec | None = None  # the tokenizer: section
     warnings: tuple[str, ...] = ()
     # mergekit's modules: the module names the config gives, each with its line (0 when unknown);
     # the one module's models or slices are ``models``/``slices``, its parameters in ``parameters``
@@ -252,8 +254,15 @@ class _Validator:
         for key in doc:
             if key not in TOP_KEYS:
                 self.add(doc, key, key, f"unknown key{_suggest(key, TOP_KEYS)}")
-        if "tokenizer" in doc:
-            self._check_tokenizer_block(doc)
+        tokenizer = parse_tokenizer(self.add, doc)
+        if doc.get("tokenizer_source") and doc.get("tokenizer") is not None:
+            self.add(
+                doc,
+                "tokenizer_source",
+                "tokenizer_source",
+                "give either tokenizer_source or a tokenizer: section, not both; "
+                "move the value to tokenizer.source",
+            )
 
         method = self._method(doc)
         base = self._ref(doc, "base_model", "base_model") if doc.get("base_model") is not None else None
@@ -276,16 +285,19 @@ class _Validator:
             self.add(doc, "merge_method", "", "the config lists no models: add a models: list")
 
         tokenizer_source = self._tokenizer_source(doc)
+        if tokenizer is None and tokenizer_source is not None:  # as mergekit: tokenizer: {source: ...}
+            tokenizer = TokenizerSpec(tokenizer_source)
         chat_template = doc.get("chat_template")
         if chat_template is not None and (
             not isinstance(chat_template, str)
-            or (chat_template not in CHAT_TEMPLATES and "{" not in chat_template)
+            or (chat_template not in CHAT_TEMPLATES and not chat_templates.is_inline(chat_template))
         ):
             self.add(
                 doc,
                 "chat_template",
                 "chat_template",
-                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text, found {_yaml.shown(chat_template)}",
+                f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja template text (with a {{ and 20 characters "
+                f"or more), found {_yaml.shown(chat_template)}",
             )
         seed = doc.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -312,6 +324,7 @@ class _Validator:
             seed=seed,
             text=self.text,
             source=self.source,
+            tokenizer=tokenizer,
             warnings=tuple(self.warnings),
             modules=tuple(modules),
         )
@@ -636,7 +649,9 @@ class _Validator:
         value = doc.get("tokenizer_source")
         block = doc.get("tokenizer")
         if value is None and isinstance(block, Mapping):
-            value = block.get("source")
+            value = block.get("source", "union")
+            if not isinstance(value, str):  # the tokenizer: section's check reports it
+                return None
         if value is None:
             return None
         if not isinstance(value, str):
@@ -648,15 +663,6 @@ class _Validator:
             )
             return None
         return value
-
-    def _check_tokenizer_block(self, doc: Mapping[str, Any]) -> None:
-        block = doc["tokenizer"]
-        if not isinstance(block, Mapping):
-            self.add(doc, "tokenizer", "tokenizer", "expected {source: ...}")
-            return
-        for key in block:
-            if key != "source":
-                self.add(block, key, f"tokenizer.{key}", "only tokenizer.source is supported")
 
     def _check_model_counts(
         self,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _memory, _output, card, vocab, whole_model
+from mergesmith import _memory, _output, card, chat_templates, vocab, whole_model
 from mergesmith._json import read_json
 from mergesmith._safetensors import ShardWriter
 from mergesmith._text import printable
@@ -35,14 +35,7 @@ TOKENIZER_FILES = (
 )
 COPIED_FROM_REFERENCE = ("generation_config.json",)
 
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-}
+CHAT_TEMPLATES = chat_templates.BUILTIN
 
 
 def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
@@ -127,6 +120,10 @@ def merge_job(
     tensors.clear()
     tensors = to_compute(plan, job, raw)
     del raw
+    rows = job.rows
+    if rows is not None and rows.permute is not None:  # a tokenizer: section: rebuilt, merged whole
+        tensors = vocab.permute_rows(rows, tensors)
+        rows = None
     base = tensors[0] if job.base is not None else None
     others = tensors[1:] if job.base is not None else tensors
     params = method.build_params(job.params)
@@ -144,14 +141,14 @@ def merge_job(
                 model_params=[model_params[i] for i in members],
                 seed=plan.config.seed,
                 thresholds=[job_thresholds[i] for i in members] if job_thresholds is not None else None,
-                reuse=[reuse[i] for i in members] if reuse is not None and job.rows is None else None,
+                reuse=[reuse[i] for i in members] if reuse is not None and rows is None else None,
             )
         )
 
-    if job.rows is None:
+    if rows is None:
         result = run(base, others, list(range(len(others))))
     else:
-        result = vocab.merge_rows(job.rows, base, others, run, method.min_models)
+        result = vocab.merge_rows(rows, base, others, run, method.min_models)
     del tensors, base, others
     _check_finite(plan, job, result, warnings)
     if job.out_dtype == torch.float16 and result.numel():
@@ -208,12 +205,16 @@ def whole_model_thresholds(plan: Plan, device: torch.device) -> dict[int, float]
     def task_vectors(job: Job) -> Callable[[], Iterator[tuple[int, torch.Tensor]]]:
         def make() -> Iterator[tuple[int, torch.Tensor]]:
             tensors = to_compute(plan, job, [t.to(device) for t in read_inputs(plan, job)])
+            rows = job.rows
+            if rows is not None and rows.permute is not None:
+                tensors = vocab.permute_rows(rows, tensors)
+                rows = None
             base = tensors[0]
             for i, (ref, t) in enumerate(zip(job.inputs, tensors[1:])):
-                if job.rows is None:
+                if rows is None:
                     yield ref.model, t.sub_(base)
                 else:  # vocabulary rows: each token's row against the base's row for it
-                    yield ref.model, vocab.row_task_vector(job.rows, base, t, i)
+                    yield ref.model, vocab.row_task_vector(rows, base, t, i)
             _memory.release()
 
         return make
@@ -314,6 +315,23 @@ def side_files(plan: Plan) -> list[tuple[Checkpoint, tuple[str, ...]]]:
     return out
 
 
+def input_chat_template(directory: Path) -> str | None:
+    """A model's chat template as transformers loads it: chat_template.jinja, else the
+    tokenizer_config.json entry (the ``default`` one of a list of named templates); None without one."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg_file = directory / "tokenizer_config.json"
+    if not cfg_file.is_file():
+        return None
+    data = read_json(cfg_file, fix="repair tokenizer_config.json or download the model again")
+    value = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(value, list):
+        named = {e.get("name"): e.get("template") for e in value if isinstance(e, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
 def _write_side_files(
     plan: Plan,
     stage: Path,
@@ -347,7 +365,9 @@ def _write_side_files(
             known = [v for v in plan.vocab.vocabs if v is not None]
             vocab.union_tokenizer(reference.file, known, plan.vocab.keys, stage)
     template = plan.config.chat_template
-    if template and template != "auto":
+    if template == "auto":
+        template = chat_templates.most_common([t for m in plan.models if (t := input_chat_template(m.dir))])
+    if template:
         (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))
         tok_cfg = stage / "tokenizer_config.json"
         if tok_cfg.is_file():

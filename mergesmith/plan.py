@@ -28,7 +28,7 @@ from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
 from mergesmith.methods import Method
 from mergesmith.parameters import REQUIRED, is_condition_list, resolve
 from mergesmith.sources import Checkpoint, TensorInfo
-from mergesmith.vocab import Key, RowMap, Vocab, align, read_vocab, union_keys
+from mergesmith.vocab import Fill, Key, Permute, RowMap, Vocab, align, read_vocab, union_keys
 
 __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
 
@@ -47,7 +47,13 @@ class Alignment:
     keys: list[Key]
     vocabs: list[Vocab | None]  # per model
     maps: list[torch.Tensor]  # per model: its row for each output row, -1 where it lacks the token
-    union: bool
+    union: bool  # the output tokenizer gains tokens (a union, or tokenizer.tokens it lacks)
+    rows: int = 0  # output rows, padding included (tokenizer.pad_to_multiple_of); 0: len(keys)
+    fills: dict[int, Fill] | None = None  # with a tokenizer: section: its tokens' default rows
+
+    @property
+    def size(self) -> int:
+        return self.rows or len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -330,7 +336,7 @@ class _Planner:
             self.renumber_config(out_config, layers)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
         if alignment is not None and "vocab_size" in out_config:
-            out_config["vocab_size"] = len(alignment.keys)
+            out_config["vocab_size"] = alignment.size
         self.check_whole_model_density(jobs)
         if self.problems:
             raise CompatibilityError(self.problems + self.config_problems)
@@ -443,24 +449,118 @@ class _Planner:
             )
             return None
         keys = [v.keys(r) if v is not None else [] for v, r in zip(vocabs, rows)]
-        if all(k == keys[0] for k in keys):
+        spec = self.config.tokenizer
+        if spec is None and all(k == keys[0] for k in keys):
             return None
         chosen = self.tokenizer_model()
         assert chosen is not None
-        if source == "union":
+        extra = []
+        if spec is not None:
+            known = set(keys[chosen])
+            extra = [
+                t
+                for t in spec.tokens
+                if t not in known and not (source == "union" and any(t in k for k in keys))
+            ]
+        if source == "union" or extra:
             first = vocabs[chosen]
             if first is None or first.file.name != "tokenizer.json":
                 self.problem(
-                    f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
-                    "other models' tokens; use tokenizer_source: base or one model's name",
+                    (
+                        f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
+                        "other models' tokens; use tokenizer_source: base or one model's name"
+                    )
+                    if source == "union"
+                    else (
+                        f"tokenizer.tokens: {self.refs[chosen]} has no tokenizer.json to add "
+                        f"{_yaml.shown(extra[0])} to; list only tokens its tokenizer has"
+                    ),
                     key="vocab-missing",
                 )
                 return None
+        if source == "union":
             out_keys = union_keys(keys[chosen], [k for i, k in enumerate(keys) if i != chosen])
         else:
             out_keys = keys[chosen]
-        self._alignment = Alignment(out_keys, vocabs, align(out_keys, keys), source == "union")
+        if spec is None:
+            self._alignment = Alignment(out_keys, vocabs, align(out_keys, keys), source == "union")
+            return self._alignment
+        # a tokenizer: section: the output holds only the tokens (no padding rows past them), then
+        # the configured tokens the chosen vocabulary lacks, then padding to the multiple asked for
+        while out_keys and not isinstance(out_keys[-1], str):
+            out_keys = out_keys[:-1]
+        out_keys = [*out_keys, *extra]
+        size = len(out_keys)
+        pad = spec.pad_to_multiple_of
+        if pad and size % pad:
+            size += pad - size % pad
+        if all(k == out_keys for k in keys) and size == len(out_keys) and not spec.tokens:
+            return None
+        maps = align(out_keys, keys)
+        fills = self.token_fills(out_keys, vocabs, maps, rows)
+        self._alignment = Alignment(
+            out_keys, vocabs, maps, source == "union" or bool(extra), rows=size, fills=fills
+        )
         return self._alignment
+
+    def token_fills(
+        self, out_keys: list[Key], vocabs: list[Vocab | None], maps: list[torch.Tensor], rows: list[int]
+    ) -> dict[int, Fill]:
+        """The default row of each token the tokenizer: section configures, by output row (a
+        source that names no input model or token is recorded as a config problem and left out)."""
+        spec = self.config.tokenizer
+        assert spec is not None
+        where = {k: i for i, k in enumerate(out_keys)}
+        fills: dict[int, Fill] = {}
+        for token, entry in spec.tokens.items():
+            out_row = where[token]
+            src = entry.source
+            assert src is not None
+            path = f"tokenizer.tokens.{printable(token)}.source"
+            if src.kind == "zero":
+                fills[out_row] = Fill(None, 0, entry.force)
+                continue
+            assert src.model is not None
+            model = next((i for i, r in enumerate(self.refs) if src.model in (str(r), r.path)), None)
+            if model is None:
+                self.problem(
+                    f"{path}: {_yaml.shown(src.model)} is not one of the input models "
+                    f"({', '.join(map(str, self.refs))}); name one of them",
+                    config=True,
+                )
+                continue
+            vocab = vocabs[model]
+            if src.kind == "model":
+                row = int(maps[model][out_row])
+                needed = entry.force or any(int(m[out_row]) < 0 for m in maps)
+                if row < 0 and needed:
+                    self.problem(
+                        f"{path}: {self.refs[model]} has no token {_yaml.shown(token)}; name a model "
+                        "that has it, or use {kind: model_token, model: ..., token: ...}",
+                        config=True,
+                    )
+                    continue
+            elif src.token is not None:
+                row = vocab.ids.get(src.token, -1) if vocab is not None else -1
+                if row < 0 or row >= rows[model]:
+                    self.problem(
+                        f"{path}.token: {self.refs[model]} has no token {_yaml.shown(src.token)}; "
+                        "name a token of its tokenizer",
+                        config=True,
+                    )
+                    continue
+            else:
+                assert src.token_id is not None
+                row = src.token_id
+                if row >= rows[model]:
+                    self.problem(
+                        f"{path}.token_id: {row} is past the {rows[model]} embedding rows of "
+                        f"{self.refs[model]}; give a row number below {rows[model]}",
+                        config=True,
+                    )
+                    continue
+            fills[out_row] = Fill(model, row, entry.force)
+        return fills
 
     def lookup(self, model: int, name: str) -> str | None:
         """The name under which ``model`` stores tensor ``name`` (tied weights resolved), or None."""
@@ -759,7 +859,7 @@ class _Planner:
             )
         base_ref = InputRef(ref_model_idx, ref_found) if base is not None else None
         alignment = self.alignment() if ref_name in self.arch.vocab_weights else None
-        shape = ref_info.shape if alignment is None else (len(alignment.keys), *ref_info.shape[1:])
+        shape = ref_info.shape if alignment is None else (alignment.size, *ref_info.shape[1:])
         in_refs: list[InputRef] = []
         for m, name in inputs:
             r = self.input_ref(m, name, ref_info, out_name, rows_align=alignment is not None)
@@ -770,7 +870,28 @@ class _Planner:
         rows = None
         if alignment is not None:
             every = ([base_ref] if base_ref is not None else []) + in_refs
-            rows = RowMap(len(alignment.keys), tuple(alignment.maps[r.model] for r in every))
+            permute = None
+            if alignment.fills is not None:
+                held = {r.model for r in every}
+                outside = sorted({f.model for f in alignment.fills.values() if f.model is not None} - held)
+                for m in outside:
+                    self.problem(
+                        f"{out_name}: tokenizer.tokens takes rows from {self.refs[m]}, which is not among "
+                        "this tensor's inputs; name a model that this slice merges",
+                        key=f"fill-outside:{m}",
+                        config=True,
+                    )
+                models = tuple(r.model for r in every)
+                # the base model's rows are the default where it has a token, whether or not the
+                # method merges against it (mergekit's rule)
+                base_cfg = self.config.base_model
+                base_at = None
+                if base_ref is not None:
+                    base_at = 0
+                elif base_cfg is not None and base_cfg in self.refs and self.index(base_cfg) in models:
+                    base_at = models.index(self.index(base_cfg))
+                permute = Permute(models, base_at, len(alignment.keys), alignment.fills)
+            rows = RowMap(alignment.size, tuple(alignment.maps[r.model] for r in every), permute)
         shared = {}
         for info in self.method.param_infos:
             value = resolve(info, shared_scopes, out_name, t)

@@ -1,11 +1,11 @@
 """Vocabularies: read each model's tokenizer, align embedding rows by token, merge row groups.
 
 When fine-tunes added tokens, the same row index means different tokens in different models. With
-``tokenizer_source`` set, the rows of the embedding and LM-head tensors are matched by token string
-instead: the output vocabulary is chosen (``base``, ``union`` or one model's), each input gets a map
-from output rows to its own rows (or -1 where it lacks the token), and each output row is the
-method's formula applied to the rows of the models that have that token. A model's rows beyond
-its tokenizer's ids (padding rows) are matched by index with other models' padding rows.
+``tokenizer_source`` or a ``tokenizer:`` section, the rows of the embedding and LM-head tensors are
+matched by token string instead: the output vocabulary is chosen (``base``, ``union`` or one
+model's), each input gets a map from output rows to its own rows (or -1 where it lacks the token),
+and each input's tensor is rebuilt in the output's order before the merge (:func:`permute_rows`).
+:func:`merge_rows` merges row groups over the models holding each token instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,17 @@ from mergesmith._files import stamp_of
 from mergesmith._json import read_json
 from mergesmith.errors import CheckpointError
 
-__all__ = ["RowMap", "Vocab", "align", "merge_rows", "read_vocab", "union_tokenizer"]
+__all__ = [
+    "Fill",
+    "Permute",
+    "RowMap",
+    "Vocab",
+    "align",
+    "merge_rows",
+    "permute_rows",
+    "read_vocab",
+    "union_tokenizer",
+]
 
 Key = str | tuple[str, int]  # a token, or ("#row", i) for a padding row without a token
 
@@ -157,11 +167,34 @@ def read_vocab(directory: Path) -> Vocab | None:
 
 
 @dataclass(frozen=True)
+class Fill:
+    """A token's configured default row (``tokenizer.tokens``): zeros, or ``model``'s row ``row``.
+    With ``force``, every input takes it, also those that have the token."""
+
+    model: int | None  # index into the plan's models; None: a row of zeros
+    row: int
+    force: bool
+
+
+@dataclass(frozen=True)
+class Permute:
+    """How a ``tokenizer:`` section builds each input's vocabulary tensor before the merge: its
+    own row for each output token it has, a default row for those it lacks (see
+    :func:`permute_rows`), and the mean of those rows in each padding row past ``tokens``."""
+
+    models: tuple[int, ...]  # the plan's model index of each input (base first, as in the job)
+    base: int | None  # the position among the inputs of the base model (base_model), if one
+    tokens: int  # output rows holding tokens; the rest are padding
+    fills: dict[int, Fill]  # by output row
+
+
+@dataclass(frozen=True)
 class RowMap:
     """For one vocabulary tensor: per input (base first, as in the job), its row for each output row."""
 
     rows: int
     sources: tuple[torch.Tensor, ...]  # int64 [rows], -1 where that input lacks the token
+    permute: Permute | None = None  # a tokenizer: section: inputs are rebuilt, then merged whole
 
 
 def align(out_keys: Sequence[Key], model_keys: Sequence[Sequence[Key]]) -> list[torch.Tensor]:
@@ -294,4 +327,65 @@ def merge_rows(
             part[has] = tensors[i][src[has]]
             parts.append(part)
         out[rows] = merge(base_rows, parts, members)
+    return out
+
+
+def permute_rows(row_map: RowMap, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each input's vocabulary tensor rebuilt in the output's token order (mergekit's rule).
+
+    An input keeps its own row for a token it has (unless the token's fill is forced). A token
+    some input lacks gets one default row: its configured fill; else the row of the only input
+    having it; else zeros where none has it; else the base's row where the base has it; else the
+    mean of the rows of the inputs having it. Padding rows past the tokens take the mean of the
+    input's token rows."""
+    info = row_map.permute
+    assert info is not None
+    n = info.tokens
+    maps = [m[:n] for m in row_map.sources]
+    held = torch.stack([m >= 0 for m in maps])  # [inputs, tokens]
+    count = held.sum(0)
+    template = tensors[0]
+    dtype = template.dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    shape = (n, *template.shape[1:])
+    default = torch.zeros(shape, dtype=dtype, device=template.device)
+    use_default = count < len(tensors)
+    forced = torch.zeros(n, dtype=torch.bool)
+    configured = torch.zeros(n, dtype=torch.bool)
+    where = {m: i for i, m in reversed(list(enumerate(info.models)))}
+    for row, fill in info.fills.items():
+        configured[row] = True
+        forced[row] = fill.force
+        if fill.model is not None:
+            default[row] = tensors[where[fill.model]][fill.row].to(dtype)
+    # rows no fill is configured for, that some input lacks
+    open_ = use_default & ~configured
+    single = open_ & (count == 1)
+    for i, (m, t) in enumerate(zip(maps, tensors)):
+        rows = (single & held[i]).nonzero().reshape(-1)
+        default[rows] = t[m[rows]].to(dtype)
+    shared = open_ & (count > 1)
+    if info.base is not None:
+        k = info.base
+        rows = (shared & held[k]).nonzero().reshape(-1)
+        default[rows] = tensors[k][maps[k][rows]].to(dtype)
+        shared = shared & ~held[k]
+    rows = shared.nonzero().reshape(-1)
+    if len(rows):
+        total = torch.zeros((len(rows), *shape[1:]), dtype=dtype, device=template.device)
+        for i, (m, t) in enumerate(zip(maps, tensors)):
+            have = held[i, rows]
+            total[have] += t[m[rows[have]]].to(dtype)
+        default[rows] = total / count[rows].to(dtype).reshape(-1, *([1] * (len(shape) - 1)))
+    out = []
+    for i, (m, t) in enumerate(zip(maps, tensors)):
+        rebuilt = torch.empty((row_map.rows, *shape[1:]), dtype=dtype, device=template.device)
+        own = held[i] & ~forced
+        rebuilt[:n] = default
+        rows = own.nonzero().reshape(-1)
+        rebuilt[rows] = t[m[rows]].to(dtype)
+        if row_map.rows > n:
+            rebuilt[n:] = rebuilt[:n].mean(0)
+        out.append(rebuilt)
     return out

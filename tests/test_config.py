@@ -171,7 +171,10 @@ def test_chat_template_must_be_known_or_jinja() -> None:
     (p,) = problems(
         "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nchat_template: chatmel\n"
     )
-    assert p == "line 5: chat_template: expected auto, chatml or a Jinja template text, found 'chatmel'"
+    assert p == (
+        "line 5: chat_template: expected auto, alpaca, chatml, exaone, llama3, mistral or a Jinja "
+        "template text (with a { and 20 characters or more), found 'chatmel'"
+    )
 
 
 def test_problems_are_sorted_by_line() -> None:

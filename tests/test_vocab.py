@@ -82,14 +82,16 @@ def test_union_aligns_rows_by_token(models: dict[str, Path], tmp_path: Path) -> 
     weights = {"code": 0.7, "chat": 0.4}
     for name in (EMBED, HEAD):
         base_rows = states["base"][name].numpy()
-        base_mean = base_rows.mean(0)
         for token, row in ids.items():
-            # a token the base lacks starts from the base's mean embedding
-            b = base_rows[vocabs["base"][token]] if token in vocabs["base"] else base_mean
+            if token not in vocabs["base"]:
+                # only one model has it: every model takes that model's row (mergekit's rule)
+                (holder,) = [m for m in weights if token in vocabs[m]]
+                expected = states[holder][name].numpy()[vocabs[holder][token]]
+                np.testing.assert_allclose(merged[name][row].numpy(), expected, rtol=1e-5, atol=1e-6)
+                continue
+            b = base_rows[vocabs["base"][token]]
             expected = b + sum(
-                w * (states[m][name].numpy()[vocabs[m][token]] - b)
-                for m, w in weights.items()
-                if token in vocabs[m]
+                w * (states[m][name].numpy()[vocabs[m][token]] - b) for m, w in weights.items()
             )
             np.testing.assert_allclose(
                 merged[name][row].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=token
@@ -113,9 +115,8 @@ def test_one_models_tokenizer_keeps_its_rows(models: dict[str, Path], tmp_path: 
     n = len(tiny.VOCAB) + 1
     assert merged[EMBED].shape[0] == n
     assert (out / "tokenizer.json").read_bytes() == (models["code"] / "tokenizer.json").read_bytes()
-    # <code> (row n - 1): only the code model has it and the base lacks it
-    b = states["base"][EMBED].numpy().mean(0)
-    expected = b + 0.7 * (states["code"][EMBED].numpy()[n - 1] - b)
+    # <code> (row n - 1): only the code model has it, so every model takes its row there
+    expected = states["code"][EMBED].numpy()[n - 1]
     np.testing.assert_allclose(merged[EMBED][n - 1].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -190,10 +191,8 @@ def test_tied_embeddings_are_aligned_once(models: dict[str, Path], tmp_path: Pat
     assert HEAD not in merged
     ids = AutoTokenizer.from_pretrained(out).get_vocab()
     code = tiny.load_state(tied["code"])[EMBED]
-    base = tiny.load_state(tied["base"])[EMBED]
     code_ids = AutoTokenizer.from_pretrained(tied["code"]).get_vocab()
-    expected = base.mean(0) + 0.7 * (code[code_ids["<code>"]] - base.mean(0))
-    torch.testing.assert_close(merged[EMBED][ids["<code>"]], expected)
+    torch.testing.assert_close(merged[EMBED][ids["<code>"]], code[code_ids["<code>"]])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert model.lm_head.weight.shape[0] == len(ids)
