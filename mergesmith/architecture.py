@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -16,10 +16,22 @@ from typing import Any
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 
-__all__ = ["Architecture", "architecture_for"]
+__all__ = ["Architecture", "Module", "architecture_for"]
 
 # a million layers is far past any model; longer numbers in tensor names are refused, not parsed
 MAX_LAYER_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Module:
+    """One of mergekit's modules of an architecture: the tensors whose names start with ``prefix``,
+    with their own layer stack (``layer_pattern``, matched after the prefix) and layer count key
+    (a dotted path into config.json, such as ``vision_config.num_hidden_layers``)."""
+
+    name: str
+    prefix: str = ""
+    layer_pattern: str | None = None  # None: the architecture's own
+    num_layers_key: str | None = None  # None: the architecture's own
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,34 @@ class Architecture:
     vocab_weights: tuple[str, ...]
     tied: dict[str, str]
     fan_in_fan_out: bool = False  # layer weights stored (in, out), as GPT-2's Conv1D
-    modules: tuple[str, ...] = ("default",)  # mergekit's module names (a config's modules: keys)
+    parts: tuple[Module, ...] = (Module("default"),)  # mergekit's modules, in its order
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """mergekit's module names (the keys of a config's ``modules:``)."""
+        return tuple(p.name for p in self.parts)
+
+    def module_of(self, tensor: str) -> str:
+        """The module a tensor belongs to: the one with the longest matching prefix; a tensor under
+        no module's prefix goes with the first module."""
+        best = max(
+            (p for p in self.parts if tensor.startswith(p.prefix)), key=lambda p: len(p.prefix), default=None
+        )
+        return (best or self.parts[0]).name
+
+    def module(self, name: str) -> Architecture:
+        """This architecture seen as one of its modules: its layer stack and layer count key."""
+        part = next(p for p in self.parts if p.name == name)
+        pattern = self.layer_pattern
+        if part.layer_pattern is not None:
+            pattern = re.compile("^" + re.escape(part.prefix) + part.layer_pattern.removeprefix("^"))
+        return replace(
+            self,
+            name=self.name if len(self.parts) == 1 else f"{self.name}, module {name}",
+            layer_pattern=pattern,
+            num_layers_key=part.num_layers_key or self.num_layers_key,
+            parts=(part,),
+        )
 
     def layer_of(self, tensor: str) -> int | None:
         """The layer index in a tensor's name, or None for tensors outside the layer stack."""
@@ -59,6 +98,11 @@ class Architecture:
         return tensor in self.pre_weights or (not self.pre_weights and "embed" in tensor)
 
     def num_layers(self, config: dict[str, Any]) -> int | None:
+        if "." in self.num_layers_key:  # a path into nested configs: text_config.num_hidden_layers
+            value: Any = config
+            for key in self.num_layers_key.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
         value = config.get(self.num_layers_key)
         if value is None and isinstance(config.get("text_config"), dict):
             value = config["text_config"].get(self.num_layers_key)
@@ -82,7 +126,18 @@ def _build(row: dict[str, Any]) -> Architecture:
         vocab_weights=tuple(row["vocab_weights"]),
         tied=dict(row["tied"]),
         fan_in_fan_out=bool(row.get("fan_in_fan_out", False)),
-        modules=tuple(row["modules"]),
+        parts=tuple(_module(m) for m in row["modules"]),
+    )
+
+
+def _module(entry: str | dict[str, Any]) -> Module:
+    if isinstance(entry, str):
+        return Module(entry)
+    return Module(
+        name=entry["name"],
+        prefix=entry.get("prefix", ""),
+        layer_pattern=entry.get("layer_pattern"),
+        num_layers_key=entry.get("num_layers_key"),
     )
 
 

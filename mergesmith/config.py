@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,9 @@ class MergeConfig:
     # mergekit's modules: the module names the config gives, each with its line (0 when unknown);
     # the one module's models or slices are ``models``/``slices``, its parameters in ``parameters``
     modules: tuple[tuple[str, int], ...] = ()
+    # each module's own config (its models or slices, its parameters over the top-level ones), in
+    # the config's order; the first is this config's models/slices/parameters
+    module_configs: tuple[tuple[str, MergeConfig], ...] = ()
 
     @property
     def merge_method(self) -> Method[Any, Any]:
@@ -160,6 +163,8 @@ class MergeConfig:
             if sl.base_model is not None:
                 refs.append(sl.base_model)
             refs += [s.ref for s in sl.sources]
+        for _, module in self.module_configs:
+            refs += module.referenced_models()
         out: list[ModelRef] = []
         for r in refs:
             if r not in out:
@@ -270,8 +275,10 @@ class _Validator:
         out_dtype = self._dtype(doc, "out_dtype")
         params = self._settings(doc, "parameters", "parameters", method, scope="top")
         modules: list[tuple[str, int]] = []
+        others: list[tuple[str, Mapping[str, Any], dict[str, Any]]] = []
         if doc.get("modules") is not None:
-            doc, params, modules = self._modules(doc, method, params)
+            doc, params, modules, others = self._modules(doc, method, params)
+        first_prefix = self.prefix
         models: list[ModelEntry] = []
         slices: list[SliceDef] | None = None
         has_models, has_slices = bool(doc.get("models")), bool(doc.get("slices"))
@@ -305,13 +312,26 @@ class _Validator:
             seed = 0
         if method is not None and not self.problems:
             self._check_model_counts(doc, method, base, models, slices)
+        parts: list[tuple[str, list[ModelEntry], list[SliceDef] | None, dict[str, Any]]] = []
+        for name, module, own in others:  # the modules after the first, each checked as the first
+            self.prefix = f"modules.{name}."
+            m_slices = self._slices(module, method, base) if module.get("slices") and method else None
+            m_models = self._models(module, method, base) if module.get("models") and method else []
+            if method is not None and not self.problems:
+                view = _yaml.LinedDict(module)  # the module with its parameters over the top-level ones
+                view.lines = {k: _yaml.line_of(module, k) or 0 for k in module}
+                view.line = getattr(module, "line", 0)
+                view["parameters"] = own
+                self._check_model_counts(view, method, base, m_models, m_slices)
+            parts.append((name, m_models, m_slices, own))
+        self.prefix = first_prefix
         if self.problems:
             raise ConfigError(sorted(self.problems, key=_line_key), self.source)
         if method is None:  # _method() has recorded why
             raise ConfigError("merge_method is missing or unknown", self.source)
         for text in self.warnings:
             warnings.warn(f"{printable(self.source)}: {text}", ConfigWarning, stacklevel=3)
-        return MergeConfig(
+        config = MergeConfig(
             method=method.name,
             base_model=base,
             models=tuple(models),
@@ -328,6 +348,21 @@ class _Validator:
             warnings=tuple(self.warnings),
             modules=tuple(modules),
         )
+        if not modules:
+            return config
+        module_configs = [(modules[0][0], config)] + [
+            (
+                name,
+                replace(
+                    config,
+                    models=tuple(m_models),
+                    slices=tuple(m_slices) if m_slices is not None else None,
+                    parameters=own,
+                ),
+            )
+            for name, m_models, m_slices, own in parts
+        ]
+        return replace(config, module_configs=tuple(module_configs))
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -590,15 +625,21 @@ class _Validator:
 
     def _modules(
         self, doc: Mapping[str, Any], method: Method[Any, Any] | None, params: dict[str, Any]
-    ) -> tuple[Mapping[str, Any], dict[str, Any], list[tuple[str, int]]]:
+    ) -> tuple[
+        Mapping[str, Any],
+        dict[str, Any],
+        list[tuple[str, int]],
+        list[tuple[str, Mapping[str, Any], dict[str, Any]]],
+    ]:
         """mergekit's ``modules: {NAME: {models | slices, parameters}}``. The first module's models
         or slices stand for the config's, its parameters over the top-level ones (a condition list
-        that matches no tensor falls through to them, as in mergekit). Whether the names are the
+        that matches no tensor falls through to them, as in mergekit); the other modules come back
+        as (name, mapping, parameters) to be checked the same way. Whether the names are the
         architecture's modules is checked once the models are open."""
         block = doc["modules"]
         if doc.get("models") or doc.get("slices"):
             self.add(doc, "modules", "modules", "give one of models, slices or modules, not several")
-            return doc, params, []
+            return doc, params, [], []
         if not isinstance(block, Mapping) or not block:
             self.add(
                 doc,
@@ -606,9 +647,10 @@ class _Validator:
                 "modules",
                 "expected a mapping of module names to {models: [...]} or {slices: [...]}",
             )
-            return doc, params, []
+            return doc, params, [], []
         names: list[tuple[str, int]] = []
         chosen: Mapping[str, Any] | None = None
+        others: list[tuple[str, Mapping[str, Any], dict[str, Any]]] = []
         for name, module in block.items():
             names.append((name, _yaml.line_of(block, name) or 0))
             path = f"modules.{name}"
@@ -629,12 +671,16 @@ class _Validator:
                 self.add(block, name, path, "give either models or slices (one of them, not both)")
                 continue
             own = self._settings(module, "parameters", f"{path}.parameters", method, scope="top")
+            merged = {**params, **{k: _over(v, params.get(k)) for k, v in own.items()}}
             if chosen is None:
                 chosen = module
                 self.prefix = f"{path}."
-                params = {**params, **{k: _over(v, params.get(k)) for k, v in own.items()}}
+                first = merged
+            else:
+                others.append((str(name), module, merged))
         if chosen is None:
-            return doc, params, names
+            return doc, params, names, others
+        params = first
         rewritten = _yaml.LinedDict({k: v for k, v in doc.items() if k != "modules"})
         rewritten.lines = {k: _yaml.line_of(doc, k) or 0 for k in doc}
         rewritten.line = getattr(doc, "line", 0)
@@ -643,7 +689,7 @@ class _Validator:
                 rewritten[key] = chosen[key]
                 rewritten.lines[key] = _yaml.line_of(chosen, key) or 0
         rewritten["parameters"] = params
-        return rewritten, params, names
+        return rewritten, params, names, others
 
     def _tokenizer_source(self, doc: Mapping[str, Any]) -> str | None:
         value = doc.get("tokenizer_source")
@@ -747,7 +793,7 @@ class _Validator:
                     self.add(
                         doc["models"],
                         i,
-                        f"models[{i}].parameters.{info.key}",
+                        f"{self.prefix}models[{i}].parameters.{info.key}",
                         f"missing: {method.name} needs a {info.key} for {entry.ref} ({info.doc})",
                     )
         if normalize_info is None or method.base != "unused":

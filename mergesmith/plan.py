@@ -270,7 +270,8 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
 
 
 def _check_modules(config: MergeConfig, arch: Architecture) -> None:
-    """The module names of a ``modules:`` config must be the architecture's (mergekit's names)."""
+    """The module names of a ``modules:`` config must be the architecture's (mergekit's names), and
+    name every module of it: mergekit writes only the modules named, a checkpoint that does not load."""
     known = ", ".join(arch.modules)
     problems = [
         f"{f'line {line}: ' if line else ''}modules.{printable(name)}: the {arch.name} architecture has no "
@@ -278,10 +279,19 @@ def _check_modules(config: MergeConfig, arch: Architecture) -> None:
         for name, line in config.modules
         if name not in arch.modules
     ]
-    if not problems and len(config.modules) > 1:
+    named = {name for name, _ in config.modules}
+    missing = [m for m in arch.modules if m not in named]
+    if not problems and config.modules and missing:
         problems.append(
-            f"modules: {len(config.modules)} modules are given; mergesmith merges one module per config: "
-            "merge each module in a config of its own"
+            f"{f'line {config.modules[0][1]}: ' if config.modules[0][1] else ''}modules: the {arch.name} "
+            f"architecture's module{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'are' if len(missing) > 1 else 'is'} not given; name every module ({known}), as the output "
+            "holds the tensors of every module"
+        )
+    if not config.modules and config.slices is not None and len(arch.parts) > 1:
+        problems.append(
+            f"slices: the {arch.name} architecture has several modules ({known}); give slices per module "
+            "under modules:"
         )
     if problems:
         raise ConfigError(problems, config.source)
@@ -303,6 +313,8 @@ class _Planner:
         self.models = models
         self.reference = reference
         self.arch = arch
+        self.whole_arch = arch
+        self.only: str | None = None  # the module being planned, where the architecture has several
         self.problems: list[str] = []
         self.config_problems: list[str] = []
         self.misfits: set[int] = set()  # models whose config.json already disagrees
@@ -325,7 +337,9 @@ class _Planner:
     def build(self) -> Plan:
         self.check_configs()
         layers = None
-        if self.config.slices is None:
+        if len(self.arch.parts) > 1:
+            jobs = self.plan_modules()
+        elif self.config.slices is None:
             jobs = self.plan_models()
         else:
             jobs, layers = self.plan_slices(self.config.slices)
@@ -582,11 +596,12 @@ class _Planner:
     def tensor_layers(self, model: int) -> list[int]:
         """The layer indices ``model``'s tensors hold, sorted."""
         if not hasattr(self, "_layer_cache"):
-            self._layer_cache: dict[int, list[int]] = {}
-        if model not in self._layer_cache:
+            self._layer_cache: dict[tuple[str, int], list[int]] = {}
+        key = (self.arch.name, model)  # a module's layer stack is its own
+        if key not in self._layer_cache:
             found = {self.arch.layer_of(n) for n in self._keys(model)}
-            self._layer_cache[model] = sorted(n for n in found if n is not None)
-        return self._layer_cache[model]
+            self._layer_cache[key] = sorted(n for n in found if n is not None)
+        return self._layer_cache[key]
 
     def layer_count(self, model: int) -> int:
         """How many layers ``model``'s tensors hold (one past the highest layer index)."""
@@ -615,7 +630,7 @@ class _Planner:
             f"tensors of {self.refs[model]} hold {have} layers; {why} are placed by layer, so they would be "
             f"wrong: set {self.arch.num_layers_key} to {have} in config.json, or use the checkpoint that "
             "goes with this config.json",
-            key=f"layer-count:{model}",
+            key=f"layer-count:{self.arch.name}:{model}",
         )
 
     def input_ref(
@@ -655,6 +670,38 @@ class _Planner:
             return None
         return InputRef(model, found)
 
+    # -- modules ---------------------------------------------------------------------------------
+
+    def plan_modules(self) -> list[Job]:
+        """An architecture of several modules (a text decoder, a vision tower, ...): each module's
+        tensors (by name prefix) merged with that module's models and parameters, gradients over
+        that module's layers. A config without ``modules:`` gives every module its models, as
+        mergekit does; tensors under no module's prefix go with the first module."""
+        whole_arch, whole_config = self.arch, self.config
+        given = dict(whole_config.module_configs)
+        jobs: list[Job] = []
+        reference: int | None = None
+        try:
+            for name in whole_arch.modules:
+                config = given.get(name, whole_config)
+                if config.slices is not None:
+                    self.problem(
+                        f"modules.{name}: slices in a module of the {whole_arch.name} architecture are not "
+                        "supported yet; give the module models",
+                        config=True,
+                    )
+                    continue
+                self.arch, self.config, self.only = whole_arch.module(name), config, name
+                module_jobs = self.plan_models()
+                jobs += module_jobs
+                if reference is None and module_jobs:
+                    reference = self.reference
+        finally:
+            self.arch, self.config, self.only = whole_arch, whole_config, None
+        if reference is not None:
+            self.reference = reference
+        return jobs
+
     # -- models mode ----------------------------------------------------------------------------
 
     def plan_models(self) -> list[Job]:
@@ -667,6 +714,9 @@ class _Planner:
         ref_idx = base if base is not None else inputs[0]
         self.reference = ref_idx
         names = self.models[ref_idx].keys()
+        if self.only is not None:  # one module of several: its tensors only
+            whole = self.whole_arch
+            names = [n for n in names if whole.module_of(n) == self.only]
         n_layers = self.layer_count(ref_idx)  # gradients run over the layers the tensors hold
         if _uses_gradients(cfg):
             for m in ([base] if base is not None else []) + inputs:
