@@ -679,6 +679,17 @@ class _Planner:
         mergekit does; tensors under no module's prefix go with the first module."""
         whole_arch, whole_config = self.arch, self.config
         given = dict(whole_config.module_configs)
+        keys = self.models[self.reference].keys()
+        absent = [p for p in whole_arch.parts if not any(n.startswith(p.prefix) for n in keys)]
+        if absent:  # a layout the architecture row does not describe: refused, not merged as one lump
+            self.problem(
+                f"{self.refs[self.reference]} ({self.models[self.reference].dir}): no tensor name starts with "
+                f"{', '.join(repr(p.prefix) for p in absent)}, the prefix of its {whole_arch.name} "
+                f"module{'s' if len(absent) > 1 else ''} {', '.join(p.name for p in absent)}; its tensors are "
+                "named in a layout mergesmith does not know for this architecture, so they cannot be split "
+                "into modules"
+            )
+            return []
         jobs: list[Job] = []
         reference: int | None = None
         try:

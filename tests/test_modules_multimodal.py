@@ -261,3 +261,25 @@ def test_llava_modules_split_by_prefix() -> None:
     assert arch.module_of("multi_modal_projector.linear_1.weight") == "multi_modal_projector"
     assert arch.module("multi_modal_projector").layer_of("multi_modal_projector.linear_1.weight") is None
     assert arch.module_of("image_newline") == "text_decoder"  # under no prefix: the first module
+
+
+def test_a_layout_without_the_module_prefixes_is_refused(tmp_path: Path) -> None:
+    from mergesmith.errors import CompatibilityError
+
+    # transformers 4.52+ saves model.language_model. / model.vision_tower.: not the layout known here
+    state = {
+        "model." + n.replace("language_model.model.", "language_model."): torch.ones(4, 4)
+        for n in mistral3_names()
+    }
+    state = {n.replace("model.language_model.lm_head", "lm_head"): v for n, v in state.items()}
+    a = tiny.save(tmp_path / "new", state, mistral3_config())
+    with pytest.raises(CompatibilityError) as info:
+        build_plan(
+            load_config(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n")
+        )
+    assert str(info.value) == (
+        f"{a} ({a}): no tensor name starts with 'language_model.', 'multi_modal_projector.', 'vision_tower.', "
+        "the prefix of its Mistral 3 (vision-language) modules text_decoder, multi_modal_projector, "
+        "vision_tower; its tensors are named in a layout mergesmith does not know for this architecture, so "
+        "they cannot be split into modules"
+    )
