@@ -315,6 +315,7 @@ class _Planner:
         self.arch = arch
         self.whole_arch = arch
         self.only: str | None = None  # the module being planned, where the architecture has several
+        self.module_layers: dict[str, int] = {}  # a sliced module's layer count key and its new count
         self.problems: list[str] = []
         self.config_problems: list[str] = []
         self.misfits: set[int] = set()  # models whose config.json already disagrees
@@ -348,6 +349,8 @@ class _Planner:
             out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:
             self.renumber_config(out_config, layers)
+        for key, count in self.module_layers.items():
+            _set_path(out_config, key, count)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
         if alignment is not None and "vocab_size" in out_config:
             out_config["vocab_size"] = alignment.size
@@ -695,15 +698,12 @@ class _Planner:
         try:
             for name in whole_arch.modules:
                 config = given.get(name, whole_config)
-                if config.slices is not None:
-                    self.problem(
-                        f"modules.{name}: slices in a module of the {whole_arch.name} architecture are not "
-                        "supported yet; give the module models",
-                        config=True,
-                    )
-                    continue
                 self.arch, self.config, self.only = whole_arch.module(name), config, name
-                module_jobs = self.plan_models()
+                if config.slices is None:
+                    module_jobs = self.plan_models()
+                else:  # the module's layers stacked as the slices say, its layer count rewritten
+                    module_jobs, layers = self.plan_slices(config.slices)
+                    self.module_layers[self.arch.num_layers_key] = len(layers)
                 jobs += module_jobs
                 if reference is None and module_jobs:
                     reference = self.reference
@@ -712,6 +712,13 @@ class _Planner:
         if reference is not None:
             self.reference = reference
         return jobs
+
+    def tensor_names(self, model: int) -> list[str]:
+        """The tensors of ``model`` to plan: all, or the current module's where there are several."""
+        names = self.models[model].keys()
+        if self.only is None:
+            return list(names)
+        return [n for n in names if self.whole_arch.module_of(n) == self.only]
 
     # -- models mode ----------------------------------------------------------------------------
 
@@ -724,10 +731,7 @@ class _Planner:
         model_scopes = [[e.parameters, cfg.parameters] for e in entries]
         ref_idx = base if base is not None else inputs[0]
         self.reference = ref_idx
-        names = self.models[ref_idx].keys()
-        if self.only is not None:  # one module of several: its tensors only
-            whole = self.whole_arch
-            names = [n for n in names if whole.module_of(n) == self.only]
+        names = self.tensor_names(ref_idx)
         n_layers = self.layer_count(ref_idx)  # gradients run over the layers the tensors hold
         if _uses_gradients(cfg):
             for m in ([base] if base is not None else []) + inputs:
@@ -795,7 +799,7 @@ class _Planner:
             n = ref_src.layer_range[1] - ref_src.layer_range[0]
             model_scopes = [[s.parameters, sl.parameters, cfg.parameters] for s in others]
             shared = [sl.parameters, cfg.parameters]
-            names = self.models[ref_idx].keys()
+            names = self.tensor_names(ref_idx)
             by_layer: dict[int, list[str]] = {}
             for name in _natural(names, self.arch):
                 layer = self.arch.layer_of(name)
@@ -1015,6 +1019,18 @@ def _uses_gradients(config: MergeConfig) -> bool:
             if any(isinstance(v, list) and not is_condition_list(v) for v in values):
                 return True
     return False
+
+
+def _set_path(config: dict[str, Any], path: str, value: int) -> None:
+    """Set a dotted key path (``vision_config.num_hidden_layers``) where the config has it."""
+    *parents, last = path.split(".")
+    for key in parents:
+        inner = config.get(key)
+        if not isinstance(inner, dict):
+            return
+        config = inner
+    if last in config:
+        config[last] = value
 
 
 def _natural(names: Sequence[str], arch: Architecture) -> list[str]:

@@ -283,3 +283,49 @@ def test_a_layout_without_the_module_prefixes_is_refused(tmp_path: Path) -> None
         "vision_tower; its tensors are named in a layout mergesmith does not know for this architecture, so "
         "they cannot be split into modules"
     )
+
+
+SLICES_YAML = """merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{{model: {a}, layer_range: [0, 2]}}]
+      - sources: [{{model: {b}, layer_range: [1, 4]}}]
+  vision_tower:
+    models: [{{model: {b}}}]
+  multi_modal_projector:
+    models: [{{model: {a}}}]
+"""
+
+
+def test_a_module_s_slices_stack_its_layers_and_rewrite_its_layer_count(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import json
+
+    a, b = pair
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(SLICES_YAML.format(a=a, b=b))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0
+    got, sa, sb = tiny.load_state(out), tiny.load_state(a), tiny.load_state(b)
+    text = "language_model.model.layers."
+    sources = [(sa, 0), (sa, 1), (sb, 1), (sb, 2), (sb, 3)]
+    want = {
+        f"{text}{i}.{w}.weight": s[f"{text}{j}.{w}.weight"]
+        for i, (s, j) in enumerate(sources)
+        for w in TEXT_LAYER
+    }
+    for name in mistral3_names():
+        if name.startswith(text):
+            continue
+        first = name.startswith(("multi_modal_projector.", "language_model.model.embed_tokens"))
+        want[name] = (sa if first else sb)[
+            name
+        ]  # pre-layer tensors from the first slice, the rest from the last
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    written = json.loads((out / "config.json").read_text())
+    assert written["text_config"]["num_hidden_layers"] == 5
+    assert written["vision_config"]["num_hidden_layers"] == VISION_LAYERS
