@@ -18,6 +18,9 @@ from mergesmith.errors import CheckpointError
 
 __all__ = ["Architecture", "Module", "architecture_for"]
 
+# the layer pattern of a module without layers: it matches no name
+_NO_LAYERS = re.compile(r"(?!)(\d+)")
+
 # a million layers is far past any model; longer numbers in tensor names are refused, not parsed
 MAX_LAYER_DIGITS = 6
 
@@ -32,6 +35,7 @@ class Module:
     prefix: str = ""
     layer_pattern: str | None = None  # None: the architecture's own
     num_layers_key: str | None = None  # None: the architecture's own
+    layers: bool = True  # False: no layer stack (a projector); every tensor is outside the layers
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,15 @@ class Architecture:
         """This architecture seen as one of its modules: its layer stack and layer count key."""
         part = next(p for p in self.parts if p.name == name)
         pattern = self.layer_pattern
-        if part.layer_pattern is not None:
+        if not part.layers:
+            pattern = _NO_LAYERS
+        elif part.layer_pattern is not None:
             pattern = re.compile("^" + re.escape(part.prefix) + part.layer_pattern.removeprefix("^"))
         return replace(
             self,
             name=self.name if len(self.parts) == 1 else f"{self.name}, module {name}",
             layer_pattern=pattern,
-            num_layers_key=part.num_layers_key or self.num_layers_key,
+            num_layers_key=(part.num_layers_key or self.num_layers_key) if part.layers else "",
             parts=(part,),
         )
 
@@ -98,6 +104,8 @@ class Architecture:
         return tensor in self.pre_weights or (not self.pre_weights and "embed" in tensor)
 
     def num_layers(self, config: dict[str, Any]) -> int | None:
+        if not self.num_layers_key:  # a module without layers
+            return None
         if "." in self.num_layers_key:  # a path into nested configs: text_config.num_hidden_layers
             value: Any = config
             for key in self.num_layers_key.split("."):
@@ -138,6 +146,7 @@ def _module(entry: str | dict[str, Any]) -> Module:
         prefix=entry.get("prefix", ""),
         layer_pattern=entry.get("layer_pattern"),
         num_layers_key=entry.get("num_layers_key"),
+        layers=bool(entry.get("layers", True)),
     )
 
 

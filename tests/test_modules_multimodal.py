@@ -329,3 +329,83 @@ def test_a_module_s_slices_stack_its_layers_and_rewrite_its_layer_count(
     written = json.loads((out / "config.json").read_text())
     assert written["text_config"]["num_hidden_layers"] == 5
     assert written["vision_config"]["num_hidden_layers"] == VISION_LAYERS
+
+
+GEMMA_TEXT = [
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.q_norm",
+    "self_attn.k_proj",
+    "self_attn.k_norm",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "mlp.up_proj",
+    "mlp.gate_proj",
+    "mlp.down_proj",
+    "post_feedforward_layernorm",
+]
+GEMMA_VISION_PARTS = ["layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2", "self_attn.k_proj"]
+GEMMA_VISION_PARTS += ["self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj"]
+GEMMA_VISION = [f"{w}.{k}" for w in GEMMA_VISION_PARTS for k in ("bias", "weight")]
+
+
+def gemma3_names() -> list[str]:
+    """A Gemma 3 vision-language checkpoint's tensor names (lm_head tied to the embeddings, so absent)."""
+    names = ["language_model.model.embed_tokens.weight", "language_model.model.norm.weight"]
+    names += [f"language_model.model.layers.{i}.{w}.weight" for i in range(TEXT_LAYERS) for w in GEMMA_TEXT]
+    vision = "vision_tower.vision_model."
+    names += [f"{vision}embeddings.{w}" for w in ("patch_embedding.bias", "patch_embedding.weight")]
+    names += [f"{vision}embeddings.position_embedding.weight", f"{vision}post_layernorm.bias"]
+    names += [f"{vision}post_layernorm.weight"]
+    names += [f"{vision}encoder.layers.{i}.{w}" for i in range(VISION_LAYERS) for w in GEMMA_VISION]
+    names += [
+        "multi_modal_projector.mm_input_projection_weight",
+        "multi_modal_projector.mm_soft_emb_norm.weight",
+    ]
+    return names
+
+
+def tiny_gemma3(root: Path, seed: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    state = {n: torch.randn((8, 4) if "embed_tokens" in n else (4, 4), generator=gen) for n in gemma3_names()}
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {"model_type": "gemma3_text", "num_hidden_layers": TEXT_LAYERS, "vocab_size": 8},
+        "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": VISION_LAYERS},
+        "torch_dtype": "float32",
+    }
+    return tiny.save(root / f"g{seed}", state, config)
+
+
+def gemma_t(name: str) -> float:
+    for prefix, count in (
+        ("language_model.model.layers.", TEXT_LAYERS),
+        ("vision_tower.vision_model.encoder.layers.", VISION_LAYERS),
+    ):
+        if name.startswith(prefix):
+            return int(name[len(prefix) :].split(".")[0]) / (count - 1)
+    return 0.0
+
+
+def test_gemma3_modules_merge_by_prefix_with_their_own_layer_counts(tmp_path: Path) -> None:
+    a, b = tiny_gemma3(tmp_path, 1), tiny_gemma3(tmp_path, 2)
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        MODULES_YAML.format(a=a, b=b).replace("parameters: {weight: 0.9}", "parameters: {weight: [0.9, 0.1]}")
+    )
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0
+    got, sa, sb = tiny.load_state(out), tiny.load_state(a), tiny.load_state(b)
+    assert sorted(got) == sorted(gemma3_names())
+    for name in gemma3_names():
+        t = gemma_t(name)
+        if name.startswith("vision_tower."):
+            wa, wb = 0.1, grad([0.9, 0.1], t)
+        elif name.startswith("multi_modal_projector."):
+            wa, wb = 0.5, 0.5
+        else:
+            wa, wb = grad([0.8, 0.2], t), 0.2
+        torch.testing.assert_close(got[name], (wa * sa[name] + wb * sb[name]) / (wa + wb), msg=name)
