@@ -409,3 +409,27 @@ def test_gemma3_modules_merge_by_prefix_with_their_own_layer_counts(tmp_path: Pa
         else:
             wa, wb = grad([0.8, 0.2], t), 0.2
         torch.testing.assert_close(got[name], (wa * sa[name] + wb * sb[name]) / (wa + wb), msg=name)
+
+
+def test_a_module_layer_count_that_disagrees_with_its_tensors_is_refused_for_gradients(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from mergesmith.errors import CompatibilityError
+
+    a = tiny_mistral3(tmp_path, 1)
+    config = json.loads((a / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 5
+    (a / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompatibilityError) as info:
+        build_plan(
+            load_config(
+                f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [1, 0.5]}}\n"
+            )
+        )
+    assert str(info.value) == (
+        f"{a / 'config.json'}: vision_config.num_hidden_layers is 5, but the tensors of {a} hold 3 layers; "
+        "gradients are placed by layer, so they would be wrong: set vision_config.num_hidden_layers to 3 in "
+        "config.json, or use the checkpoint that goes with this config.json"
+    )
