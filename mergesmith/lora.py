@@ -316,6 +316,11 @@ class AdaptedCheckpoint(Checkpoint):
         file = self.adapter.file
         # a base holding quantization data was refused when it was opened (Checkpoint)
         problems = []
+        if self.base.fp8_scales:
+            raise CheckpointError(
+                f"{self.base.dir / 'config.json'}: the base model is FP8-quantized (quant_method fp8); "
+                "an adapter is applied to unquantized weights only: apply it to the bfloat16 base model"
+            )
         targets = self.adapter.config.get("target_modules")
         modules = {k[: -len(".weight")] for k in base_keys if k.endswith(".weight")}
         if not _targets_match(targets, modules):

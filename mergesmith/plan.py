@@ -345,6 +345,10 @@ class _Planner:
         else:
             jobs, layers = self.plan_slices(self.config.slices)
         out_config = json.loads(json.dumps(self.models[self.reference].config))
+        # the only quantized inputs read are FP8 ones, dequantized as read: the output is not quantized
+        for cfg in (out_config, out_config.get("text_config")):
+            if isinstance(cfg, dict):
+                cfg.pop("quantization_config", None)
         if self.refs[self.reference].architecture:  # as mergekit, the override is what is written
             out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:

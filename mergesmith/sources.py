@@ -47,6 +47,9 @@ QUANT_KEY = re.compile(
     r"quant_state|SCB|weight_format|weight_scale|weight_scale_inv)(?:\.[^.]*)?$"
 )
 QUANT_FIX = "merge the unquantized (float16, bfloat16 or float32) model instead"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DEFAULT_BLOCK = (128, 128)  # transformers' default weight_block_size for quant_method "fp8"
+FP8_READ_AS = torch.bfloat16  # the dtype a dequantized FP8 weight is reported as (and written as)
 
 
 @dataclass(frozen=True)
@@ -177,15 +180,28 @@ class Checkpoint:
         self._bin_stamps: dict[Path, Stamp] = {}
         self._header_bytes = 0
         self.weight_files: list[Path] = []
+        # FP8 block-scaled weights (quant_method "fp8"): weight name -> its weight_scale_inv tensor
+        self.fp8_scales: dict[str, str] = {}
+        self.fp8_block: tuple[int, int] | None = None
         self._index_weights()
         self._refuse_quantized()
 
     # -- TensorSource ---------------------------------------------------------------------------
 
     def keys(self) -> list[str]:
-        return list(self._st) if self._st else list(self._bin)
+        keys = list(self._st) if self._st else list(self._bin)
+        if self.fp8_scales:
+            scales = set(self.fp8_scales.values())
+            return [k for k in keys if k not in scales]
+        return keys
 
     def info(self, name: str) -> TensorInfo:
+        if name in self.fp8_scales:
+            raw = self._raw_info(name)
+            return TensorInfo(raw.shape, FP8_READ_AS, raw.file)
+        return self._raw_info(name)
+
+    def _raw_info(self, name: str) -> TensorInfo:
         if name in self._st:
             e = self._st[name]
             return TensorInfo(e.shape, e.dtype, e.file.name)
@@ -195,6 +211,11 @@ class Checkpoint:
         raise CheckpointError(f"{self.name}: no tensor named {name!r}")
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.fp8_scales:
+            return self._dequantized(name)
+        return self._raw_get(name)
+
+    def _raw_get(self, name: str) -> torch.Tensor:
         if name in self._st:
             return _safetensors.read_tensor(self._st[name])
         if name in self._bin:
@@ -207,7 +228,10 @@ class Checkpoint:
         return [self.dir]
 
     def entry(self, name: str) -> _safetensors.Entry | None:
-        """Where tensor ``name``'s bytes lie, when it is stored in a safetensors file (else None)."""
+        """Where tensor ``name``'s bytes lie, when it is stored in a safetensors file as it is read
+        (else None: a dequantized FP8 weight exists only through :meth:`get`)."""
+        if name in self.fp8_scales:
+            return None
         return self._st.get(name)
 
     def file_of(self, name: str) -> Path:
@@ -261,11 +285,22 @@ class Checkpoint:
 
     def _refuse_quantized(self) -> None:
         """Quantized weights are integers or codes plus scales: merging them as if they were the
-        weights would write garbage, so a quantized model is refused."""
+        weights would write garbage, so a quantized model is refused; block-scaled FP8 weights
+        (quant_method "fp8") are dequantized as they are read instead."""
         for cfg in (self.config, self.config.get("text_config")):
             if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
                 qc = cfg["quantization_config"]
                 how = qc.get("quant_method") if isinstance(qc, dict) else None
+                if how == "fp8" and isinstance(qc, dict):
+                    self._index_fp8(qc)
+                    continue
+                if how == "compressed-tensors":
+                    raise CheckpointError(
+                        f"{self.dir / 'config.json'}: has a quantization_config (compressed-tensors): "
+                        "these weights cannot be merged as they are (only block-scaled FP8 models, "
+                        'quant_method "fp8", are dequantized); merge the unquantized (float16, '
+                        "bfloat16 or float32) model instead"
+                    )
                 kind = f" ({printable(str(how))})" if how else ""
                 raise CheckpointError(
                     f"{self.dir / 'config.json'}: has a quantization_config{kind}: the weights are "
@@ -275,7 +310,7 @@ class Checkpoint:
         held = set(keys)
         for name in keys:
             m = QUANT_KEY.search(name)
-            if m is None:
+            if m is None or name[: -len("_scale_inv")] in self.fp8_scales:
                 continue
             module = name[: m.start()]
             if m["part"] == "qweight" or f"{module}.weight" in held:
@@ -283,6 +318,66 @@ class Checkpoint:
                     f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
                     f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
                 )
+
+    def _index_fp8(self, qc: Mapping[str, Any]) -> None:
+        """Pair each FP8 weight with its ``weight_scale_inv``, checking the block size and shapes."""
+        where = self.dir / "config.json"
+        block = qc.get("weight_block_size", list(FP8_DEFAULT_BLOCK))
+        if not (
+            isinstance(block, list)
+            and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
+            raise CheckpointError(
+                f"{where}: quantization_config.weight_block_size is {printable(repr(block))}, expected two "
+                "positive integers such as [128, 128]; repair config.json or download the model again"
+            )
+        bs0, bs1 = block
+        self.fp8_block = (bs0, bs1)
+        held = set(self._st) if self._st else set(self._bin)
+        for name in sorted(held):
+            info = self._raw_info(name)
+            if name.endswith(".weight_scale_inv"):
+                weight = name[: -len("_scale_inv")]
+                if weight not in held:
+                    raise CheckpointError(
+                        f"{self.name}: tensor {name!r} (in {info.file}) scales {weight!r}, which the model "
+                        f"does not have; {REFETCH}"
+                    )
+                w = self._raw_info(weight)
+                if w.dtype not in FP8_DTYPES or len(w.shape) != 2:
+                    raise CheckpointError(
+                        f"{self.name}: tensor {weight!r} (in {w.file}) has a weight_scale_inv but is "
+                        f"{str(w.dtype).replace('torch.', '')} {list(w.shape)}, not a float8 matrix; {REFETCH}"
+                    )
+                want = (-(-w.shape[0] // bs0), -(-w.shape[1] // bs1))
+                if info.shape != want or not info.dtype.is_floating_point:
+                    raise CheckpointError(
+                        f"{self.name}: tensor {name!r} (in {info.file}) is "
+                        f"{str(info.dtype).replace('torch.', '')} {list(info.shape)}, but {weight!r} "
+                        f"{list(w.shape)} in blocks of {[bs0, bs1]} needs float scales of shape "
+                        f"{list(want)}; {REFETCH}"
+                    )
+                self.fp8_scales[weight] = name
+        for name in sorted(held):
+            info = self._raw_info(name)
+            if info.dtype in FP8_DTYPES and name not in self.fp8_scales:
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {info.file}) is "
+                    f"{str(info.dtype).replace('torch.', '')} without a {name + '_scale_inv'!r} to "
+                    f"dequantize it with; {REFETCH}"
+                )
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        """An FP8 weight times its block scales, in float32: each scale covers a block of
+        ``weight_block_size`` entries, the last blocks of a row or column cut to fit."""
+        assert self.fp8_block is not None
+        bs0, bs1 = self.fp8_block
+        weight = self._raw_get(name).float()
+        scale = self._raw_get(self.fp8_scales[name]).float()
+        rows, cols = weight.shape
+        full = scale.repeat_interleave(bs0, dim=0)[:rows].repeat_interleave(bs1, dim=1)[:, :cols]
+        return weight.mul_(full)
 
     def _weight_file(self, path: Path, index: Path | None = None) -> Path:
         """``path``, refused when it is a symlink (or reached through one) leading outside the
