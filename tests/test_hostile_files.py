@@ -360,12 +360,32 @@ def test_merge_stops_when_an_input_changes_midway(tmp_path: Path, monkeypatch: p
 # -- quantized weights ----------------------------------------------------------------------------
 
 
-def test_config_with_quantization_config_is_refused(tmp_path: Path) -> None:
-    cfg = tiny.llama_config(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+@pytest.mark.parametrize(
+    "qc",
+    [
+        {"quant_method": "bitsandbytes", "load_in_4bit": True},
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"quant_method": "awq", "bits": 4, "version": "gemm"},
+    ],
+)
+def test_config_with_quantization_config_is_refused(tmp_path: Path, qc: dict[str, Any]) -> None:
+    # only quant_method "fp8" (block-scaled FP8, dequantized as read: tests/test_fp8.py) is read
+    cfg = tiny.llama_config(quantization_config=qc)
     d = tiny.save(tmp_path / "m", small_state(), cfg)
     assert refused(d) == (
-        f"{d / 'config.json'}: has a quantization_config (bitsandbytes): the weights are quantized and cannot "
-        "be merged as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
+        f"{d / 'config.json'}: has a quantization_config ({qc['quant_method']}): the weights are quantized and "
+        "cannot be merged as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
+    )
+
+
+def test_quantization_tensors_in_an_fp8_model_are_refused(tmp_path: Path) -> None:
+    # a quant_method "fp8" config does not make other quantization data readable
+    state = {**small_state(), "model.layers.0.mlp.up_proj.weight.absmax": torch.ones(3)}
+    d = tiny.save(tmp_path / "m", state, tiny.llama_config(quantization_config={"quant_method": "fp8"}))
+    assert refused(d) == (
+        f"{d}: tensor 'model.layers.0.mlp.up_proj.weight.absmax' (in model.safetensors) is quantization data "
+        "for 'model.layers.0.mlp.up_proj': the weights are quantized and cannot be merged as they are; "
+        "merge the unquantized (float16, bfloat16 or float32) model instead"
     )
 
 

@@ -354,6 +354,17 @@ def test_a_float8_base_with_scales_is_refused(adapters: dict[str, Any], tmp_path
         f"'{name[: -len('.weight')]}': the weights are quantized and cannot be merged as they are; merge the "
         "unquantized (float16, bfloat16 or float32) model instead"
     )
+    # with quant_method "fp8" in config.json the weights are dequantized as read, but an adapter
+    # is still applied to unquantized bases only
+    cfg = json.loads((adapters["base"] / "config.json").read_text())
+    qc = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    tiny.save(tmp_path / "fp8q", state, {**cfg, "quantization_config": qc})
+    with pytest.raises(CheckpointError) as info:
+        AdaptedCheckpoint(Checkpoint(tmp_path / "fp8q"), ad, "x")
+    assert str(info.value) == (
+        f"{tmp_path / 'fp8q' / 'config.json'}: the base model is FP8-quantized (quant_method fp8); an adapter "
+        "is applied to unquantized weights only: apply it to the bfloat16 base model"
+    )
     del state[f"{name}_scale_inv"]
     tiny.save(fp8, state, json.loads((adapters["base"] / "config.json").read_text()))
     with pytest.raises(
