@@ -8,6 +8,7 @@ A source has ``keys()``, ``info(name)`` (shape and dtype from headers, no data r
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -49,6 +50,7 @@ QUANT_KEY = re.compile(
 QUANT_FIX = "merge the unquantized (float16, bfloat16 or float32) model instead"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_DEFAULT_BLOCK = (128, 128)  # transformers' default weight_block_size for quant_method "fp8"
+CT_FORMATS = ("float-quantized", "naive-quantized")  # compressed-tensors formats of plain FP8 weights
 FP8_READ_AS = torch.bfloat16  # the dtype a dequantized FP8 weight is reported as (and written as)
 
 
@@ -182,7 +184,8 @@ class Checkpoint:
         self.weight_files: list[Path] = []
         # FP8 block-scaled weights (quant_method "fp8"): weight name -> its weight_scale_inv tensor
         self.fp8_scales: dict[str, str] = {}
-        self.fp8_block: tuple[int, int] | None = None
+        self.fp8_block: tuple[int, int] | None = None  # None: compressed-tensors scales
+        self._fp8_hidden: set[str] = set()  # scale tensors, not part of the model read
         self._index_weights()
         self._refuse_quantized()
 
@@ -190,9 +193,8 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         keys = list(self._st) if self._st else list(self._bin)
-        if self.fp8_scales:
-            scales = set(self.fp8_scales.values())
-            return [k for k in keys if k not in scales]
+        if self._fp8_hidden:
+            return [k for k in keys if k not in self._fp8_hidden]
         return keys
 
     def info(self, name: str) -> TensorInfo:
@@ -292,14 +294,17 @@ class Checkpoint:
                 qc = cfg["quantization_config"]
                 how = qc.get("quant_method") if isinstance(qc, dict) else None
                 if how == "fp8" and isinstance(qc, dict):
-                    self._index_fp8(qc)
+                    self._index_fp8(qc, compressed=False)
                     continue
-                if how == "compressed-tensors":
+                if how == "compressed-tensors" and isinstance(qc, dict):
+                    fmt = qc.get("format")
+                    if fmt in CT_FORMATS:
+                        self._index_fp8(qc, compressed=True)
+                        continue
                     raise CheckpointError(
-                        f"{self.dir / 'config.json'}: has a quantization_config (compressed-tensors): "
-                        "these weights cannot be merged as they are (only block-scaled FP8 models, "
-                        'quant_method "fp8", are dequantized); merge the unquantized (float16, '
-                        "bfloat16 or float32) model instead"
+                        f"{self.dir / 'config.json'}: has a quantization_config (compressed-tensors, format "
+                        f"{printable(repr(fmt))}): only FP8 weights (format float-quantized) are dequantized; "
+                        f"{QUANT_FIX}"
                     )
                 kind = f" ({printable(str(how))})" if how else ""
                 raise CheckpointError(
@@ -310,7 +315,7 @@ class Checkpoint:
         held = set(keys)
         for name in keys:
             m = QUANT_KEY.search(name)
-            if m is None or name[: -len("_scale_inv")] in self.fp8_scales:
+            if m is None:
                 continue
             module = name[: m.start()]
             if m["part"] == "qweight" or f"{module}.weight" in held:
@@ -319,63 +324,87 @@ class Checkpoint:
                     f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
                 )
 
-    def _index_fp8(self, qc: Mapping[str, Any]) -> None:
-        """Pair each FP8 weight with its ``weight_scale_inv``, checking the block size and shapes."""
+    def _index_fp8(self, qc: Mapping[str, Any], *, compressed: bool) -> None:
+        """Pair each FP8 weight with its scales: ``weight_scale_inv`` in blocks of
+        ``weight_block_size`` (quant_method fp8), or a per-tensor or per-row ``weight_scale``
+        (compressed-tensors); the activation scales (``input_scale``) are left out of the model."""
         where = self.dir / "config.json"
-        block = qc.get("weight_block_size", list(FP8_DEFAULT_BLOCK))
-        if not (
-            isinstance(block, list)
-            and len(block) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
-        ):
-            raise CheckpointError(
-                f"{where}: quantization_config.weight_block_size is {printable(repr(block))}, expected two "
-                "positive integers such as [128, 128]; repair config.json or download the model again"
-            )
-        bs0, bs1 = block
-        self.fp8_block = (bs0, bs1)
+        suffix = "_scale" if compressed else "_scale_inv"
+        if not compressed:
+            block = qc.get("weight_block_size", list(FP8_DEFAULT_BLOCK))
+            if not (
+                isinstance(block, list)
+                and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+            ):
+                raise CheckpointError(
+                    f"{where}: quantization_config.weight_block_size is {printable(repr(block))}, expected "
+                    "two positive integers such as [128, 128]; repair config.json or download the model again"
+                )
+            self.fp8_block = (block[0], block[1])
         held = set(self._st) if self._st else set(self._bin)
         for name in sorted(held):
             info = self._raw_info(name)
-            if name.endswith(".weight_scale_inv"):
-                weight = name[: -len("_scale_inv")]
-                if weight not in held:
-                    raise CheckpointError(
-                        f"{self.name}: tensor {name!r} (in {info.file}) scales {weight!r}, which the model "
-                        f"does not have; {REFETCH}"
-                    )
-                w = self._raw_info(weight)
-                if w.dtype not in FP8_DTYPES or len(w.shape) != 2:
-                    raise CheckpointError(
-                        f"{self.name}: tensor {weight!r} (in {w.file}) has a weight_scale_inv but is "
-                        f"{str(w.dtype).replace('torch.', '')} {list(w.shape)}, not a float8 matrix; {REFETCH}"
-                    )
-                want = (-(-w.shape[0] // bs0), -(-w.shape[1] // bs1))
-                if info.shape != want or not info.dtype.is_floating_point:
-                    raise CheckpointError(
-                        f"{self.name}: tensor {name!r} (in {info.file}) is "
-                        f"{str(info.dtype).replace('torch.', '')} {list(info.shape)}, but {weight!r} "
-                        f"{list(w.shape)} in blocks of {[bs0, bs1]} needs float scales of shape "
-                        f"{list(want)}; {REFETCH}"
-                    )
-                self.fp8_scales[weight] = name
+            if compressed and name.endswith(".weight_zero_point"):
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {info.file}) is a zero point: asymmetric "
+                    f"quantization is not dequantized; {QUANT_FIX}"
+                )
+            if not name.endswith(".weight" + suffix):
+                continue
+            weight = name[: -len(suffix)]
+            if weight not in held:
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {info.file}) scales {weight!r}, which the model "
+                    f"does not have; {REFETCH}"
+                )
+            w = self._raw_info(weight)
+            if w.dtype not in FP8_DTYPES or len(w.shape) != 2:
+                raise CheckpointError(
+                    f"{self.name}: tensor {weight!r} (in {w.file}) has a {name.rsplit('.', 1)[-1]} but is "
+                    f"{str(w.dtype).replace('torch.', '')} {list(w.shape)}, not a float8 matrix; {REFETCH}"
+                )
+            if compressed:
+                n = math.prod(info.shape)
+                fits = (n == 1 and len(info.shape) <= 2) or info.shape in ((w.shape[0], 1), (w.shape[0],))
+                want = f"[{w.shape[0]}, 1] (one per row) or [1] (one for the tensor)"
+                of = f"{weight!r} {list(w.shape)}"
+            else:
+                bs0, bs1 = self.fp8_block or FP8_DEFAULT_BLOCK
+                blocks = (-(-w.shape[0] // bs0), -(-w.shape[1] // bs1))
+                fits = info.shape == blocks
+                want = f"{list(blocks)}"
+                of = f"{weight!r} {list(w.shape)} in blocks of {[bs0, bs1]}"
+            if not fits or not info.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {info.file}) is "
+                    f"{str(info.dtype).replace('torch.', '')} {list(info.shape)}, but {of} needs float "
+                    f"scales of shape {want}; {REFETCH}"
+                )
+            self.fp8_scales[weight] = name
+            self._fp8_hidden.add(name)
+            activation = weight[: -len("weight")] + "input_scale"
+            if compressed and activation in held:
+                self._fp8_hidden.add(activation)
         for name in sorted(held):
             info = self._raw_info(name)
             if info.dtype in FP8_DTYPES and name not in self.fp8_scales:
                 raise CheckpointError(
                     f"{self.name}: tensor {name!r} (in {info.file}) is "
-                    f"{str(info.dtype).replace('torch.', '')} without a {name + '_scale_inv'!r} to "
+                    f"{str(info.dtype).replace('torch.', '')} without a {name + suffix!r} to "
                     f"dequantize it with; {REFETCH}"
                 )
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        """An FP8 weight times its block scales, in float32: each scale covers a block of
-        ``weight_block_size`` entries, the last blocks of a row or column cut to fit."""
-        assert self.fp8_block is not None
-        bs0, bs1 = self.fp8_block
+        """An FP8 weight times its scales, in float32: per block (each scale covers a block of
+        ``weight_block_size`` entries, the last blocks of a row or column cut to fit), per row, or
+        one for the whole tensor."""
         weight = self._raw_get(name).float()
         scale = self._raw_get(self.fp8_scales[name]).float()
         rows, cols = weight.shape
+        if self.fp8_block is None:  # compressed-tensors: per tensor or per row
+            return weight.mul_(scale.reshape(()) if scale.numel() == 1 else scale.reshape(rows, 1))
+        bs0, bs1 = self.fp8_block
         full = scale.repeat_interleave(bs0, dim=0)[:rows].repeat_interleave(bs1, dim=1)[:, :cols]
         return weight.mul_(full)
 

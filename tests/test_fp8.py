@@ -199,15 +199,109 @@ def test_a_bad_block_size_is_refused(tmp_path: Path, block: Any, capsys: pytest.
     ) in refusal(d, capsys)
 
 
-def test_compressed_tensors_fp8_is_still_refused(tmp_path: Path) -> None:
+CT = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True},
+        }
+    },
+    "ignore": ["lm_head"],
+}
+
+
+def ct_model(
+    directory: Path, state: dict[str, torch.Tensor], cfg: dict[str, Any], per_tensor: set[str]
+) -> dict[str, torch.Tensor]:
+    """``state`` saved as compressed-tensors FP8: one weight_scale per row ([out, 1]), or one for
+    the tensor ([1]) for the names in ``per_tensor``, and an input_scale beside each; returns what
+    each tensor means (dequantized)."""
+    stored: dict[str, torch.Tensor] = {}
+    meaning: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if not is_quantized(name, t):
+            stored[name] = meaning[name] = t
+            continue
+        if name in per_tensor:
+            scale = torch.tensor([float(t.abs().max()) / FP8_MAX])
+        else:
+            scale = t.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        q = (t / scale).to(torch.float8_e4m3fn)
+        stored[name], stored[f"{name}_scale"] = q, scale
+        stored[name[: -len("weight")] + "input_scale"] = torch.tensor([0.5])
+        rows = [
+            [
+                float(q[r, c]) * float(scale.reshape(-1)[0 if name in per_tensor else r])
+                for c in range(t.shape[1])
+            ]
+            for r in range(t.shape[0])
+        ]
+        meaning[name] = torch.tensor(rows, dtype=torch.float32)
+    tiny.save(directory, stored, {**cfg, "quantization_config": CT})
+    return meaning
+
+
+def test_compressed_tensors_fp8_models_merge_as_their_dequantized_weights(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base, cfg = tiny.llama_state(3)
+    per_tensor = {"model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    ma = ct_model(tmp_path / "a", tiny.finetune(base, 4), cfg, per_tensor)
+    mb = ct_model(tmp_path / "b", tiny.finetune(base, 5), cfg, per_tensor)
+    ckpt = Checkpoint(tmp_path / "a")
+    assert sorted(ckpt.keys()) == sorted(ma)  # no weight_scale, no input_scale
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.7}}\n"
+    )
+    out = tmp_path / "out"
+    mergesmith.merge(text, out)
+    merged = tiny.load_state(out)
+    assert set(merged) == set(ma)
+    for name, t in merged.items():
+        want = 0.3 * ma[name] + 0.7 * mb[name]
+        if is_quantized(name, ma[name]):
+            assert t.dtype == torch.bfloat16, name
+            torch.testing.assert_close(t.float(), want, rtol=2**-8, atol=1e-12)
+        else:
+            torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-7)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert bool(torch.isfinite(model(torch.tensor([[1, 5, 7, 9]])).logits).all())
+
+
+def test_compressed_tensors_scales_of_the_wrong_shape_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     state = {"model.layers.0.mlp.up_proj.weight": torch.randn(64, 32).to(torch.float8_e4m3fn)}
-    state["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(64, 1)
-    qc = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    state["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(1, 32)
+    d = tiny.save(tmp_path / "m", state, {**tiny.llama_config(), "quantization_config": CT})
+    assert (
+        f"{d}: tensor 'model.layers.0.mlp.up_proj.weight_scale' (in model.safetensors) is float32 [1, 32], but "
+        "'model.layers.0.mlp.up_proj.weight' [64, 32] needs float scales of shape [64, 1] (one per row) or [1] "
+        "(one for the tensor); copy or download the model again"
+    ) in refusal(d, capsys)
+
+
+def test_compressed_tensors_other_than_fp8_are_refused(tmp_path: Path) -> None:
+    state = {"model.layers.0.mlp.up_proj.weight_packed": torch.zeros(64, 4, dtype=torch.int32)}
+    qc = {**CT, "format": "pack-quantized"}
     d = tiny.save(tmp_path / "m", state, {**tiny.llama_config(), "quantization_config": qc})
     with pytest.raises(CheckpointError) as info:
         Checkpoint(d)
     assert str(info.value) == (
-        f"{d / 'config.json'}: has a quantization_config (compressed-tensors): these weights cannot be merged "
-        'as they are (only block-scaled FP8 models, quant_method "fp8", are dequantized); merge the '
-        "unquantized (float16, bfloat16 or float32) model instead"
+        f"{d / 'config.json'}: has a quantization_config (compressed-tensors, format 'pack-quantized'): only "
+        "FP8 weights (format float-quantized) are dequantized; merge the unquantized (float16, bfloat16 or "
+        "float32) model instead"
+    )
+    state = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32, dtype=torch.int8)}
+    state["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(64, 1)
+    d = tiny.save(tmp_path / "n", state, {**tiny.llama_config(), "quantization_config": CT})
+    with pytest.raises(CheckpointError) as info:
+        Checkpoint(d)
+    assert str(info.value) == (
+        f"{d}: tensor 'model.layers.0.mlp.up_proj.weight' (in model.safetensors) has a weight_scale but is "
+        "int8 [64, 32], not a float8 matrix; copy or download the model again"
     )
