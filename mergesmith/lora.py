@@ -318,7 +318,7 @@ class AdaptedCheckpoint(Checkpoint):
         problems = []
         if self.base.fp8_scales:
             raise CheckpointError(
-                f"{self.base.dir / 'config.json'}: the base model is FP8-quantized (quant_method fp8); "
+                f"{self.base.dir / 'config.json'}: the base model is FP8-quantized; "
                 "an adapter is applied to unquantized weights only: apply it to the bfloat16 base model"
             )
         targets = self.adapter.config.get("target_modules")

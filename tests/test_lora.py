@@ -362,7 +362,7 @@ def test_a_float8_base_with_scales_is_refused(adapters: dict[str, Any], tmp_path
     with pytest.raises(CheckpointError) as info:
         AdaptedCheckpoint(Checkpoint(tmp_path / "fp8q"), ad, "x")
     assert str(info.value) == (
-        f"{tmp_path / 'fp8q' / 'config.json'}: the base model is FP8-quantized (quant_method fp8); an adapter "
+        f"{tmp_path / 'fp8q' / 'config.json'}: the base model is FP8-quantized; an adapter "
         "is applied to unquantized weights only: apply it to the bfloat16 base model"
     )
     del state[f"{name}_scale_inv"]
