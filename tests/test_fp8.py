@@ -304,3 +304,16 @@ def test_compressed_tensors_other_than_fp8_are_refused(tmp_path: Path) -> None:
         f"{d}: tensor 'model.layers.0.mlp.up_proj.weight' (in model.safetensors) has a weight_scale but is "
         "int8 [64, 32], not a float8 matrix; copy or download the model again"
     )
+
+
+def test_a_weight_and_its_scales_in_different_shards(fp8_zoo: dict[str, Any], tmp_path: Path) -> None:
+    src = fp8_zoo["dirs"]["a"]
+    raw = tiny.load_state(src)
+    d = tiny.save(tmp_path / "sharded", raw, json.loads((src / "config.json").read_text()), shards=2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert index[name] != index[f"{name}_scale_inv"]
+    ckpt = Checkpoint(d)
+    assert sorted(ckpt.keys()) == sorted(fp8_zoo["meaning"]["a"])
+    for key, want in fp8_zoo["meaning"]["a"].items():
+        assert torch.equal(ckpt.get(key), want), key
