@@ -362,7 +362,8 @@ class Checkpoint:
             if w.dtype not in FP8_DTYPES or len(w.shape) != 2:
                 raise CheckpointError(
                     f"{self.name}: tensor {weight!r} (in {w.file}) has a {name.rsplit('.', 1)[-1]} but is "
-                    f"{str(w.dtype).replace('torch.', '')} {list(w.shape)}, not a float8 matrix; {REFETCH}"
+                    f"{str(w.dtype).replace('torch.', '')} {list(w.shape)}, not a float8 matrix: a "
+                    f"quantization mergesmith cannot read as it is; {QUANT_FIX}"
                 )
             if compressed:
                 n = math.prod(info.shape)

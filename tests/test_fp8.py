@@ -302,7 +302,8 @@ def test_compressed_tensors_other_than_fp8_are_refused(tmp_path: Path) -> None:
         Checkpoint(d)
     assert str(info.value) == (
         f"{d}: tensor 'model.layers.0.mlp.up_proj.weight' (in model.safetensors) has a weight_scale but is "
-        "int8 [64, 32], not a float8 matrix; copy or download the model again"
+        "int8 [64, 32], not a float8 matrix: a quantization mergesmith cannot read as it is; merge the "
+        "unquantized (float16, bfloat16 or float32) model instead"
     )
 
 
