@@ -47,6 +47,42 @@ QUANT_KEY = re.compile(
     r"quant_state|SCB|weight_format|weight_scale|weight_scale_inv)(?:\.[^.]*)?$"
 )
 QUANT_FIX = "merge the unquantized (float16, bfloat16 or float32) model instead"
+# more quantized tensors, each refused when the tensors named beside it are there too (none: always):
+# HQQ (W_q with its meta), AQLM (codes with codebooks), EETQ (weight_scales), Quanto (weight._data)
+PACKED_KEY = re.compile(r"\.(?P<part>W_q|meta|codes|weight_scales|weight\._data)$")
+PACKED_BESIDE: dict[str, tuple[str, ...]] = {
+    "W_q": (),
+    "meta": ("W_q", "weight"),
+    "codes": ("codebooks",),
+    "weight_scales": ("weight",),
+    "weight._data": ("weight._scale",),
+}
+# quant_method values (transformers' QuantizationMethod) as their formats are called
+QUANT_FORMATS = {
+    "aqlm": "AQLM",
+    "auto-round": "AutoRound",
+    "awq": "AWQ",
+    "bitnet": "BitNet",
+    "bitsandbytes": "bitsandbytes",
+    "eetq": "EETQ",
+    "fp_quant": "FPQuant",
+    "gguf": "GGUF",
+    "gptq": "GPTQ",
+    "higgs": "HIGGS",
+    "hqq": "HQQ",
+    "mxfp4": "MXFP4",
+    "nvfp4": "NVFP4",
+    "quanto": "Quanto",
+    "quark": "Quark",
+    "sinq": "SINQ",
+    "spqr": "SpQR",
+    "torchao": "torchao",
+    "vptq": "VPTQ",
+}
+GGUF_FIX = (
+    "merge the original safetensors checkpoint the GGUF file was made from, or convert the GGUF file "
+    "to safetensors first (transformers' from_pretrained(..., gguf_file=...) then save_pretrained)"
+)
 
 
 @dataclass(frozen=True)
@@ -161,12 +197,31 @@ def _check_state_dict(path: Path, obj: object) -> None:
             )
 
 
+def _quant_kind(qc: object) -> str:
+    """How a quantization_config names its format, as `` (GPTQ, 4-bit)``; empty without a quant_method."""
+    how = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not how:
+        return ""
+    assert isinstance(qc, dict)
+    name = QUANT_FORMATS.get(str(how).lower(), printable(str(how)))
+    bits = qc.get("bits", qc.get("nbits"))
+    if bits is None and qc.get("load_in_4bit") is True:
+        bits = 4
+    elif bits is None and qc.get("load_in_8bit") is True:
+        bits = 8
+    return f" ({name}, {bits}-bit)" if isinstance(bits, int) and not isinstance(bits, bool) else f" ({name})"
+
+
 class Checkpoint:
     """A Hugging Face model directory: its weights (lazily), its config.json, its other files."""
 
     def __init__(self, directory: Path, name: str | None = None) -> None:
         self.dir = Path(directory)
         self.name = name or str(directory)
+        if self.dir.suffix.lower() == ".gguf" and self.dir.is_file():
+            raise CheckpointError(
+                f"{self.dir}: a GGUF file, quantized for llama.cpp: it cannot be merged; {GGUF_FIX}"
+            )
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.name}: model directory {self.dir} does not exist")
         self.config = self._read_config()
@@ -177,8 +232,10 @@ class Checkpoint:
         self._bin_stamps: dict[Path, Stamp] = {}
         self._header_bytes = 0
         self.weight_files: list[Path] = []
+        self._refuse_gguf()
         self._index_weights()
         self._refuse_quantized()
+        self._refuse_packed()
 
     # -- TensorSource ---------------------------------------------------------------------------
 
@@ -265,8 +322,7 @@ class Checkpoint:
         for cfg in (self.config, self.config.get("text_config")):
             if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
                 qc = cfg["quantization_config"]
-                how = qc.get("quant_method") if isinstance(qc, dict) else None
-                kind = f" ({printable(str(how))})" if how else ""
+                kind = _quant_kind(qc)
                 raise CheckpointError(
                     f"{self.dir / 'config.json'}: has a quantization_config{kind}: the weights are "
                     f"quantized and cannot be merged as they are; {QUANT_FIX}"
@@ -279,6 +335,32 @@ class Checkpoint:
                 continue
             module = name[: m.start()]
             if m["part"] == "qweight" or f"{module}.weight" in held:
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
+                    f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
+                )
+
+    def _refuse_gguf(self) -> None:
+        """A GGUF file holds llama.cpp's quantized blocks, not weights to merge: a directory with one
+        (alone or beside safetensors) is refused before any weight is read."""
+        found = sorted(p.name for p in self.dir.iterdir() if p.name.lower().endswith(".gguf"))
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(
+                f"{self.dir / found[0]}{more}: a GGUF file, quantized for llama.cpp: a model directory "
+                f"holding one cannot be merged; {GGUF_FIX}"
+            )
+
+    def _refuse_packed(self) -> None:
+        """HQQ, AQLM, EETQ and Quanto tensors, which QUANT_KEY does not name, refused as it refuses."""
+        held = set(self.keys())
+        for name in self.keys():
+            m = PACKED_KEY.search(name)
+            if m is None:
+                continue
+            module = name[: m.start()]
+            beside = PACKED_BESIDE[m["part"]]
+            if not beside or any(f"{module}.{b}" in held for b in beside):
                 raise CheckpointError(
                     f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
                     f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"

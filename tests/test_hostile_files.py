@@ -364,7 +364,7 @@ def test_config_with_quantization_config_is_refused(tmp_path: Path) -> None:
     cfg = tiny.llama_config(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     d = tiny.save(tmp_path / "m", small_state(), cfg)
     assert refused(d) == (
-        f"{d / 'config.json'}: has a quantization_config (bitsandbytes): the weights are quantized and cannot "
+        f"{d / 'config.json'}: has a quantization_config (bitsandbytes, 4-bit): the weights are quantized and cannot "
         "be merged as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
     )
 
