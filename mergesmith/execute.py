@@ -380,6 +380,7 @@ def _write_side_files(
         template = chat_templates.most_common([t for m in plan.models if (t := input_chat_template(m.dir))])
     if template:
         (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))
+        (stage / "chat_template.json").unlink(missing_ok=True)  # a processor would load it instead
         tok_cfg = stage / "tokenizer_config.json"
         if tok_cfg.is_file():
             data = read_json(tok_cfg, fix="repair tokenizer_config.json or download the model again")

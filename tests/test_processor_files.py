@@ -131,3 +131,19 @@ def test_malformed_processor_file_is_refused_before_writing(
         "line 1 column 2 (char 1)); repair preprocessor_config.json or download the model again"
     ) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_configured_chat_template_replaces_the_processors(tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    from mergesmith.chat_templates import BUILTIN
+
+    base, _, config = two_models(tmp_path)
+    for name in ("video_preprocessor_config.json", "audio_tokenizer_config.json"):  # not LLaVA's
+        (base / name).unlink()
+    out = tmp_path / "out"
+    merge({**config, "chat_template": "chatml"}, out)
+    assert not (out / "chat_template.json").exists()
+    assert (out / "chat_template.jinja").read_text() == BUILTIN["chatml"]
+    assert AutoProcessor.from_pretrained(str(out)).chat_template == BUILTIN["chatml"]
+    assert AutoProcessor.from_pretrained(str(base)).chat_template == "{{ 'patch 4' }}"
