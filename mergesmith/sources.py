@@ -343,7 +343,12 @@ class Checkpoint:
     def _refuse_gguf(self) -> None:
         """A GGUF file holds llama.cpp's quantized blocks, not weights to merge: a directory with one
         (alone or beside safetensors) is refused before any weight is read."""
-        found = sorted(p.name for p in self.dir.iterdir() if p.name.lower().endswith(".gguf"))
+        try:
+            found = sorted(p.name for p in self.dir.iterdir() if p.name.lower().endswith(".gguf"))
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.dir}: cannot list the model directory: {exc.strerror or exc}"
+            ) from None
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise CheckpointError(

@@ -178,3 +178,15 @@ def test_quantized_tensors_are_refused(
     assert all(torch.equal(own.get(prefix + n), torch.full((2,), 3.0)) for n in alike)
     d = write_model(tmp_path / "m", {prefix + n: torch.ones(2) for n in tensors})
     assert refused(d) == packed(prefix + culprit, prefix + module).format(d=d)
+
+
+def test_unlistable_model_directory_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = write_model(tmp_path / "m", {"w.weight": torch.ones(2)})
+
+    def denied(self: Path) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert refused(d) == f"{d}: cannot list the model directory: Permission denied"
