@@ -21,8 +21,18 @@ from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
 from mergesmith.sources import Checkpoint
 
-__all__ = ["InputStream", "execute", "merge_job"]
+__all__ = ["PROCESSOR_FILES", "TOKENIZER_FILES", "InputStream", "execute", "merge_job"]
 
+# a multimodal model's processor files (transformers' PROCESSOR_NAME, IMAGE_PROCESSOR_NAME and
+# FEATURE_EXTRACTOR_NAME, VIDEO_PROCESSOR_NAME, AUDIO_TOKENIZER_NAME, the processor's chat template),
+# copied with the tokenizer: a processor wraps it
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "audio_tokenizer_config.json",
+    "chat_template.json",
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,6 +42,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    *PROCESSOR_FILES,
 )
 COPIED_FROM_REFERENCE = ("generation_config.json",)
 
@@ -369,6 +380,7 @@ def _write_side_files(
         template = chat_templates.most_common([t for m in plan.models if (t := input_chat_template(m.dir))])
     if template:
         (stage / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(template, template))
+        (stage / "chat_template.json").unlink(missing_ok=True)  # a processor would load it instead
         tok_cfg = stage / "tokenizer_config.json"
         if tok_cfg.is_file():
             data = read_json(tok_cfg, fix="repair tokenizer_config.json or download the model again")

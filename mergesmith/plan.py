@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mergesmith import _hub, _yaml
+from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.architecture import (
     Architecture,
@@ -261,11 +262,13 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
-    from mergesmith.execute import side_files
+    from mergesmith.execute import PROCESSOR_FILES, side_files
 
     for model, names in side_files(plan):  # the files a merge copies must be safe to copy
         for name in names:
-            model.side_file(name)
+            path = model.side_file(name)
+            if path is not None and name in PROCESSOR_FILES:
+                read_json(path, fix=f"repair {name} or download the model again")
     return plan
 
 

@@ -52,6 +52,42 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_DEFAULT_BLOCK = (128, 128)  # transformers' default weight_block_size for quant_method "fp8"
 CT_FORMATS = ("float-quantized", "naive-quantized")  # compressed-tensors formats of plain FP8 weights
 FP8_READ_AS = torch.bfloat16  # the dtype a dequantized FP8 weight is reported as (and written as)
+# more quantized tensors, each refused when the tensors named beside it are there too (none: always):
+# HQQ (W_q with its meta), AQLM (codes with codebooks), EETQ (weight_scales), Quanto (weight._data)
+PACKED_KEY = re.compile(r"\.(?P<part>W_q|meta|codes|weight_scales|weight\._data)$")
+PACKED_BESIDE: dict[str, tuple[str, ...]] = {
+    "W_q": (),
+    "meta": ("W_q", "weight"),
+    "codes": ("codebooks",),
+    "weight_scales": ("weight",),
+    "weight._data": ("weight._scale",),
+}
+# quant_method values (transformers' QuantizationMethod) as their formats are called
+QUANT_FORMATS = {
+    "aqlm": "AQLM",
+    "auto-round": "AutoRound",
+    "awq": "AWQ",
+    "bitnet": "BitNet",
+    "bitsandbytes": "bitsandbytes",
+    "eetq": "EETQ",
+    "fp_quant": "FPQuant",
+    "gguf": "GGUF",
+    "gptq": "GPTQ",
+    "higgs": "HIGGS",
+    "hqq": "HQQ",
+    "mxfp4": "MXFP4",
+    "nvfp4": "NVFP4",
+    "quanto": "Quanto",
+    "quark": "Quark",
+    "sinq": "SINQ",
+    "spqr": "SpQR",
+    "torchao": "torchao",
+    "vptq": "VPTQ",
+}
+GGUF_FIX = (
+    "merge the original safetensors checkpoint the GGUF file was made from, or convert the GGUF file "
+    "to safetensors first (transformers' from_pretrained(..., gguf_file=...) then save_pretrained)"
+)
 
 
 @dataclass(frozen=True)
@@ -166,12 +202,31 @@ def _check_state_dict(path: Path, obj: object) -> None:
             )
 
 
+def _quant_kind(qc: object) -> str:
+    """How a quantization_config names its format, as `` (GPTQ, 4-bit)``; empty without a quant_method."""
+    how = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not how:
+        return ""
+    assert isinstance(qc, dict)
+    name = QUANT_FORMATS.get(str(how).lower(), printable(str(how)))
+    bits = qc.get("bits", qc.get("nbits"))
+    if bits is None and qc.get("load_in_4bit") is True:
+        bits = 4
+    elif bits is None and qc.get("load_in_8bit") is True:
+        bits = 8
+    return f" ({name}, {bits}-bit)" if isinstance(bits, int) and not isinstance(bits, bool) else f" ({name})"
+
+
 class Checkpoint:
     """A Hugging Face model directory: its weights (lazily), its config.json, its other files."""
 
     def __init__(self, directory: Path, name: str | None = None) -> None:
         self.dir = Path(directory)
         self.name = name or str(directory)
+        if self.dir.suffix.lower() == ".gguf" and self.dir.is_file():
+            raise CheckpointError(
+                f"{self.dir}: a GGUF file, quantized for llama.cpp: it cannot be merged; {GGUF_FIX}"
+            )
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.name}: model directory {self.dir} does not exist")
         self.config = self._read_config()
@@ -186,8 +241,10 @@ class Checkpoint:
         self.fp8_scales: dict[str, str] = {}
         self.fp8_block: tuple[int, int] | None = None  # None: compressed-tensors scales
         self._fp8_hidden: set[str] = set()  # scale tensors, not part of the model read
+        self._refuse_gguf()
         self._index_weights()
         self._refuse_quantized()
+        self._refuse_packed()
 
     # -- TensorSource ---------------------------------------------------------------------------
 
@@ -306,7 +363,7 @@ class Checkpoint:
                         f"{printable(repr(fmt))}): only FP8 weights (format float-quantized) are dequantized; "
                         f"{QUANT_FIX}"
                     )
-                kind = f" ({printable(str(how))})" if how else ""
+                kind = _quant_kind(qc)
                 raise CheckpointError(
                     f"{self.dir / 'config.json'}: has a quantization_config{kind}: the weights are "
                     f"quantized and cannot be merged as they are; {QUANT_FIX}"
@@ -408,6 +465,37 @@ class Checkpoint:
         bs0, bs1 = self.fp8_block
         full = scale.repeat_interleave(bs0, dim=0)[:rows].repeat_interleave(bs1, dim=1)[:, :cols]
         return weight.mul_(full)
+
+    def _refuse_gguf(self) -> None:
+        """A GGUF file holds llama.cpp's quantized blocks, not weights to merge: a directory with one
+        (alone or beside safetensors) is refused before any weight is read."""
+        try:
+            found = sorted(p.name for p in self.dir.iterdir() if p.name.lower().endswith(".gguf"))
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.dir}: cannot list the model directory: {exc.strerror or exc}"
+            ) from None
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(
+                f"{self.dir / found[0]}{more}: a GGUF file, quantized for llama.cpp: a model directory "
+                f"holding one cannot be merged; {GGUF_FIX}"
+            )
+
+    def _refuse_packed(self) -> None:
+        """HQQ, AQLM, EETQ and Quanto tensors, which QUANT_KEY does not name, refused as it refuses."""
+        held = set(self.keys())
+        for name in self.keys():
+            m = PACKED_KEY.search(name)
+            if m is None:
+                continue
+            module = name[: m.start()]
+            beside = PACKED_BESIDE[m["part"]]
+            if not beside or any(f"{module}.{b}" in held for b in beside):
+                raise CheckpointError(
+                    f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
+                    f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
+                )
 
     def _weight_file(self, path: Path, index: Path | None = None) -> Path:
         """``path``, refused when it is a symlink (or reached through one) leading outside the

@@ -359,6 +359,8 @@ def test_merge_stops_when_an_input_changes_midway(tmp_path: Path, monkeypatch: p
 
 # -- quantized weights ----------------------------------------------------------------------------
 
+FORMAT = {"bitsandbytes": "bitsandbytes, 4-bit", "gptq": "GPTQ, 4-bit", "awq": "AWQ, 4-bit"}
+
 
 @pytest.mark.parametrize(
     "qc",
@@ -373,7 +375,7 @@ def test_config_with_quantization_config_is_refused(tmp_path: Path, qc: dict[str
     cfg = tiny.llama_config(quantization_config=qc)
     d = tiny.save(tmp_path / "m", small_state(), cfg)
     assert refused(d) == (
-        f"{d / 'config.json'}: has a quantization_config ({qc['quant_method']}): the weights are quantized and "
+        f"{d / 'config.json'}: has a quantization_config ({FORMAT[qc['quant_method']]}): the weights are quantized and "
         "cannot be merged as they are; merge the unquantized (float16, bfloat16 or float32) model instead"
     )
 
