@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergesmith._json import parse_json
+from mergesmith._text import printable
 from mergesmith.errors import OutputError
 
 PARTIAL = ".mergesmith-partial"
@@ -72,8 +73,6 @@ def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[in
             "would delete what you are working in: choose a new output directory"
         )
     if not written_here(out):
-        from mergesmith._text import printable
-
         shown = ", ".join(printable(n) for n in held[:5]) + (
             f" and {len(held) - 5} more" if len(held) > 5 else ""
         )
@@ -182,10 +181,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            pid = f.read().strip()  # empty while the holder has locked but not yet written its pid
             f.close()
+            holder = f" (pid {printable(pid[:20])})" if pid else ""
             raise OutputError(
-                f"{out_dir}: another merge (pid {holder}) is writing this output directory; wait for it "
+                f"{out_dir}: another merge{holder} is writing this output directory; wait for it "
                 f"to finish or choose another directory (lock file {path})"
             ) from None
         except BaseException:
