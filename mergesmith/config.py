@@ -864,7 +864,3 @@ def _line_key(problem: str) -> int:
 def _suggest(word: str, options: Any) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def is_gradient(setting: Any) -> bool:
-    return isinstance(setting, list) and not is_condition_list(setting)

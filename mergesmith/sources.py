@@ -62,6 +62,23 @@ PACKED_BESIDE: dict[str, tuple[str, ...]] = {
     "weight_scales": ("weight",),
     "weight._data": ("weight._scale",),
 }
+
+
+def _quantized_module(name: str, held: set[str]) -> str | None:
+    """The module whose quantization data tensor ``name`` is, given the tensor names ``held``
+    beside it; None for a tensor of an unquantized model."""
+    m = QUANT_KEY.search(name)
+    if m is not None:
+        module = name[: m.start()]
+        return module if m["part"] == "qweight" or f"{module}.weight" in held else None
+    m = PACKED_KEY.search(name)
+    if m is not None:
+        module = name[: m.start()]
+        beside = PACKED_BESIDE[m["part"]]
+        return module if not beside or any(f"{module}.{b}" in held for b in beside) else None
+    return None
+
+
 # quant_method values (transformers' QuantizationMethod) as their formats are called
 QUANT_FORMATS = {
     "aqlm": "AQLM",
@@ -244,7 +261,6 @@ class Checkpoint:
         self._refuse_gguf()
         self._index_weights()
         self._refuse_quantized()
-        self._refuse_packed()
 
     # -- TensorSource ---------------------------------------------------------------------------
 
@@ -371,11 +387,8 @@ class Checkpoint:
         keys = self.keys()
         held = set(keys)
         for name in keys:
-            m = QUANT_KEY.search(name)
-            if m is None:
-                continue
-            module = name[: m.start()]
-            if m["part"] == "qweight" or f"{module}.weight" in held:
+            module = _quantized_module(name, held)
+            if module is not None:
                 raise CheckpointError(
                     f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
                     f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
@@ -481,21 +494,6 @@ class Checkpoint:
                 f"{self.dir / found[0]}{more}: a GGUF file, quantized for llama.cpp: a model directory "
                 f"holding one cannot be merged; {GGUF_FIX}"
             )
-
-    def _refuse_packed(self) -> None:
-        """HQQ, AQLM, EETQ and Quanto tensors, which QUANT_KEY does not name, refused as it refuses."""
-        held = set(self.keys())
-        for name in self.keys():
-            m = PACKED_KEY.search(name)
-            if m is None:
-                continue
-            module = name[: m.start()]
-            beside = PACKED_BESIDE[m["part"]]
-            if not beside or any(f"{module}.{b}" in held for b in beside):
-                raise CheckpointError(
-                    f"{self.name}: tensor {name!r} (in {self.file_of(name).name}) is quantization data "
-                    f"for {module!r}: the weights are quantized and cannot be merged as they are; {QUANT_FIX}"
-                )
 
     def _weight_file(self, path: Path, index: Path | None = None) -> Path:
         """``path``, refused when it is a symlink (or reached through one) leading outside the
