@@ -44,10 +44,13 @@ def check_inside(out_dir: Path, inputs: Sequence[Path]) -> None:
             )
 
 
-def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[int, int] | None:
+def check_output(
+    out_dir: Path, inputs: Sequence[Path], force: bool, *, replacer: str = "--force"
+) -> tuple[int, int] | None:
     """Refuse an output that would overwrite or sit inside an input, or clobber a directory:
     without ``force`` only a missing or empty directory is written; with it, also one this tool
-    wrote earlier (:func:`written_here`). Returns the :func:`identity` of what is there, for
+    wrote earlier (:func:`written_here`); ``replacer`` is what the messages say replaces it.
+    Returns the :func:`identity` of what is there, for
     :func:`staged_output`'s ``seen``."""
     check_inside(out_dir, inputs)
     out = out_dir.resolve()
@@ -69,7 +72,7 @@ def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[in
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise OutputError(
-            f"--force: output directory {out_dir} is the current directory or holds it; replacing it "
+            f"{replacer}: output directory {out_dir} is the current directory or holds it; replacing it "
             "would delete what you are working in: choose a new output directory"
         )
     if not written_here(out):
@@ -77,9 +80,9 @@ def check_output(out_dir: Path, inputs: Sequence[Path], force: bool) -> tuple[in
             f" and {len(held) - 5} more" if len(held) > 5 else ""
         )
         raise OutputError(
-            f"--force: output directory {out_dir} was not written by mergesmith (no {MARKER} file or "
+            f"{replacer}: output directory {out_dir} was not written by mergesmith (no {MARKER} file or "
             f"mergesmith model card) and replacing it would delete {len(held)} entries ({shown}); "
-            "--force replaces only an empty directory or an earlier mergesmith output: move those files "
+            f"{replacer} replaces only an empty directory or an earlier mergesmith output: move those files "
             "away yourself or choose another directory"
         )
     return identity(out)

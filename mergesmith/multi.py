@@ -319,7 +319,10 @@ def check(plan: MultiPlan, *, lazy: bool) -> set[str | None]:
             outside = [r for r in stage.config.referenced_models() if Path(r.path) not in stage_dirs]
             inputs = [d for m in open_models(outside) for d in m.dirs]
             _output.check_output(
-                stage.out_dir, [*inputs, *(s.out_dir for s in plan.stages if s.name in stage.needs)], True
+                stage.out_dir,
+                [*inputs, *(s.out_dir for s in plan.stages if s.name in stage.needs)],
+                True,
+                replacer="mergesmith multi",
             )
             if all(n in skip for n in stage.needs):
                 validate(stage.config)
