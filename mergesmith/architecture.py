@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
@@ -15,6 +16,7 @@ from typing import Any
 
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
+from mergesmith.stacks import Derived, derive, from_names
 
 __all__ = ["Architecture", "Module", "architecture_for"]
 
@@ -150,16 +152,93 @@ def _module(entry: str | dict[str, Any]) -> Module:
     )
 
 
-def architecture_for(config: dict[str, Any], override: str | None = None) -> Architecture:
-    """The family whose model_types include the config's model_type, else the generic fallback.
+def architecture_for(
+    config: dict[str, Any], override: str | None = None, keys: Sequence[str] | None = None
+) -> Architecture:
+    """What the checkpoint with this config.json (and these tensor names) is made of.
+
+    A row of architectures.json whose model_types include the config's model_type is used as long as
+    it describes the tensors (its module names are mergekit's); otherwise, given the tensor names,
+    the stacks, vocabulary tensors and ties are derived from the model's transformers definition
+    (or from the names alone), each stack with its own layer positions; without tensor names, the
+    generic fallback row.
 
     ``override`` (mergekit's ``override_architecture``, a class name such as ``LlamaForCausalLM``)
     picks the family whose architectures include it instead, whatever config.json says."""
     model_type = config.get("model_type")
     for row in _data()["families"]:
         if override in row.get("architectures", ()) if override else model_type in row["model_types"]:
-            return _build(row)
+            arch = _build(row)
+            if override or keys is None:
+                return arch
+            named = from_names(keys)  # cheap: one stack the row describes needs no model definition
+            if len(arch.parts) == 1 and len(named.stacks) <= 1 and _describes(arch, named, keys):
+                return arch
+            derived = derive(config, keys)
+            if _describes(arch, derived, keys):
+                return arch
+            return _from_derived(config, derived) or arch
+    if keys is not None:
+        found = _from_derived(config, derive(config, keys))
+        if found is not None:
+            return found
     return _build(_data()["fallback"])
+
+
+def _describes(arch: Architecture, derived: Derived, keys: Sequence[str]) -> bool:
+    """Whether a row places every layer tensor in the stack and at the index the derivation does."""
+    if not derived.stacks:
+        return True
+    prefixes = {s.prefix for s in derived.stacks}
+    views: dict[str, Architecture] = {}
+    for name in keys:
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit() and i > 0), None)
+        if at is None or ".".join(parts[:at]) not in prefixes:
+            continue
+        module = arch.module_of(name)
+        if module not in views:
+            views[module] = arch.module(module) if len(arch.parts) > 1 else arch
+        layer = views[module].layer_of(name)  # a corrupt index is refused here, by the row's rule
+        if layer is None or str(layer) != parts[at].lstrip("0").rjust(1, "0"):
+            return False
+    return True
+
+
+def _from_derived(config: dict[str, Any], derived: Derived) -> Architecture | None:
+    """An architecture whose modules are the derived stacks, named by their tensor-name prefixes."""
+    stacks = derived.stacks
+    if not stacks:
+        return None
+    name = derived.source.removeprefix("transformers ")
+    if derived.source == "tensor names":
+        shown = f" ({', '.join(s.prefix for s in stacks)})" if len(stacks) > 1 else ""
+        name = f"generic transformer{shown}"
+    either = "|".join(re.escape(s.prefix) for s in stacks)
+    model_type = config.get("model_type")
+    parts: tuple[Module, ...] = (Module("default"),)
+    key = stacks[0].count_key or ("num_hidden_layers" if derived.source == "tensor names" else "")
+    if len(stacks) > 1:
+        parts = tuple(
+            Module(
+                name=s.prefix,
+                prefix=s.prefix + ".",
+                layer_pattern=r"(\d+)\.",
+                num_layers_key=s.count_key or "",
+            )
+            for s in stacks
+        )
+        key = ""
+    return Architecture(
+        name=name,
+        model_types=(model_type,) if isinstance(model_type, str) else (),
+        layer_pattern=re.compile(rf"^(?:{either})\.(\d+)\."),
+        num_layers_key=key,
+        pre_weights=derived.pre,
+        vocab_weights=derived.vocab,
+        tied=dict(derived.tied),
+        parts=parts,
+    )
 
 
 def compatibility_keys() -> list[str]:

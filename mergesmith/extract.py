@@ -82,7 +82,7 @@ def extract_lora(
         raise ConfigError(f"energy must be in (0, 1], found {energy}")
     base_ckpt = Checkpoint(_hub.resolve(str(base)), name=str(base))
     tuned = Checkpoint(_hub.resolve(str(model)), name=str(model))
-    arch = architecture_for(base_ckpt.config)
+    arch = architecture_for(base_ckpt.config, keys=base_ckpt.keys())
     base_keys = set(base_ckpt.keys())
     names = tuned.keys()
     problems = []

@@ -257,7 +257,9 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
             "mergesmith merges models of one architecture: give them all the same one",
             config.source,
         )
-    arch = architecture_for(models[reference].config, overrides[0] if overrides else None)
+    arch = architecture_for(
+        models[reference].config, overrides[0] if overrides else None, keys=models[reference].keys()
+    )
     _check_modules(config, arch)
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
@@ -318,7 +320,7 @@ class _Planner:
         self.arch = arch
         self.whole_arch = arch
         self.only: str | None = None  # the module being planned, where the architecture has several
-        self.module_layers: dict[str, int] = {}  # a sliced module's layer count key and its new count
+        self.module_layers: dict[str, list[tuple[int, int]]] = {}  # a sliced module's count key, its layers
         self.problems: list[str] = []
         self.config_problems: list[str] = []
         self.misfits: set[int] = set()  # models whose config.json already disagrees
@@ -356,8 +358,9 @@ class _Planner:
             out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:
             self.renumber_config(out_config, layers)
-        for key, count in self.module_layers.items():
-            _set_path(out_config, key, count)
+        for key, stacked in self.module_layers.items():
+            _set_path(out_config, key, len(stacked))
+            self.renumber_lists(out_config, key.rpartition(".")[0], stacked)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
         if alignment is not None and "vocab_size" in out_config:
             out_config["vocab_size"] = alignment.size
@@ -708,9 +711,17 @@ class _Planner:
                 self.arch, self.config, self.only = whole_arch.module(name), config, name
                 if config.slices is None:
                     module_jobs = self.plan_models()
+                elif not self.arch.num_layers_key:
+                    module_jobs = []
+                    self.problem(
+                        f"modules.{name}.slices: no config.json key of {self.refs[self.reference]} is known to "
+                        f"hold the layer count of its {name} stack, so a sliced output's config.json could "
+                        "not say how many layers it has; merge this module without slices",
+                        config=True,
+                    )
                 else:  # the module's layers stacked as the slices say, its layer count rewritten
                     module_jobs, layers = self.plan_slices(config.slices)
-                    self.module_layers[self.arch.num_layers_key] = len(layers)
+                    self.module_layers[self.arch.num_layers_key] = layers
                 jobs += module_jobs
                 if reference is None and module_jobs:
                     reference = self.reference
@@ -876,20 +887,27 @@ class _Planner:
         for key in layer_count_keys():
             if key in out_config:
                 out_config[key] = len(layers)
+        self.renumber_lists(out_config, "", layers)
+
+    def renumber_lists(self, out_config: dict[str, Any], section: str, layers: list[tuple[int, int]]) -> None:
+        """Rebuild the per-layer lists of a config section (``text_config``; "" for the top level)
+        from the layers each output layer comes from."""
+        out_section = _get_path(out_config, section)
         for key in per_layer_keys():
-            if not isinstance(out_config.get(key), list):
+            if not isinstance(out_section.get(key), list):
                 continue
             values = []
             for model, layer in layers:
-                source = self.models[model].config.get(key)
+                source = _get_path(self.models[model].config, section).get(key)
                 if not isinstance(source, list) or layer >= len(source):
+                    shown = f"{section}.{key}" if section else key
                     self.problem(
-                        f"config.json: {key} of {self.refs[model]} has no entry for layer {layer}; "
+                        f"config.json: {shown} of {self.refs[model]} has no entry for layer {layer}; "
                         "its per-layer settings cannot be carried over"
                     )
                     return
                 values.append(source[layer])
-            out_config[key] = values
+            out_section[key] = values
 
     # -- one job --------------------------------------------------------------------------------
 
@@ -1026,6 +1044,16 @@ def _uses_gradients(config: MergeConfig) -> bool:
             if any(isinstance(v, list) and not is_condition_list(v) for v in values):
                 return True
     return False
+
+
+def _get_path(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """The nested section at a dotted path (``text_config``); "" is the config itself; {} if absent."""
+    for key in path.split(".") if path else ():
+        inner = config.get(key)
+        if not isinstance(inner, dict):
+            return {}
+        config = inner
+    return config
 
 
 def _set_path(config: dict[str, Any], path: str, value: int) -> None:

@@ -263,26 +263,32 @@ def test_llava_modules_split_by_prefix() -> None:
     assert arch.module_of("image_newline") == "text_decoder"  # under no prefix: the first module
 
 
-def test_a_layout_without_the_module_prefixes_is_refused(tmp_path: Path) -> None:
-    from mergesmith.errors import CompatibilityError
-
-    # transformers 4.52+ saves model.language_model. / model.vision_tower.: not the layout known here
+def test_a_layout_the_row_does_not_describe_is_read_from_the_model_definition(tmp_path: Path) -> None:
+    # transformers 4.52+ names Mistral 3 tensors model.language_model. / model.vision_tower.: not the
+    # layout of the architectures.json row, so the stacks come from transformers' definition instead
     state = {
         "model." + n.replace("language_model.model.", "language_model."): torch.ones(4, 4)
         for n in mistral3_names()
     }
     state = {n.replace("model.language_model.lm_head", "lm_head"): v for n, v in state.items()}
     a = tiny.save(tmp_path / "new", state, mistral3_config())
-    with pytest.raises(CompatibilityError) as info:
-        build_plan(
-            load_config(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n")
+    plan = build_plan(
+        load_config(
+            f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [1, 2]}}\n"
         )
-    assert str(info.value) == (
-        f"{a} ({a}): no tensor name starts with 'language_model.', 'multi_modal_projector.', 'vision_tower.', "
-        "the prefix of its Mistral 3 (vision-language) modules text_decoder, multi_modal_projector, "
-        "vision_tower; its tensors are named in a layout mergesmith does not know for this architecture, so "
-        "they cannot be split into modules"
     )
+    assert plan.arch.modules == ("model.language_model.layers", "model.vision_tower.transformer.layers")
+    t = {job.name: job.t for job in plan.jobs}
+    assert len(t) == len(state)
+    for name in state:  # each stack's layers spread over [0, 1] by that stack's own count
+        parts = name.split(".")
+        if name.startswith("model.language_model.layers."):
+            expected = int(parts[3]) / (TEXT_LAYERS - 1)
+        elif name.startswith("model.vision_tower.transformer.layers."):
+            expected = int(parts[4]) / (VISION_LAYERS - 1)
+        else:
+            expected = 0.0
+        assert t[name] == pytest.approx(expected), name
 
 
 SLICES_YAML = """merge_method: passthrough
