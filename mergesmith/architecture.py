@@ -241,6 +241,12 @@ def _from_derived(config: dict[str, Any], derived: Derived) -> Architecture | No
     )
 
 
+def architecture_rows() -> list[dict[str, Any]]:
+    """The family rows of architectures.json, as data."""
+    rows: list[dict[str, Any]] = _data()["families"]
+    return rows
+
+
 def compatibility_keys() -> list[str]:
     keys: list[str] = _data()["compatibility_keys"]
     return keys

@@ -1,9 +1,12 @@
-"""Text generated from the method registry: the ``methods`` listing and the README table."""
+"""Text generated from the code: the ``methods`` listing, the README's method table and the list of
+supported model types."""
 
 from __future__ import annotations
 
+from mergesmith.architecture import architecture_rows
 from mergesmith.methods import REGISTRY, Method
 from mergesmith.parameters import ParamInfo
+from mergesmith.stacks import CHECKED_TYPES, derivable_types
 
 
 def _param_line(info: ParamInfo, scope: str) -> str:
@@ -55,16 +58,39 @@ def methods_index() -> str:
     return "\n".join(rows)
 
 
-_START = "<!-- methods-table:start -->\n"
-_END = "\n<!-- methods-table:end -->"
+def model_rows_table() -> str:
+    """The model types with a row of their own in architectures.json, with mergekit's module names."""
+    rows = ["| model types | architecture | modules (`modules:` names) |", "|---|---|---|"]
+    for row in architecture_rows():
+        modules = [m if isinstance(m, str) else m["name"] for m in row["modules"]]
+        types = ", ".join(f"`{t}`" for t in row["model_types"])
+        rows.append(f"| {types} | {row['name']} | {', '.join(modules)} |")
+    count = sum(len(row["model_types"]) for row in architecture_rows())
+    return f"{count} model types:\n\n" + "\n".join(rows)
 
 
-def update_table(path: str, table: str) -> bool:
-    """Rewrite the generated table between its markers in ``path``; True if it changed."""
+def model_checked_table() -> str:
+    """The model types the test suite merges stack by stack."""
+    return f"{len(CHECKED_TYPES)} model types: " + ", ".join(f"`{t}`" for t in CHECKED_TYPES) + "."
+
+
+def model_derived_list() -> str:
+    """Every model type the installed transformers defines a model class for."""
+    found = derivable_types()
+    if found is None:
+        return "transformers is not installed: install `mergesmith[eval]` and run `make readme`."
+    version, types = found
+    return f"transformers {version}: {len(types)} model types:\n\n" + ", ".join(f"`{t}`" for t in types) + "."
+
+
+def update_table(path: str, table: str, marker: str = "methods-table") -> bool:
+    """Rewrite the generated text between a marker's start and end comments in ``path``; True if it
+    changed."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    start = text.index(_START) + len(_START)
-    end = text.index(_END, start)
+    start_mark, end_mark = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
+    start = text.index(start_mark) + len(start_mark)
+    end = text.index(end_mark, start)
     new = text[:start] + table + text[end:]
     if new != text:
         with open(path, "w", encoding="utf-8") as f:
@@ -77,8 +103,21 @@ def generated_tables(root: str = ".") -> dict[str, str]:
     return {f"{root}/README.md": methods_table(), f"{root}/docs/methods/README.md": methods_index()}
 
 
+def generated_model_lists(root: str = ".") -> dict[str, str]:
+    """docs/models.md's generated parts, by marker."""
+    return {
+        "model-rows": model_rows_table(),
+        "model-checked": model_checked_table(),
+        "model-derived": model_derived_list(),
+    }
+
+
 if __name__ == "__main__":
     import sys
 
-    for path, table in generated_tables(sys.argv[1] if len(sys.argv) > 1 else ".").items():
+    root = sys.argv[1] if len(sys.argv) > 1 else "."
+    for path, table in generated_tables(root).items():
         print(f"{path}: {'updated' if update_table(path, table) else 'up to date'}")
+    for marker, text in generated_model_lists(root).items():
+        changed = update_table(f"{root}/docs/models.md", text, marker)
+        print(f"{root}/docs/models.md ({marker}): {'updated' if changed else 'up to date'}")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Derived", "Stack", "derive", "from_names"]
+__all__ = ["CHECKED_TYPES", "Derived", "Stack", "derivable_types", "derive", "from_names"]
 
 # names of config values that count layers, blocks or experts: a value past this is no real model,
 # and building such a definition, even on the meta device, would take a very long time
@@ -41,6 +41,30 @@ _AUTO_MAPPINGS = (
     "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
     "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     "MODEL_MAPPING_NAMES",
+)
+
+
+# the model types the test suite saves with transformers and merges with a gradient, stack by stack
+CHECKED_TYPES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "llava",
+    "idefics3",
+    "mllama",
+    "t5",
+    "bart",
+    "whisper",
+    "bert",
+    "mixtral",
+    "qwen3_moe",
+    "deepseek_v3",
+    "jamba",
+    "falcon_h1",
+    "lfm2",
 )
 
 
@@ -153,6 +177,24 @@ def _model_class(transformers: Any, model_type: str, architectures: Any) -> Any:
         if getattr(config_class, "model_type", None) == model_type:
             return cls
     return None
+
+
+def derivable_types() -> tuple[str, tuple[str, ...]] | None:
+    """The installed transformers' version and the model types it defines a model class for (the
+    types whose stacks are derived from their definition), or None without transformers."""
+    try:
+        import transformers
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return None
+    available = set(dir(transformers))
+    types: set[str] = set()
+    for mapping in _AUTO_MAPPINGS:
+        for model_type, entry in getattr(modeling_auto, mapping, {}).items():
+            names = [entry] if isinstance(entry, str) else list(entry)
+            if any(isinstance(n, str) and n in available for n in names):
+                types.add(model_type)
+    return str(transformers.__version__), tuple(sorted(types))
 
 
 def _build(config: dict[str, Any]) -> Any:

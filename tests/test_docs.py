@@ -46,3 +46,31 @@ def test_every_example_config_runs_on_the_zoo(tmp_path: Path, monkeypatch: pytes
             assert written.keys() == base.keys()
         ran += 1
     assert ran == len(EXAMPLES)
+
+
+def test_the_model_types_page_is_generated_from_the_code() -> None:
+    from mergesmith.docs import generated_model_lists
+    from mergesmith.stacks import CHECKED_TYPES, derivable_types
+    from tests.tiny_transformers import TYPES
+
+    assert CHECKED_TYPES == TYPES  # the page's checked list is what tests/test_stacks.py checks
+    text = (ROOT / "docs" / "models.md").read_text()
+    found = derivable_types()
+    for marker, generated in generated_model_lists(str(ROOT)).items():
+        block = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", text, re.S)
+        assert block is not None, marker
+        if (
+            marker == "model-derived"
+            and found is not None
+            and f"transformers {found[0]}:" not in block.group(1)
+        ):
+            # written with another transformers release: the list has the form, its count its entries
+            head, _, listed = block.group(1).partition(":\n\n")
+            count = int(re.search(r"(\d+) model types$", head).group(1))  # type: ignore[union-attr]
+            assert count == len(listed.split(", ")) > 100
+            continue
+        assert block.group(1) == generated, f"docs/models.md ({marker}): run make readme"
+    section = text.split("<!-- model-rows:start -->\n")[1].split("<!-- model-rows:end -->")[0]
+    first_cells = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
+    listed = re.findall(r"`([\w-]+)`", "\n".join(first_cells))
+    assert section.startswith(f"{len(listed)} model types:")

@@ -273,9 +273,7 @@ def test_a_layout_the_row_does_not_describe_is_read_from_the_model_definition(tm
     state = {n.replace("model.language_model.lm_head", "lm_head"): v for n, v in state.items()}
     a = tiny.save(tmp_path / "new", state, mistral3_config())
     plan = build_plan(
-        load_config(
-            f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [1, 2]}}\n"
-        )
+        load_config(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [1, 2]}}\n")
     )
     assert plan.arch.modules == ("model.language_model.layers", "model.vision_tower.transformer.layers")
     t = {job.name: job.t for job in plan.jobs}
