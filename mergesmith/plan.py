@@ -362,8 +362,9 @@ class _Planner:
             _set_path(out_config, key, len(stacked))
             self.renumber_lists(out_config, key.rpartition(".")[0], stacked)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
-        if alignment is not None and "vocab_size" in out_config:
-            out_config["vocab_size"] = alignment.size
+        if alignment is not None:
+            for key in VOCAB_SIZE_KEYS:
+                _set_path(out_config, key, alignment.size)
         self.check_whole_model_density(jobs)
         if self.problems:
             raise CompatibilityError(self.problems + self.config_problems)
@@ -424,14 +425,18 @@ class _Planner:
                         f"{self.refs[self.reference]} has {a!r}: these models have different {what} and "
                         "cannot be merged tensor by tensor; merge only fine-tunes of one base model"
                     )
-            a, b = ref_cfg.get("vocab_size"), model.config.get("vocab_size")
-            if a is not None and b is not None and a != b and self.config.tokenizer_source is None:
-                self.problem(
-                    f"vocab_size: {self.refs[i]} has {b}, but {self.refs[self.reference]} has {a}: the "
-                    "vocabularies differ (added tokens?); merging embeddings row by row would mix "
-                    f"unrelated tokens. {ALIGN_HINT}",
-                    key="vocab-size",
+            for key in VOCAB_SIZE_KEYS:  # a vision-language model keeps it in its text_config
+                a, b = (
+                    _get_path(ref_cfg, key.rpartition(".")[0]).get("vocab_size"),
+                    _get_path(model.config, key.rpartition(".")[0]).get("vocab_size"),
                 )
+                if a is not None and b is not None and a != b and self.config.tokenizer_source is None:
+                    self.problem(
+                        f"{key}: {self.refs[i]} has {b}, but {self.refs[self.reference]} has {a}: the "
+                        "vocabularies differ (added tokens?); merging embeddings row by row would mix "
+                        f"unrelated tokens. {ALIGN_HINT}",
+                        key="vocab-size",
+                    )
         if self.config.tokenizer_source is None:
             self.check_same_tokens()
 
@@ -1044,6 +1049,10 @@ def _uses_gradients(config: MergeConfig) -> bool:
             if any(isinstance(v, list) and not is_condition_list(v) for v in values):
                 return True
     return False
+
+
+# where config.json holds the vocabulary size: the top level, or a vision-language model's text_config
+VOCAB_SIZE_KEYS = ("vocab_size", "text_config.vocab_size")
 
 
 def _get_path(config: dict[str, Any], path: str) -> dict[str, Any]:

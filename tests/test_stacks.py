@@ -153,3 +153,52 @@ def test_a_config_asking_for_a_million_layers_is_not_built() -> None:
     names = [f"model.layers.{i}.w" for i in range(2)]
     derived = derive({"model_type": "llama", "num_hidden_layers": 10**6}, names)
     assert derived.source == "tensor names"
+
+
+def _word_tokenizer(directory: Path, tokens: list[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(str(directory))
+
+
+def test_a_union_vocabulary_realigns_the_rows_of_a_vision_language_model(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from tests.tiny_transformers import VOCAB
+
+    tokens = [f"t{i}" for i in range(VOCAB)]
+    make_tiny("qwen2_vl", tmp_path / "a", seed=1)
+    _word_tokenizer(tmp_path / "a", tokens)
+    make_tiny("qwen2_vl", tmp_path / "b", seed=2)  # b adds two tokens, with rows of their own
+    b_state = tiny.load_state(tmp_path / "b")
+    grown = {
+        n: torch.cat([b_state[n], torch.randn(2, 32)])
+        for n in ("model.embed_tokens.weight", "lm_head.weight")
+    }
+    b_config = json.loads((tmp_path / "b" / "config.json").read_text())
+    b_config["text_config"]["vocab_size"] = VOCAB + 2
+    b_dir = tiny.save(tmp_path / "b2", {**b_state, **grown}, b_config)
+    _word_tokenizer(b_dir, [*tokens, "<img>", "<box>"])
+    a = tiny.load_state(tmp_path / "a")
+    text = (
+        f"merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: {tmp_path / 'a'}\n  - model: {b_dir}\n"
+        "dtype: float32\ntokenizer_source: union\n"
+    )
+    with pytest.raises(mergesmith.CompatibilityError, match=r"text_config\.vocab_size"):
+        mergesmith.validate(text.replace("tokenizer_source: union\n", ""))
+    mergesmith.merge(text, tmp_path / "out")
+    merged = tiny.load_state(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == VOCAB + 2
+    for name, rows in grown.items():
+        assert merged[name].shape[0] == VOCAB + 2
+        torch.testing.assert_close(merged[name][:VOCAB], (a[name] + rows[:VOCAB]) / 2)
+        torch.testing.assert_close(merged[name][VOCAB:], rows[VOCAB:])  # only b has them: b's rows
+    with quiet_transformers():
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB + 2
