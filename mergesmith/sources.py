@@ -49,6 +49,7 @@ QUANT_KEY = re.compile(
 )
 QUANT_FIX = "merge the unquantized (float16, bfloat16 or float32) model instead"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+KV_CACHE_SCALES = (".k_scale", ".v_scale", ".q_scale")  # compressed-tensors' kv_cache_scheme scales
 FP8_DEFAULT_BLOCK = (128, 128)  # transformers' default weight_block_size for quant_method "fp8"
 CT_FORMATS = ("float-quantized", "naive-quantized")  # compressed-tensors formats of plain FP8 weights
 FP8_READ_AS = torch.bfloat16  # the dtype a dequantized FP8 weight is reported as (and written as)
@@ -397,7 +398,8 @@ class Checkpoint:
     def _index_fp8(self, qc: Mapping[str, Any], *, compressed: bool) -> None:
         """Pair each FP8 weight with its scales: ``weight_scale_inv`` in blocks of
         ``weight_block_size`` (quant_method fp8), or a per-tensor or per-row ``weight_scale``
-        (compressed-tensors); the activation scales (``input_scale``) are left out of the model."""
+        (compressed-tensors); the activation scales (``input_scale``) and a compressed-tensors
+        model's key/value cache scales (``k_scale``, ``v_scale``) are left out of the model."""
         where = self.dir / "config.json"
         suffix = "_scale" if compressed else "_scale_inv"
         if not compressed:
@@ -457,6 +459,8 @@ class Checkpoint:
             activation = weight[: -len("weight")] + "input_scale"
             if compressed and activation in held:
                 self._fp8_hidden.add(activation)
+        if compressed:  # the key/value cache's (and attention's) quantization scales: no weights
+            self._fp8_hidden.update(n for n in held if n.endswith(KV_CACHE_SCALES))
         for name in sorted(held):
             info = self._raw_info(name)
             if info.dtype in FP8_DTYPES and name not in self.fp8_scales:

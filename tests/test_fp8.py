@@ -212,12 +212,24 @@ CT = {
 
 
 def ct_model(
-    directory: Path, state: dict[str, torch.Tensor], cfg: dict[str, Any], per_tensor: set[str]
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    per_tensor: set[str],
+    kv_cache: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``state`` saved as compressed-tensors FP8: one weight_scale per row ([out, 1]), or one for
-    the tensor ([1]) for the names in ``per_tensor``, and an input_scale beside each; returns what
-    each tensor means (dequantized)."""
+    the tensor ([1]) for the names in ``per_tensor``, and an input_scale beside each (with
+    ``kv_cache``, a k_scale and v_scale per attention layer too); returns what each tensor means
+    (dequantized)."""
     stored: dict[str, torch.Tensor] = {}
+    qc = dict(CT)
+    if kv_cache:
+        qc["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True}
+        for name in state:
+            if name.endswith("self_attn.q_proj.weight"):
+                for kind in ("k_scale", "v_scale"):
+                    stored[name.replace("q_proj.weight", kind)] = torch.tensor(0.25)
     meaning: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if not is_quantized(name, t):
@@ -238,7 +250,7 @@ def ct_model(
             for r in range(t.shape[0])
         ]
         meaning[name] = torch.tensor(rows, dtype=torch.float32)
-    tiny.save(directory, stored, {**cfg, "quantization_config": CT})
+    tiny.save(directory, stored, {**cfg, "quantization_config": qc})
     return meaning
 
 
@@ -247,10 +259,11 @@ def test_compressed_tensors_fp8_models_merge_as_their_dequantized_weights(tmp_pa
 
     base, cfg = tiny.llama_state(3)
     per_tensor = {"model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"}
-    ma = ct_model(tmp_path / "a", tiny.finetune(base, 4), cfg, per_tensor)
+    ma = ct_model(tmp_path / "a", tiny.finetune(base, 4), cfg, per_tensor, kv_cache=True)
     mb = ct_model(tmp_path / "b", tiny.finetune(base, 5), cfg, per_tensor)
+    assert any(n.endswith("k_scale") for n in tiny.load_state(tmp_path / "a"))
     ckpt = Checkpoint(tmp_path / "a")
-    assert sorted(ckpt.keys()) == sorted(ma)  # no weight_scale, no input_scale
+    assert sorted(ckpt.keys()) == sorted(ma)  # no weight_scale, input_scale, k_scale or v_scale
     text = (
         f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.3}}\n"
         f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.7}}\n"
