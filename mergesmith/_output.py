@@ -119,7 +119,7 @@ def write_file(path: Path, text: str) -> None:
 
 def write_marker(directory: Path, kind: str) -> None:
     """Write the :data:`MARKER` file saying this tool wrote ``directory`` and what it holds."""
-    from mergesmith import __version__
+    from mergesmith._version import __version__
 
     text = json.dumps({"written_by": "mergesmith", "version": __version__, "kind": kind}) + "\n"
     path = directory / MARKER

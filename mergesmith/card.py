@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergesmith import __version__
+from mergesmith._hub import HUB_ID
+from mergesmith._version import __version__
 
 if TYPE_CHECKING:
     from mergesmith.plan import Plan
@@ -44,13 +45,42 @@ def file_digest(path: Path, *, full: bool = False) -> str:
     return f"quick:{h.hexdigest()}"
 
 
+def hub_parents(plan: Plan) -> list[str]:
+    """The inputs that are Hub repositories (base first), as the Hub's ``base_model`` lists them;
+    local directories are no Hub metadata and are left out."""
+    refs = sorted(plan.refs, key=lambda r: r != plan.config.base_model)
+    found = [
+        r.path
+        for r in refs
+        if HUB_ID.match(r.path) and not r.path.startswith((".", "/", "~")) and not _local(r.path)
+    ]
+    return list(dict.fromkeys(found))
+
+
+def _local(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def front_matter(plan: Plan) -> str:
+    """The card's YAML metadata, written (and escaped) by huggingface_hub as the Hub reads it."""
+    from huggingface_hub import ModelCardData
+
+    parents = hub_parents(plan)
+    data = ModelCardData(
+        base_model=parents or None,
+        base_model_relation="merge" if parents else None,
+        library_name="transformers",
+        tags=["merge", "mergesmith"],
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def model_card(plan: Plan, digests: Mapping[Path, str], warnings: Sequence[str] = ()) -> str:
     cfg = plan.config
-    base = str(cfg.base_model) if cfg.base_model is not None else None
-    lines = ["---"]
-    if base:
-        lines.append(f"base_model: {base}")
-    lines += ["library_name: transformers", "tags:", "- merge", "- mergesmith", "---", ""]
+    lines = [front_matter(plan)]
     lines.append("# Merged model")
     lines.append("")
     lines.append(

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from mergesmith import __version__
 from mergesmith._mergekit_flags import add_mergekit_flags, apply_mergekit_flags
+from mergesmith._version import __version__
 
 if TYPE_CHECKING:
     from mergesmith.plan import Plan

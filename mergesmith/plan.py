@@ -124,6 +124,14 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
 
+    def __repr__(self) -> str:
+        models = ", ".join(map(str, self.refs))
+        return (
+            f"<Plan {self.method.name} of {len(self.refs)} model{'s' if len(self.refs) != 1 else ''} "
+            f"({models}): {len(self.jobs)} tensors in {len(self.shards)} shard"
+            f"{'s' if len(self.shards) != 1 else ''}, {self.write_bytes / 1e6:.1f} MB>"
+        )
+
     def whole_model_jobs(self) -> list[Job]:
         """The jobs whose method trims each model over its whole task vector."""
         return whole_model_jobs(self.method, self.jobs)

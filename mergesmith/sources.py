@@ -2,8 +2,7 @@
 
 A source has ``keys()``, ``info(name)`` (shape and dtype from headers, no data read) and
 ``get(name)`` (the tensor's data, read on demand). :class:`Checkpoint` reads a model directory
-(safetensors single or sharded, or PyTorch ``.bin`` loaded with ``weights_only``);
-:class:`DictSource` serves tensors held in memory.
+(safetensors single or sharded, or PyTorch ``.bin`` loaded with ``weights_only``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 
-__all__ = ["Checkpoint", "DictSource", "TensorInfo", "TensorSource"]
+__all__ = ["Checkpoint", "TensorInfo", "TensorSource"]
 
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -134,30 +133,6 @@ class TensorSource(Protocol):
     def info(self, name: str) -> TensorInfo: ...
 
     def get(self, name: str) -> torch.Tensor: ...
-
-
-class DictSource:
-    """Tensors held in memory, for tests and programmatic use."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "<memory>") -> None:
-        self.tensors = dict(tensors)
-        self.name = name
-        self.config: dict[str, Any] = {}
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        t = self._tensor(name)
-        return TensorInfo(tuple(t.shape), t.dtype, self.name)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name).clone()
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
-            raise CheckpointError(f"{self.name}: no tensor named {name!r}")
-        return self.tensors[name]
 
 
 def _link_root(model_dir: Path) -> Path:
