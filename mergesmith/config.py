@@ -13,7 +13,7 @@ import yaml
 
 from mergesmith import _yaml, chat_templates
 from mergesmith._text import printable
-from mergesmith.errors import ConfigError
+from mergesmith.errors import ConfigError, ConfigWarning
 from mergesmith.methods import REGISTRY, Method, get_method
 from mergesmith.parameters import ParamInfo, check_setting, is_condition_list
 from mergesmith.tokenizer_spec import TokenizerSpec, parse_tokenizer
@@ -60,10 +60,6 @@ TOP_KEYS = (
     "name",
     "seed",
 )
-
-
-class ConfigWarning(UserWarning):
-    """A config setting that is accepted, as mergekit accepts it, but has no effect."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "CompatibilityError",
     "ConfigError",
+    "ConfigWarning",
     "MergesmithError",
     "MethodError",
     "OutputError",
@@ -72,3 +73,8 @@ class MethodError(MergesmithError):
 
 class OutputError(MergesmithError):
     """The output directory is refused or could not be written."""
+
+
+class ConfigWarning(UserWarning):
+    """A config setting that is accepted, as mergekit accepts it, but has no effect (printed as
+    ``warning: ...`` by the command line; an error under ``python -W error``)."""
