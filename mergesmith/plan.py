@@ -334,6 +334,8 @@ class _Planner:
         self.misfits: set[int] = set()  # models whose config.json already disagrees
         self._seen_problems: set[str] = set()
         self._alignment: Alignment | bool | None = False  # False: not worked out yet
+        self._key_cache: dict[int, set[str]] = {}
+        self._layer_cache: dict[tuple[str, int], list[int]] = {}
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
         out_name = config.out_dtype or config.dtype
         self.out_dtype: torch.dtype | None = getattr(torch, out_name) if out_name else None
@@ -613,16 +615,12 @@ class _Planner:
         return None
 
     def _keys(self, model: int) -> set[str]:
-        if not hasattr(self, "_key_cache"):
-            self._key_cache: dict[int, set[str]] = {}
         if model not in self._key_cache:
             self._key_cache[model] = set(self.models[model].keys())
         return self._key_cache[model]
 
     def tensor_layers(self, model: int) -> list[int]:
         """The layer indices ``model``'s tensors hold, sorted."""
-        if not hasattr(self, "_layer_cache"):
-            self._layer_cache: dict[tuple[str, int], list[int]] = {}
         key = (self.arch.name, model)  # a module's layer stack is its own
         if key not in self._layer_cache:
             found = {self.arch.layer_of(n) for n in self._keys(model)}

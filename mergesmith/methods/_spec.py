@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
+from mergesmith.errors import MethodError
 from mergesmith.parameters import ParamInfo, param_infos
 
 P = TypeVar("P")
@@ -107,5 +108,5 @@ class Method(Generic[P, M]):
 def base_of(inputs: MergeInputs[Any, Any]) -> torch.Tensor:
     """The base tensor of a method that requires one (the planner always supplies it)."""
     if inputs.base is None:
-        raise ValueError(f"{inputs.tensor_name}: this method needs the base model's tensor")
+        raise MethodError(f"{inputs.tensor_name}: this method needs the base model's tensor; give base_model")
     return inputs.base
