@@ -146,8 +146,12 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def _layer_key(job: Job) -> str:
+def _layer_key(plan: Plan, job: Job) -> str:
+    """The layer a job's figures are summed under: its index, preceded by its module's name where
+    the model has several layer stacks (``visual.blocks 3``, ``model.layers 3``)."""
     if job.layer is not None:
+        if len(plan.arch.parts) > 1:
+            return f"{plan.arch.module_of(job.name)} {job.layer}"
         return str(job.layer)
     return "embed" if "embed" in job.name or job.name.endswith("wte.weight") else "other"
 
@@ -480,7 +484,7 @@ def _measure(
             density if density is not None else float(mp.get("density", DEFAULT_DENSITY))
             for mp in job.model_params
         ]
-        tally.add(_layer_key(job), values[0], models, values[1:], dens, scale)
+        tally.add(_layer_key(plan, job), values[0], models, values[1:], dens, scale)
         for m, e in zip(models, equal):
             tally.untouched[m] += int(e)
 

@@ -202,3 +202,20 @@ def test_a_union_vocabulary_realigns_the_rows_of_a_vision_language_model(tmp_pat
     with quiet_transformers():
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     assert model.get_input_embeddings().weight.shape[0] == VOCAB + 2
+
+
+def test_diagnose_keeps_the_layers_of_each_stack_apart(tmp_path: Path) -> None:
+    from mergesmith.diagnose import diagnose
+
+    for name, seed in (("base", 1), ("a", 2), ("b", 3)):
+        make_tiny("qwen2_vl", tmp_path / name, seed=seed)
+    report = diagnose(
+        f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+        f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1, density: 0.5}}\n"
+        f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 1, density: 0.5}}\n",
+        sample=0,
+    )
+    stacked = [k for k in report.layers if k not in ("embed", "other")]
+    assert sorted(stacked) == sorted(
+        [f"model.layers {i}" for i in range(3)] + [f"visual.blocks {i}" for i in range(2)]
+    )
