@@ -29,6 +29,7 @@ from mergesmith.sources import Checkpoint, TensorInfo
 __all__ = ["AdaptedCheckpoint", "Adapter", "read_adapter"]
 
 _PREFIX = "base_model.model."
+MAX_PATTERN = 2000  # characters of a module-name regular expression in adapter_config.json
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _EMBED_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
 
@@ -124,12 +125,61 @@ def _check_patterns(config: dict[str, Any], key: str, valid: Any, expected: str,
         )
         return
     for pattern, value in patterns.items():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            problems.append(f"{key} pattern {_shown(pattern)} is not a regular expression ({exc}){_FIX}")
+        _check_regex(f"{key} pattern", pattern, problems)
         if not valid(value):
             problems.append(f"{key}[{_shown(pattern)}] is {_shown(value)}; expected {expected}{_FIX}")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether a regular expression repeats something that itself repeats (``(a+)+``, ``(.*)*``):
+    such a pattern can take exponential time on a name it almost matches, so it is not run."""
+    try:
+        from re import _constants, _parser  # type: ignore[attr-defined]
+    except ImportError:  # a Python without the parser module: no check
+        return False
+    repeats = {_constants.MAX_REPEAT, _constants.MIN_REPEAT, getattr(_constants, "POSSESSIVE_REPEAT", None)}
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                _low, high, sub = av
+                if high > 1 and inside:
+                    return True
+                if walk(sub, inside or high > 1):
+                    return True
+            elif op is _constants.SUBPATTERN:
+                if walk(av[-1], inside):
+                    return True
+            elif op is _constants.BRANCH:
+                if any(walk(branch, inside) for branch in av[1]):
+                    return True
+            elif op in (_constants.ASSERT, _constants.ASSERT_NOT) and walk(av[1], inside):
+                return True
+        return False
+
+    try:
+        return walk(_parser.parse(pattern), False)
+    except Exception:  # re.compile reports a malformed pattern
+        return False
+
+
+def _check_regex(what: str, pattern: str, problems: list[str]) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        problems.append(f"{what} {_shown(pattern)} is not a regular expression ({exc}){_FIX}")
+        return
+    if len(pattern) > MAX_PATTERN or _nested_repeat(pattern):
+        problems.append(
+            f"{what} {_shown(pattern[:80])} "
+            + (
+                f"is {len(pattern)} characters long, more than {MAX_PATTERN}"
+                if len(pattern) > MAX_PATTERN
+                else "repeats a group that itself repeats, which can take exponential time to match"
+            )
+            + "; list the module names instead, or write the pattern without nested repetition"
+            + _FIX
+        )
 
 
 def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
@@ -163,10 +213,7 @@ def check_config(config: Any, cfg_file: Path) -> dict[str, Any]:
     _check_patterns(config, "alpha_pattern", _is_number, "a finite number", problems)
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            problems.append(f"target_modules {_shown(targets)} is not a regular expression ({exc}){_FIX}")
+        _check_regex("target_modules", targets, problems)
     elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         problems.append(
             f"target_modules is {_shown(targets)}; expected a list of module names or a regular expression{_FIX}"

@@ -428,6 +428,12 @@ def test_fan_in_fan_out_follows_the_layer_as_in_peft(adapters: dict[str, Any], t
             "trainable tokens (trainable_token_indices: [3]) cannot",
         ),
         ('{"r": 2, "peft_type": "IA3"}', 'peft_type "IA3" is not LoRA'),
+        (
+            '{"r": 2, "target_modules": "(\\\\w+\\\\.?)*x"}',
+            'target_modules "(\\\\w+\\\\.?)*x" repeats a group that itself repeats',
+        ),
+        ('{"r": 2, "rank_pattern": {"(.*)*_proj": 4}}', 'rank_pattern pattern "(.*)*_proj" repeats a group'),
+        ('{"r": 2, "target_modules": "' + "q" * 3000 + '"}', "is 3000 characters long, more than 2000"),
     ],
 )
 def test_adapter_config_is_checked_whole(tmp_path: Path, config: str, found: str) -> None:
