@@ -710,6 +710,23 @@ def _print_diagnosis(plan: Plan) -> None:
         )
 
 
+def _report_outside_inputs(out: str, models: Sequence[str | None]) -> None:
+    """Reports are never written into an input model's directory (a ``base+adapter`` names two)."""
+    from pathlib import Path
+
+    from mergesmith.errors import OutputError
+
+    target = Path(out).resolve()
+    for spec in _paths([m for m in models if m]):
+        for part in dict.fromkeys([spec, *spec.split("+")]):
+            src = Path(part)
+            if part and src.is_dir() and (target == src.resolve() or src.resolve() in target.parents):
+                raise OutputError(
+                    f"--out {out} is inside input model {part}; the report would be written into the "
+                    "model's directory: choose a directory outside every input model"
+                )
+
+
 def _paths(models: Sequence[str]) -> list[str]:
     return [m.partition("=")[2] if "=" in m else m for m in models]
 
@@ -773,6 +790,7 @@ def _compare(args: argparse.Namespace) -> int:
     from mergesmith.evaluate import load_task
     from mergesmith.report import compare, labels, write_report
 
+    _report_outside_inputs(args.out, [*args.parents, *args.merged, *([args.base] if args.base else [])])
     tasks = [load_task(t) for t in args.tasks]
     parents = dict(zip(labels(args.parents), _paths(args.parents)))
     merged = {label: (path, list(parents)) for label, path in zip(labels(args.merged), _paths(args.merged))}

@@ -261,3 +261,20 @@ def test_compare_cli_puts_the_models_side_by_side(tmp_path: Path, capsys: pytest
     progress = captured.err.splitlines()
     assert progress[0] == f"model 1/4: {ZOO / 'models' / 'base'}" and progress[-3] == f"model 4/4: {merged}"
     assert progress[-2:] == ["  task 1/2: add (200 examples)", "  task 2/2: rev (200 examples)"]
+
+
+@pytest.mark.parametrize("inside", ["merged", "merged/reports", "adapter"])
+def test_compare_never_writes_into_an_input_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], inside: str
+) -> None:
+    from mergesmith.cli import main
+
+    for name in ("merged", "adapter"):
+        (tmp_path / name).mkdir()
+    argv = ["compare", "--tasks", str(ZOO / "tasks" / "add.jsonl"), "--parents", str(ZOO / "models" / "add")]
+    argv += ["--merged", f"m={tmp_path / 'merged'}", f"la={ZOO / 'models' / 'base'}+{tmp_path / 'adapter'}"]
+    assert main([*argv, "--out", str(tmp_path / inside)]) == 1
+    err = capsys.readouterr().err
+    assert f"is inside input model {tmp_path / inside.split('/')[0]}" in err and "Traceback" not in err
+    assert not (tmp_path / "merged" / "reports").exists()
+    assert list((tmp_path / "merged").iterdir()) == []
