@@ -20,27 +20,9 @@ from typing import Any
 
 import torch
 
-TYPES: tuple[str, ...] = (
-    "llama",
-    "qwen2",
-    "qwen3",
-    "gemma3",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "llava",
-    "idefics3",
-    "mllama",
-    "t5",
-    "bart",
-    "whisper",
-    "bert",
-    "mixtral",
-    "qwen3_moe",
-    "deepseek_v3",
-    "jamba",
-    "falcon_h1",
-    "lfm2",
-)
+from mergesmith.stacks import CHECKED_TYPES
+
+TYPES = CHECKED_TYPES  # the model types docs/models.md lists as checked stack by stack
 
 VOCAB = 128
 HIDDEN = 32
