@@ -39,7 +39,9 @@ PROMPTS = {
 
 def expert_yaml(skill: str, indent: str = "  ", extra: str = "") -> str:
     prompts = ", ".join(f'"{p}"' for p in PROMPTS[skill])
-    return f"{indent}- source_model: {ROOT}/zoo/models/{skill}\n{indent}  positive_prompts: [{prompts}]\n{extra}"
+    return (
+        f"{indent}- source_model: {ROOT}/zoo/models/{skill}\n{indent}  positive_prompts: [{prompts}]\n{extra}"
+    )
 
 
 def config(
@@ -67,7 +69,11 @@ CASES: dict[str, tuple[str, str]] = {
     "random": (config("random"), "mixtral"),
     "uniform_random": (config("uniform_random"), "mixtral"),
     "negative_residual": (
-        config("hidden", skills=("add", "rev"), extra='    negative_prompts: ["pl 47+38="]\n    residual_scale: 0.5\n'),
+        config(
+            "hidden",
+            skills=("add", "rev"),
+            extra='    negative_prompts: ["pl 47+38="]\n    residual_scale: 0.5\n',
+        ),
         "mixtral",
     ),
     # the shared expert is the base: mergekit-moe 0.1.5 opens only the base and the routed experts
@@ -153,7 +159,9 @@ def main() -> int:
         print(f"skipped: no mergekit-moe in {mergekit}/bin (pip install mergekit there)")
         return 0
     failed = 0
-    print(f"| case | same names/shapes/dtypes | router max diff | exact tensors | differing |\n|---|---|---|---|---|")
+    print(
+        "| case | same names/shapes/dtypes | router max diff | exact tensors | differing |\n|---|---|---|---|---|"
+    )
     for name in args.only or CASES:
         r = run_case(name, Path(args.out), mergekit)
         bad = not r["same_layout"] or r["differ"] or float(r["router_max_diff"]) > args.atol  # type: ignore[arg-type]

@@ -16,9 +16,9 @@ import torch
 from mergesmith import _output
 from mergesmith._safetensors import ShardWriter
 from mergesmith.config import DTYPES, ModelRef
-from mergesmith.errors import CheckpointError, ConfigError, MergesmithError
+from mergesmith.errors import ConfigError, MergesmithError
 from mergesmith.moe import gates
-from mergesmith.moe.config import Expert, MoEConfig, load_moe_config
+from mergesmith.moe.config import Expert, MoEConfig, read_moe_config
 from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, out_config
 from mergesmith.sources import Checkpoint
 
@@ -70,8 +70,7 @@ class MoEPlan:
 def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
     """Open and check every model from its headers; every problem is reported at once, each
     with the config line it comes from."""
-    cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
-    problems: list[str] = []
+    cfg, problems = (config, []) if isinstance(config, MoEConfig) else read_moe_config(config)
     opened: dict[str, Checkpoint] = {}
 
     def open_ref(ref: ModelRef, where: str) -> Checkpoint | None:
@@ -88,14 +87,16 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
             return None
         return opened[key]
 
-    base = open_ref(cfg.base, f"{cfg.line('base_model')}base_model")
-    routed = [open_ref(e.source, f"line {e.line}: experts[{i}].source_model") for i, e in enumerate(cfg.experts)]
+    base = open_ref(cfg.base, f"{cfg.line('base_model')}base_model") if cfg.base.path else None
+    routed = [
+        open_ref(e.source, f"line {e.line}: experts[{i}].source_model") for i, e in enumerate(cfg.experts)
+    ]
     shared = [
         open_ref(e.source, f"line {e.line}: shared_experts[{i}].source_model")
         for i, e in enumerate(cfg.shared_experts)
     ]
-    if base is None:
-        raise ConfigError(problems, cfg.source)
+    if base is None or problems:  # sizes and shapes are checked on a well-formed config
+        raise ConfigError(by_line(problems), cfg.source)
     model_type = str(base.config.get("model_type", ""))
     layout = _layout(cfg, model_type, problems)
     layers, hidden = _sizes(base, problems)
@@ -115,7 +116,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         _check_head_dim(base, problems)
     dtype = _out_dtype(cfg, base, problems)
     if problems:
-        raise ConfigError(problems, cfg.source)
+        raise ConfigError(by_line(problems), cfg.source)
     assert layout is not None
     assert all(m is not None for m in routed) and all(m is not None for m in shared)
     plan = MoEPlan(
@@ -131,6 +132,16 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
     )
     plan.tensors = _tensors(plan, torch.Generator().manual_seed(seed))
     return plan
+
+
+def by_line(problems: list[str]) -> list[str]:
+    """Problems in the order of the config lines they name (those naming none last)."""
+
+    def line(p: str) -> int:
+        m = re.match(r"line (\d+):", p)
+        return int(m.group(1)) if m else 1 << 30
+
+    return sorted(problems, key=line)
 
 
 def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | None:
@@ -197,14 +208,14 @@ def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, 
                 f"{base.config.get(key)!r}; experts must be fine-tunes of the base model"
             )
             return
-    keys = set(model.keys())
+    keys, base_keys = set(model.keys()), set(base.keys())
     for n in range(layers):
         for part in SOURCE_MLP:
             name = f"model.layers.{n}.mlp.{part}.weight"
             if name not in keys:
                 problems.append(f"{where}: no tensor {name}; experts must be fine-tunes of the base model")
                 return
-            want = base.info(name).shape if name in base.keys() else None
+            want = base.info(name).shape if name in base_keys else None
             got = model.info(name).shape
             if want is not None and got != want:
                 problems.append(
@@ -218,12 +229,13 @@ def _check_head_dim(base: Checkpoint, problems: list[str]) -> None:
     cfg = base.config
     head_dim = cfg.get("head_dim")
     heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
-    if isinstance(head_dim, int) and isinstance(heads, int) and isinstance(hidden, int):
-        if head_dim * heads != hidden:
-            problems.append(
-                f"base_model {base.name}: head_dim {head_dim} x {heads} heads is not hidden_size {hidden}; "
-                "qwen2_moe assumes it is: use architecture mixtral"
-            )
+    if not (isinstance(head_dim, int) and isinstance(heads, int) and isinstance(hidden, int)):
+        return
+    if head_dim * heads != hidden:
+        problems.append(
+            f"base_model {base.name}: head_dim {head_dim} x {heads} heads is not hidden_size {hidden}; "
+            "qwen2_moe assumes it is: use architecture mixtral"
+        )
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -236,7 +248,11 @@ def _out_dtype(cfg: MoEConfig, base: Checkpoint, problems: list[str]) -> torch.d
         given = base.config.get("dtype") or base.config.get("torch_dtype")
         name = DTYPES.get(str(given).lower()) if given else None
     if name is None:
-        return base.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in base.keys() else torch.float32
+        return (
+            base.info("model.embed_tokens.weight").dtype
+            if "model.embed_tokens.weight" in set(base.keys())
+            else torch.float32
+        )
     dtype = getattr(torch, name)
     assert isinstance(dtype, torch.dtype)
     return dtype
@@ -253,7 +269,7 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
     def copy(model: Checkpoint, name: str) -> Callable[[], torch.Tensor]:
         return lambda: model.get(name).to(dtype)
 
-    for name in base.keys():
+    for name in list(base.keys()):
         if not MLP.match(name):
             out.append(OutTensor(name, base.info(name).shape, dtype, copy(base, name)))
     if layout.name == "qwen2_moe":
@@ -314,8 +330,12 @@ def _zero_biases(base: Checkpoint, layers: int, dtype: torch.dtype) -> list[OutT
             weight = f"model.layers.{n}.self_attn.{p}.weight"
             if bias not in keys and weight in keys:
                 rows = base.info(weight).shape[0]
-                out.append(OutTensor(bias, (rows,), dtype, lambda rows=rows: torch.zeros(rows, dtype=dtype)))
+                out.append(OutTensor(bias, (rows,), dtype, _zeros(rows, dtype)))
     return out
+
+
+def _zeros(rows: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: torch.zeros(rows, dtype=dtype)
 
 
 def pack(tensors: Sequence[OutTensor], limit: int) -> list[list[OutTensor]]:
@@ -356,7 +376,10 @@ def moe(
     out = Path(out_dir)
     seen = _output.check_output(out, plan.inputs, force)
     tell = say or (lambda line: None)
-    with using_threads(threads), _output.staged_output(out, plan.inputs, force=force, seen=seen, kind="moe") as stage:
+    with (
+        using_threads(threads),
+        _output.staged_output(out, plan.inputs, force=force, seen=seen, kind="moe") as stage,
+    ):
         cfg = plan.config
         gated = list(cfg.experts)
         if plan.layout.name == "qwen2_moe":
@@ -379,9 +402,11 @@ def moe(
 def write(plan: MoEPlan, stage: Path, limit: int, say: Callable[[str], None]) -> None:
     """Write the tensors, one at a time, then config.json, the tokenizer and the config."""
     shards = pack(plan.tensors, limit)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     layer_seen = -1
     for shard, name in zip(shards, names):
         writer = ShardWriter(stage / name, {t.name: (t.dtype, t.shape) for t in shard})
@@ -410,4 +435,3 @@ def write(plan: MoEPlan, stage: Path, limit: int, say: Callable[[str], None]) ->
             (stage / "mergesmith_moe_config.yml").write_text(plan.config.text)
     except OSError as exc:
         raise _output.os_error(exc.filename or stage, exc) from None
-

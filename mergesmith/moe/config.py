@@ -26,7 +26,7 @@ from mergesmith._text import printable
 from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "GATE_MODES", "Expert", "MoEConfig", "load_moe_config"]
+__all__ = ["ARCHITECTURES", "GATE_MODES", "Expert", "MoEConfig", "load_moe_config", "read_moe_config"]
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 ARCHITECTURES = {
@@ -89,6 +89,16 @@ class MoEConfig:
 def load_moe_config(source: str | Path, *, text: str | None = None) -> MoEConfig:
     """Read a mergekit-moe config file (or ``text``) and check its schema; every problem is
     reported at once in one ConfigError with its line."""
+    config, problems = read_moe_config(source, text=text)
+    if problems:
+        raise ConfigError(problems, config.source)
+    return config
+
+
+def read_moe_config(source: str | Path, *, text: str | None = None) -> tuple[MoEConfig, list[str]]:
+    """The config as far as it can be read, and the problems of its schema (each with its line),
+    for the caller to report together with the problems of the models it names. A YAML file that
+    cannot be read at all, or is no mapping, is a ConfigError at once."""
     where = str(source)
     if text is None:
         path = Path(source)
@@ -121,7 +131,7 @@ class _Reader:
         where = f"line {line}: " if line else ""
         self.problems.append(printable(f"{where}{path}: {message}"))
 
-    def run(self, doc: Mapping[str, Any]) -> MoEConfig:
+    def run(self, doc: Mapping[str, Any]) -> tuple[MoEConfig, list[str]]:
         for key in doc:
             if key not in TOP_KEYS:
                 self.add(doc, key, key, f"unknown key{_suggest(key, TOP_KEYS)}")
@@ -143,11 +153,8 @@ class _Reader:
             )
         self._prompts(doc, gate_mode, experts, shared)
         self._shared(doc, arch, shared)
-        if self.problems:
-            raise ConfigError(self.problems, self.source)
-        assert base is not None
-        return MoEConfig(
-            base=base,
+        config = MoEConfig(
+            base=base or ModelRef(""),
             experts=tuple(experts),
             shared_experts=tuple(shared),
             gate_mode=gate_mode or "hidden",
@@ -158,6 +165,7 @@ class _Reader:
             text=self.text,
             lines=dict(getattr(doc, "lines", {})),
         )
+        return config, self.problems
 
     def _ref(self, container: Any, key: str, path: str, *, required: bool) -> ModelRef | None:
         value = container.get(key)
@@ -178,7 +186,9 @@ class _Reader:
             return default
         if not isinstance(value, str) or value.lower() not in options:
             shown = _suggest(str(value), options)
-            self.add(doc, key, key, f"unknown value {_yaml.shown(value)}{shown}; use one of {', '.join(options)}")
+            self.add(
+                doc, key, key, f"unknown value {_yaml.shown(value)}{shown}; use one of {', '.join(options)}"
+            )
             return default
         return value.lower()
 
@@ -214,7 +224,12 @@ class _Reader:
                 self.add(doc, None, key, f"missing {key}: list the expert models (source_model: PATH)")
             return []
         if not isinstance(items, list) or (required and not items):
-            self.add(doc, key, key, f"expected a list of experts (source_model: PATH, ...), found {_yaml.shown(items)}")
+            self.add(
+                doc,
+                key,
+                key,
+                f"expected a list of experts (source_model: PATH, ...), found {_yaml.shown(items)}",
+            )
             return []
         out: list[Expert] = []
         for i, item in enumerate(items):
@@ -231,7 +246,7 @@ class _Reader:
             noise = self._number(item, "noise_scale", path)
             residual = self._number(item, "residual_scale", path)
             if ref is not None:
-                line = _yaml.line_of(item, "source_model") or getattr(item, "line", 0)
+                line = _yaml.line_of(item, "source_model") or int(getattr(item, "line", 0))
                 out.append(Expert(ref, positive, negative, noise, residual, line))
         return out
 
@@ -240,7 +255,9 @@ class _Reader:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-            self.add(item, key, f"{path}.{key}", f"expected a list of prompt texts, found {_yaml.shown(value)}")
+            self.add(
+                item, key, f"{path}.{key}", f"expected a list of prompt texts, found {_yaml.shown(value)}"
+            )
             return ()
         return tuple(value)
 
@@ -266,10 +283,15 @@ class _Reader:
                     f"line {e.line}: experts[{i}]: gate_mode {mode} routes by prompts, and this expert has "
                     "no positive_prompts; give a few prompts of what it should handle"
                 )
-        if len(experts) > 1 and all(
-            (e.positive_prompts, e.negative_prompts) == (experts[0].positive_prompts, experts[0].negative_prompts)
-            for e in experts[1:]
-        ) and experts[0].positive_prompts:
+        if (
+            len(experts) > 1
+            and all(
+                (e.positive_prompts, e.negative_prompts)
+                == (experts[0].positive_prompts, experts[0].negative_prompts)
+                for e in experts[1:]
+            )
+            and experts[0].positive_prompts
+        ):
             self.add(
                 doc,
                 "experts",
@@ -309,4 +331,3 @@ class _Reader:
 def _suggest(word: str, options: Any) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-

@@ -33,9 +33,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> Any:
     """The prompts as mergekit-moe tokenizes them: BOS text prepended, no special tokens added,
     padded on the left."""
     bos = tokenizer.bos_token or ""
-    return tokenizer(
-        [bos + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
-    )
+    return tokenizer([bos + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
 
 
 def load_tokenizer(directory: str) -> Any:
@@ -66,17 +64,23 @@ def hidden_rows(model: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Ten
         out = model(**batch, output_hidden_states=True, return_dict=True)
     states = torch.stack(out.hidden_states[:-1])  # (layers, prompts, positions, hidden)
     last = states[:, :, -1, :]
-    return last.sum(dim=1) / last.shape[1]
+    rows: torch.Tensor = last.sum(dim=1) / last.shape[1]
+    return rows
 
 
-def cheap_embed_rows(embed: torch.Tensor, tokenizer: Any, prompts: Sequence[str], layers: int) -> torch.Tensor:
+def cheap_embed_rows(
+    embed: torch.Tensor, tokenizer: Any, prompts: Sequence[str], layers: int
+) -> torch.Tensor:
     """(layers, hidden): the prompts' token embeddings summed, scaled to unit length, repeated."""
     batch = tokenize(tokenizer, prompts)
-    onehot = torch.nn.functional.one_hot(batch["input_ids"], num_classes=embed.shape[0])
+    ids: torch.Tensor = batch["input_ids"]
+    onehot: torch.Tensor = torch.nn.functional.one_hot(ids, num_classes=embed.shape[0])
     h = onehot.float() @ embed.float()
-    summed = (h * batch["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
-    row = summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    return row.repeat(layers, 1)
+    mask: torch.Tensor = batch["attention_mask"]
+    summed = (h * mask.unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+    row: torch.Tensor = summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    rows: torch.Tensor = row.repeat(layers, 1)
+    return rows
 
 
 def gate_rows(
@@ -112,7 +116,9 @@ def gate_rows(
     else:
         model = load_base(base_dir, device)
         if model.config.num_hidden_layers != layers:
-            raise CheckpointError(f"{base_dir}: transformers reads {model.config.num_hidden_layers} layers, not {layers}")
+            raise CheckpointError(
+                f"{base_dir}: transformers reads {model.config.num_hidden_layers} layers, not {layers}"
+            )
 
         def rows_of(prompts: Sequence[str]) -> torch.Tensor:
             return hidden_rows(model, tokenizer, prompts)
@@ -137,7 +143,7 @@ def load_base(directory: str, device: str | torch.device) -> Any:
 
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=HIDDEN_DTYPE)
+            model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=HIDDEN_DTYPE)
     except Exception as exc:  # transformers fails in many ways on a broken or foreign directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
@@ -145,4 +151,4 @@ def load_base(directory: str, device: str | torch.device) -> Any:
             f"gates ({type(exc).__name__}: {first[:200]}); use gate_mode cheap_embed or random, or "
             "fix the base model"
         ) from None
-    return model.to(device).eval()
+    return model.to(torch.device(device)).eval()

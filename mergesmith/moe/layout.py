@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LAYOUTS", "Layout", "SOURCE_MLP", "out_config"]
+__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "out_config"]
 
 SOURCE_MLP = ("gate_proj", "up_proj", "down_proj")
 CARRIED = (
