@@ -262,6 +262,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     mo.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     mo.add_argument("--dry-run", action="store_true", help="check the config and its models, write nothing")
+    mo.add_argument(
+        "--report",
+        nargs="+",
+        metavar="TASK",
+        help="after building, route these JSONL tasks through the model and write "
+        "routing_report.{md,json} beside it: per layer, the share of tokens sent to each expert",
+    )
+    mo.add_argument("--batch-size", type=_at_least_1, default=32, help="--report: examples per forward pass")
     _threads_option(mo)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(

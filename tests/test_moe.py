@@ -350,3 +350,49 @@ def test_same_output_as_mergekit_moe(case: str, tmp_path: Path) -> None:
     assert result["differ"] == [], result
     assert result["router_max_diff"] <= 1e-3, result
     assert result["exact"] > 0
+
+
+def test_routing_report_counts_the_experts_the_routers_choose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.evaluate import load_model, load_task
+    from mergesmith.moe.routing import routing
+
+    cfg = zoo_config(tmp_path, "hidden", ("add", "rev", "sort"), experts_per_token=1)
+    task_file = tmp_path / "mixed.jsonl"
+    task_file.write_text(
+        '{"prompt": "ad 47+38=", "answer": "85"}\n{"prompt": "rv kfqz=", "answer": "zqfk"}\n'
+        '{"prompt": "so dcba=", "answer": "abcd"}\n'
+    )
+    out = tmp_path / "out"
+    assert main(["moe", str(cfg), str(out), "--report", str(task_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "## mixed (" in printed and "| layer | add | rev | sort |" in printed
+    data = json.loads((out / "routing_report.json").read_text())
+    assert (out / "routing_report.md").is_file()
+
+    net, tok = load_model(out)
+    state = tiny.load_state(out)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.post_attention_layernorm.register_forward_hook(
+            lambda m, a, o, n=n: inputs.__setitem__(n, o.detach())  # the routers' input
+        )
+        for n, layer in enumerate(net.model.layers)
+    ]
+    counts = torch.zeros(4, 3)
+    tokens = 0
+    for ex in load_task(task_file).examples:
+        ids = tok(ex.prompt + ex.answer, return_tensors="pt")["input_ids"]
+        tokens += ids.shape[1]
+        with torch.no_grad():
+            net(ids)
+        for n in range(4):
+            gate = state[f"model.layers.{n}.block_sparse_moe.gate.weight"].float()
+            counts[n] += torch.bincount((inputs[n][0] @ gate.T).argmax(dim=-1), minlength=3)
+    for h in hooks:
+        h.remove()
+    assert data["tokens"] == {"mixed": tokens}
+    assert torch.allclose(torch.tensor(data["shares"]["mixed"]), counts / tokens)
+    again = routing(out, [load_task(task_file)], ["add", "rev", "sort"])
+    assert again.shares["mixed"] == data["shares"]["mixed"]

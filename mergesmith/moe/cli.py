@@ -19,6 +19,11 @@ def run_cli(args: Any, say: Callable[[str], None]) -> int:
         plan = plan_moe(args.config, seed=args.seed)
         print(describe(plan))
         return 0
+    tasks = []
+    if args.report:  # a bad task file is found before the build, not after it
+        from mergesmith.evaluate import load_task
+
+        tasks = [load_task(t) for t in args.report]
     start = time.perf_counter()
     plan = moe(
         args.config,
@@ -37,6 +42,18 @@ def run_cli(args: Any, say: Callable[[str], None]) -> int:
         f"{printable(str(args.out_dir))} ({len(plan.tensors)} tensors, {size:.1f} MB) in "
         f"{time.perf_counter() - start:.1f} s"
     )
+    if tasks:
+        from pathlib import Path
+
+        from mergesmith.moe.routing import routing, write_routing
+
+        labels = [e.label for e in plan.config.experts]
+        report = routing(args.out_dir, tasks, labels, batch_size=args.batch_size, device=args.device, say=say)
+        print(printable(report.to_markdown()), end="")
+        print(
+            "routing report written to "
+            + ", ".join(str(p) for p in write_routing(report, Path(args.out_dir)))
+        )
     return 0
 
 
