@@ -396,3 +396,27 @@ def test_routing_report_counts_the_experts_the_routers_choose(
     assert torch.allclose(torch.tensor(data["shares"]["mixed"]), counts / tokens)
     again = routing(out, [load_task(task_file)], ["add", "rev", "sort"])
     assert again.shares["mixed"] == data["shares"]["mixed"]
+
+
+def test_an_expert_may_be_a_base_with_a_lora_adapter(tmp_path: Path) -> None:
+    from mergesmith.config import ModelRef
+    from mergesmith.plan import open_models
+
+    ref = f"{ZOO / 'base'}+{ROOT / 'zoo' / 'adapters' / 'add'}"
+    cfg = tmp_path / "lora.yml"
+    cfg.write_text(
+        f"base_model: {ZOO / 'base'}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n"
+        f"  - source_model: {ref}\n  - source_model: {ZOO / 'rev'}\n"
+    )
+    moe(cfg, tmp_path / "out")
+    adapted = open_models([ModelRef.parse(ref)])[0]
+    state = tiny.load_state(tmp_path / "out")
+    name = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(state["model.layers.2.block_sparse_moe.experts.0.w3.weight"], adapted.get(name).half())
+    assert not torch.equal(adapted.get(name), tiny.load_state(ZOO / "base")[name])
+    cfg.write_text(
+        f"base_model: {ref}\ngate_mode: random\nexperts:\n  - source_model: {ZOO / 'rev'}\n"
+        f"  - source_model: {ZOO / 'add'}\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 1: base_model: .* cannot carry a LoRA adapter"):
+        plan_moe(cfg)

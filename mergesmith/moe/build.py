@@ -87,6 +87,12 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
             return None
         return opened[key]
 
+    if cfg.base.lora:
+        problems.append(
+            f"{cfg.line('base_model')}base_model: {cfg.base}: the base runs the gate prompts and gives "
+            "attention and embeddings, and cannot carry a LoRA adapter; give the adapter to an expert, "
+            "or merge it into the base first"
+        )
     base = open_ref(cfg.base, f"{cfg.line('base_model')}base_model") if cfg.base.path else None
     routed = [
         open_ref(e.source, f"line {e.line}: experts[{i}].source_model") for i, e in enumerate(cfg.experts)
@@ -201,10 +207,11 @@ def _check_base_mlp(base: Checkpoint, layers: int, problems: list[str]) -> None:
 
 
 def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, problems: list[str]) -> None:
+    config = _config_of(model)
     for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size"):
-        if model.config.get(key) != base.config.get(key):
+        if config.get(key) != base.config.get(key):
             problems.append(
-                f"{where}: config.json {key} is {model.config.get(key)!r}, the base's is "
+                f"{where}: config.json {key} is {config.get(key)!r}, the base's is "
                 f"{base.config.get(key)!r}; experts must be fine-tunes of the base model"
             )
             return
@@ -223,6 +230,12 @@ def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, 
                     "fine-tunes of the base model (same sizes)"
                 )
                 return
+
+
+def _config_of(model: Checkpoint) -> dict[str, Any]:
+    """config.json of a model, or of the model a LoRA adapter is applied to."""
+    inner = getattr(model, "base", None)
+    return (inner if isinstance(inner, Checkpoint) else model).config
 
 
 def _check_head_dim(base: Checkpoint, problems: list[str]) -> None:
