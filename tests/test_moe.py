@@ -304,6 +304,9 @@ def test_the_command_line_reports_errors_without_a_traceback(
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert main(["moe", str(cfg), str(out), "--force"]) == 0
     assert "moe: writing layer 4/4" in capsys.readouterr().err
+    assert main(["moe", str(cfg), str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "MixtralForCausalLM from" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
@@ -366,7 +369,9 @@ def test_routing_report_counts_the_experts_the_routers_choose(
     )
     out = tmp_path / "out"
     assert main(["moe", str(cfg), str(out), "--report", str(task_file)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "moe: warning: the router rows of layer(s) 0" in captured.err  # every prompt ends in "="
     assert "## mixed (" in printed and "| layer | add | rev | sort |" in printed
     data = json.loads((out / "routing_report.json").read_text())
     assert (out / "routing_report.md").is_file()

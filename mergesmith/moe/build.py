@@ -408,6 +408,13 @@ def moe(
             seed=seed,
             say=tell,
         )
+        alike = gates.degenerate_layers(plan.router) if cfg.gate_mode in ("hidden", "cheap_embed") else []
+        if alike:
+            tell(
+                f"moe: warning: the router rows of layer(s) {', '.join(map(str, alike))} are nearly the "
+                "same for every expert (condition number above 5): those layers will route poorly; "
+                "give each expert prompts that differ more, especially in their last token"
+            )
         write(plan, stage, limit, tell)
     return plan
 

@@ -24,7 +24,7 @@ import torch
 from mergesmith.errors import CheckpointError, ConfigError
 from mergesmith.moe.config import Expert
 
-__all__ = ["cheap_embed_rows", "gate_rows", "hidden_rows", "tokenize"]
+__all__ = ["cheap_embed_rows", "degenerate_layers", "gate_rows", "hidden_rows", "tokenize"]
 
 HIDDEN_DTYPE = torch.bfloat16  # the dtype mergekit-moe runs the base model in
 
@@ -152,3 +152,10 @@ def load_base(directory: str, device: str | torch.device) -> Any:
             "fix the base model"
         ) from None
     return model.to(torch.device(device)).eval()
+
+
+def degenerate_layers(rows: torch.Tensor, threshold: float = 5.0) -> list[int]:
+    """The layers whose router rows (layers, experts, hidden) are so alike that routing can
+    hardly tell the experts apart: the condition number of the rows is above ``threshold``."""
+    conds = torch.linalg.cond(rows.float())
+    return [n for n, c in enumerate(conds.tolist()) if not c <= threshold]
