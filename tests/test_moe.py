@@ -425,3 +425,31 @@ def test_an_expert_may_be_a_base_with_a_lora_adapter(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"line 1: base_model: .* cannot carry a LoRA adapter"):
         plan_moe(cfg)
+
+
+def test_sharded_output_and_routing_of_a_qwen2_moe(tmp_path: Path) -> None:
+    from mergesmith.evaluate import Example, Task
+    from mergesmith.moe.routing import routing
+
+    cfg = tmp_path / "qwen.yml"
+    cfg.write_text(
+        f"base_model: {ZOO / 'base'}\narchitecture: qwen2_moe\ngate_mode: random\nexperts:\n"
+        f"  - source_model: {ZOO / 'add'}\n  - source_model: {ZOO / 'rev'}\n"
+        f"shared_experts:\n  - source_model: {ZOO / 'sort'}\n"
+    )
+    moe(cfg, tmp_path / "one")
+    moe(cfg, tmp_path / "many", max_shard_size="1MB")
+    shards = sorted((tmp_path / "many").glob("*.safetensors"))
+    assert len(shards) == 5 and shards[0].name == "model-00001-of-00005.safetensors"
+    assert all(p.stat().st_size <= 1_000_000 + 10_000 for p in shards)  # 1MB of data and a header
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    one, many = tiny.load_state(tmp_path / "one"), tiny.load_state(tmp_path / "many")
+    assert set(index["weight_map"]) == set(one) == set(many)
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    load(tmp_path / "many")
+    task = Task("t", (Example("ad 1+2=", "3"), Example("rv abc=", "cba")))
+    report = routing(tmp_path / "many", [task], ["add", "rev"])
+    assert report.per_token == 2 and report.tokens == {
+        "t": len("ad 1+2=3") + len("rv abc=cba")
+    }  # one per character
+    assert report.shares["t"] == [[1.0, 1.0]] * 4  # two experts of two: every token goes to both

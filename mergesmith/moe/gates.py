@@ -96,13 +96,13 @@ def gate_rows(
     say: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """(layers, experts, hidden): the router rows of ``experts`` in every layer."""
-    if mode == "random":
-        torch.manual_seed(seed)
-        return torch.randn((layers, len(experts), hidden))
-    if mode == "uniform_random":
-        torch.manual_seed(seed)
-        scale = math.sqrt(1.0 / hidden)
-        return torch.rand((layers, len(experts), hidden)) * 2 * scale - scale
+    if mode in ("random", "uniform_random"):
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            if mode == "random":
+                return torch.randn((layers, len(experts), hidden))
+            scale = math.sqrt(1.0 / hidden)
+            return torch.rand((layers, len(experts), hidden)) * 2 * scale - scale
     if mode not in ("hidden", "cheap_embed"):
         raise ConfigError(f"unknown gate_mode {mode!r}; use hidden, cheap_embed, random or uniform_random")
     tokenizer = load_tokenizer(base_dir)
