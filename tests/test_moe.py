@@ -278,10 +278,16 @@ def test_experts_must_fit_the_base(tmp_path: Path, zoo: dict[str, Path]) -> None
     )
     with pytest.raises(ConfigError) as info:
         plan_moe(cfg)
+    assert len(info.value.problems) == 1
     assert "line 5: experts[1]" in str(info.value)
     assert "hidden_size is 48, the base's is 32; experts must be fine-tunes of the base model" in str(
         info.value
     )
+    cfg.write_text(cfg.read_text() + "gate_mod: random\n")
+    with pytest.raises(ConfigError) as info:
+        plan_moe(cfg)
+    assert [p.split(":")[0] for p in info.value.problems] == ["line 5", "line 6"]
+    assert "gate_mod: unknown key (did you mean 'gate_mode'?)" in str(info.value)
     qcfg = tmp_path / "q.yml"
     qcfg.write_text(
         f"base_model: {zoo['base']}\ngate_mode: random\narchitecture: qwen3_moe\nexperts:\n"

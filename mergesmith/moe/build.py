@@ -101,10 +101,11 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         open_ref(e.source, f"line {e.line}: shared_experts[{i}].source_model")
         for i, e in enumerate(cfg.shared_experts)
     ]
-    if base is None or problems:  # sizes and shapes are checked on a well-formed config
+    if base is None:
         raise ConfigError(by_line(problems), cfg.source)
     model_type = str(base.config.get("model_type", ""))
-    layout = _layout(cfg, model_type, problems)
+    # the architecture is chosen from a config read without problems (a misspelt one is reported)
+    layout = _layout(cfg, model_type, problems) if not problems else None
     layers, hidden = _sizes(base, problems)
     named = [(f"experts[{i}]", e, m) for i, (e, m) in enumerate(zip(cfg.experts, routed))]
     named += [(f"shared_experts[{i}]", e, m) for i, (e, m) in enumerate(zip(cfg.shared_experts, shared))]
@@ -120,7 +121,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         )
     if layout is not None and layout.name == "qwen2_moe":
         _check_head_dim(base, problems)
-    dtype = _out_dtype(cfg, base, problems)
+    dtype = _out_dtype(cfg, base)
     if problems:
         raise ConfigError(by_line(problems), cfg.source)
     assert layout is not None
@@ -255,7 +256,7 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def _out_dtype(cfg: MoEConfig, base: Checkpoint, problems: list[str]) -> torch.dtype:
+def _out_dtype(cfg: MoEConfig, base: Checkpoint) -> torch.dtype:
     name = cfg.dtype
     if name is None:
         given = base.config.get("dtype") or base.config.get("torch_dtype")
