@@ -297,6 +297,17 @@ def test_experts_must_fit_the_base(tmp_path: Path, zoo: dict[str, Path]) -> None
         ConfigError, match="architecture qwen3_moe is built from qwen3 models, and the base is llama"
     ):
         plan_moe(qcfg)
+    qcfg.write_text(qcfg.read_text().replace("qwen3_moe", "qwen2_moe"))
+    with pytest.raises(ConfigError, match="architecture qwen2_moe has 1 shared expert"):
+        plan_moe(qcfg)
+    qcfg.write_text(
+        qcfg.read_text().replace("random", "hidden")
+        + f"    positive_prompts: [abc]\nshared_experts:\n  - source_model: {zoo['b']}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"line 8: shared_experts\[0\]: qwen2_moe's shared expert has a gate"
+    ):
+        plan_moe(qcfg)
 
 
 def test_the_command_line_reports_errors_without_a_traceback(

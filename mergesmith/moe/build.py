@@ -177,6 +177,17 @@ def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | No
             f"is {model_type or 'a model without a model_type'}; choose an architecture for it"
         )
         return None
+    if layout.shared and not cfg.shared_experts:
+        problems.append(
+            f"{where}architecture {name} has {layout.shared} shared expert(s) and the config lists none; "
+            "add shared_experts: [{source_model: PATH, positive_prompts: [...]}]"
+        )
+    gated = cfg.gate_mode in ("hidden", "cheap_embed")
+    if layout.shared and gated and cfg.shared_experts and not cfg.shared_experts[0].positive_prompts:
+        problems.append(
+            f"line {cfg.shared_experts[0].line}: shared_experts[0]: {name}'s shared expert has a gate, which "
+            f"gate_mode {cfg.gate_mode} makes from prompts; give it positive_prompts"
+        )
     return layout
 
 
