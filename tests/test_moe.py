@@ -470,3 +470,25 @@ def test_sharded_output_and_routing_of_a_qwen2_moe(tmp_path: Path) -> None:
         "t": len("ad 1+2=3") + len("rv abc=cba")
     }  # one per character
     assert report.shares["t"] == [[1.0, 1.0]] * 4  # two experts of two: every token goes to both
+
+
+def test_a_tokenizer_that_cannot_pad_the_prompts_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ZOO / "base", base)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    del tok_cfg["eos_token"], tok_cfg["pad_token"]
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = tmp_path / "nopad.yml"
+    cfg.write_text(
+        f"base_model: {base}\nexperts:\n"
+        f"  - source_model: {ZOO / 'add'}\n    positive_prompts: ['ad 1+2=', 'ad 10+20=']\n"
+        f"  - source_model: {ZOO / 'rev'}\n    positive_prompts: ['rv abc=']\n"
+    )
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: the base model's tokenizer cannot encode the gate prompts (Asking to pad" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -33,12 +33,26 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> Any:
     """The prompts as mergekit-moe tokenizes them: BOS text prepended, no special tokens added,
     padded on the left."""
     bos = tokenizer.bos_token or ""
-    return tokenizer([bos + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    try:
+        return tokenizer(
+            [bos + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+    except ValueError as exc:  # no padding token, text it cannot encode
+        raise CheckpointError(
+            f"the base model's tokenizer cannot encode the gate prompts ({str(exc)[:200]}); give the "
+            "tokenizer a BOS, EOS or padding token, or use gate_mode random"
+        ) from None
 
 
 def load_tokenizer(directory: str) -> Any:
     """The base's tokenizer, set to pad on the left with BOS (or EOS when it has no BOS)."""
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError(
+            "gate_mode hidden and cheap_embed need transformers: pip install 'mergesmith[eval]', "
+            "or use gate_mode random"
+        ) from None
 
     from mergesmith.evaluate import quiet_transformers
 
