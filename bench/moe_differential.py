@@ -18,6 +18,7 @@ Outputs go to ``bench-out/moe/``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -37,11 +38,11 @@ PROMPTS = {
 }
 
 
-def expert_yaml(skill: str, indent: str = "  ", extra: str = "") -> str:
-    prompts = ", ".join(f'"{p}"' for p in PROMPTS[skill])
-    return (
-        f"{indent}- source_model: {ROOT}/zoo/models/{skill}\n{indent}  positive_prompts: [{prompts}]\n{extra}"
-    )
+def expert_yaml(skill: str, indent: str = "  ", extra: str = "", prompts: bool = True) -> str:
+    text = f"{indent}- source_model: {ROOT}/zoo/models/{skill}\n"
+    if prompts:
+        text += f"{indent}  positive_prompts: {json.dumps(PROMPTS[skill])}\n"
+    return text + extra
 
 
 def config(
@@ -51,6 +52,7 @@ def config(
     architecture: str | None = None,
     skills: tuple[str, ...] = ("add", "rev", "sort", "shift"),
     shared: str | None = None,
+    shared_prompts: bool = True,
     extra: str = "",
 ) -> str:
     text = f"base_model: {ROOT}/zoo/models/base\ngate_mode: {mode}\ndtype: float16\n"
@@ -59,7 +61,7 @@ def config(
         text += f"architecture: {architecture}\n"
     text += "experts:\n" + "".join(expert_yaml(s, extra=extra) for s in skills)
     if shared:
-        text += "shared_experts:\n" + expert_yaml(shared)
+        text += "shared_experts:\n" + expert_yaml(shared, prompts=shared_prompts)
     return text
 
 
@@ -78,6 +80,14 @@ CASES: dict[str, tuple[str, str]] = {
     ),
     # the shared expert is the base: mergekit-moe 0.1.5 opens only the base and the routed experts
     "qwen2_moe": (config("hidden", architecture="qwen", skills=("add", "rev"), shared="base"), "qwen2_moe"),
+    "deepseek": (
+        config("hidden", architecture="deepseek", skills=("add", "rev"), shared="base", shared_prompts=False),
+        "deepseek",
+    ),
+    "deepseek_random": (
+        config("random", skills=("add", "rev", "sort"), shared="base", shared_prompts=False),
+        "deepseek",
+    ),
 }
 
 

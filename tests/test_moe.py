@@ -194,6 +194,41 @@ def test_qwen2_moe_with_a_shared_expert(tmp_path: Path) -> None:
         assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
+def test_deepseek_with_an_ungated_shared_expert(tmp_path: Path) -> None:
+    cfg = tmp_path / "ds.yml"
+    cfg.write_text(
+        f"base_model: {ZOO / 'base'}\ngate_mode: hidden\nexperts_per_token: 1\nexperts:\n"
+        f"  - source_model: {ZOO / 'add'}\n    positive_prompts: {json.dumps(PROMPTS['add'])}\n"
+        f"  - source_model: {ZOO / 'rev'}\n    positive_prompts: {json.dumps(PROMPTS['rev'])}\n"
+        f"shared_experts:\n  - source_model: {ZOO / 'sort'}\n"
+    )
+    plan = moe(cfg, tmp_path / "out")  # one shared expert without prompts: deepseek, as mergekit-moe picks
+    assert plan.layout.name == "deepseek"
+    state = tiny.load_state(tmp_path / "out")
+    sort, rev = tiny.load_state(ZOO / "sort"), tiny.load_state(ZOO / "rev")
+    for n in range(4):
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            src = f"model.layers.{n}.mlp.{part}.weight"
+            assert torch.equal(state[f"model.layers.{n}.mlp.shared_experts.{part}.weight"], sort[src])
+            assert torch.equal(state[f"model.layers.{n}.mlp.experts.1.{part}.weight"], rev[src])
+    assert state["model.layers.3.mlp.gate.weight"].shape == (2, 128)
+    assert not any("shared_expert_gate" in k or "bias" in k for k in state)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["architectures"] == ["DeepseekForCausalLM"] and out["model_type"] == "deepseek"
+    assert (out["n_routed_experts"], out["n_shared_experts"], out["num_experts_per_tok"]) == (2, 1, 1)
+    assert (out["moe_intermediate_size"], out["first_k_dense_replace"], out["scoring_func"]) == (
+        384,
+        0,
+        "softmax",
+    )
+    assert out["auto_map"]["AutoModelForCausalLM"].startswith("deepseek-ai/deepseek-moe-16b-base--")
+    cfg.write_text(cfg.read_text() + "    positive_prompts: ['so abc=']\narchitecture: deepseek\n")
+    with pytest.raises(
+        ConfigError, match=r"line 10: shared_experts\[0\]: deepseek's shared expert has no gate"
+    ):
+        plan_moe(cfg)
+
+
 def qwen3(root: Path) -> tuple[Path, Path, Path]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -362,7 +397,7 @@ def _bench() -> object:
 @pytest.mark.skipif(
     not Path("/tmp/mkvenv/bin/mergekit-moe").is_file(), reason="mergekit-moe not in /tmp/mkvenv"
 )
-@pytest.mark.parametrize("case", ["hidden", "cheap_embed", "random", "qwen2_moe"])
+@pytest.mark.parametrize("case", ["hidden", "cheap_embed", "random", "qwen2_moe", "deepseek"])
 def test_same_output_as_mergekit_moe(case: str, tmp_path: Path) -> None:
     bench: object = _bench()
     result = bench.run_case(case, tmp_path, Path("/tmp/mkvenv"))  # type: ignore[attr-defined]

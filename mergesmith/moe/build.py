@@ -19,7 +19,7 @@ from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError, MergesmithError
 from mergesmith.moe import gates
 from mergesmith.moe.config import Expert, MoEConfig, read_moe_config
-from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, out_config
+from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, deepseek_config, out_config
 from mergesmith.sources import Checkpoint
 
 __all__ = ["MoEPlan", "OutTensor", "moe", "plan_moe"]
@@ -135,10 +135,17 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         dtype,
         layers,
         hidden,
-        out_config(layout, base.config, len(cfg.experts), cfg.experts_per_token, _dtype_name(dtype)),
+        _out_config(cfg, layout, base.config, _dtype_name(dtype)),
     )
     plan.tensors = _tensors(plan, torch.Generator().manual_seed(seed))
     return plan
+
+
+def _out_config(cfg: MoEConfig, layout: Layout, base: dict[str, Any], dtype: str) -> dict[str, Any]:
+    experts, per_token = len(cfg.experts), cfg.experts_per_token
+    if layout.name == "deepseek":
+        return deepseek_config(base, experts, len(cfg.shared_experts), per_token, dtype)
+    return out_config(layout, base, experts, per_token, dtype)
 
 
 def by_line(problems: list[str]) -> list[str]:
@@ -154,19 +161,15 @@ def by_line(problems: list[str]) -> list[str]:
 def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | None:
     where = cfg.line("architecture") or cfg.line("base_model")
     name = cfg.architecture
-    if name == "deepseek":
-        problems.append(
-            f"{cfg.line('architecture')}architecture: deepseek output needs the model's own remote code "
-            "and is not written by mergesmith; use qwen2_moe (one shared expert) or mixtral"
-        )
-        return None
     if name is None:
-        name = choose(model_type, len(cfg.shared_experts))
+        prompts = any(e.positive_prompts for e in cfg.shared_experts)
+        name = choose(model_type, len(cfg.shared_experts), prompts, cfg.gate_mode)
         if name is None:
             problems.append(
                 f"{where}no output architecture takes a {model_type or 'model without a model_type'} base "
                 f"with {len(cfg.shared_experts)} shared expert(s): mixtral takes llama or mistral models "
-                "and no shared expert, qwen2_moe llama, mistral or qwen2 models and one shared expert, "
+                "and no shared expert, deepseek llama or mistral models and at most one shared expert "
+                "without prompts, qwen2_moe llama, mistral or qwen2 models and one shared expert, "
                 "qwen3_moe qwen3 models and no shared expert"
             )
             return None
@@ -177,13 +180,13 @@ def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | No
             f"is {model_type or 'a model without a model_type'}; choose an architecture for it"
         )
         return None
-    if layout.shared and not cfg.shared_experts:
+    if layout.shared[0] and not cfg.shared_experts:
         problems.append(
-            f"{where}architecture {name} has {layout.shared} shared expert(s) and the config lists none; "
+            f"{where}architecture {name} has {layout.shared[0]} shared expert(s) and the config lists none; "
             "add shared_experts: [{source_model: PATH, positive_prompts: [...]}]"
         )
     gated = cfg.gate_mode in ("hidden", "cheap_embed")
-    if layout.shared and gated and cfg.shared_experts and not cfg.shared_experts[0].positive_prompts:
+    if layout.shared_gated and gated and cfg.shared_experts and not cfg.shared_experts[0].positive_prompts:
         problems.append(
             f"line {cfg.shared_experts[0].line}: shared_experts[0]: {name}'s shared expert has a gate, which "
             f"gate_mode {cfg.gate_mode} makes from prompts; give it positive_prompts"
@@ -300,7 +303,6 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
     if layout.name == "qwen2_moe":
         out += _zero_biases(base, plan.layers, dtype)
     cfg = plan.config
-    shared_gated = len(cfg.shared_experts) if layout.name == "qwen2_moe" else 0
     for n in range(plan.layers):
         routed = len(cfg.experts)
         out.append(OutTensor(layout.gate(n), (routed, plan.hidden), dtype, _router(plan, n, 0, routed), n))
@@ -309,14 +311,14 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
                 src = f"model.layers.{n}.mlp.{part}.weight"
                 make = _expert_tensor(model, src, expert, dtype, noise)
                 out.append(OutTensor(layout.expert(n, e, part), model.info(src).shape, dtype, make, n))
-        if shared_gated:
-            expert, model = cfg.shared_experts[0], plan.shared[0]
+        for expert, model in zip(cfg.shared_experts, plan.shared):  # at most one: Layout.shared
             for part in SOURCE_MLP:
                 src = f"model.layers.{n}.mlp.{part}.weight"
                 make = _expert_tensor(model, src, expert, dtype, noise)
                 out.append(OutTensor(layout.shared_expert(n, part), model.info(src).shape, dtype, make, n))
-            gate = _router(plan, n, routed, routed + 1)
-            out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
+            if layout.shared_gated:
+                gate = _router(plan, n, routed, routed + 1)
+                out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
     return out
 
 
@@ -407,7 +409,9 @@ def moe(
     ):
         cfg = plan.config
         gated = list(cfg.experts)
-        if plan.layout.name == "qwen2_moe":
+        # as mergekit-moe: shared experts get rows when they have prompts or the rows are random
+        # (which changes the random draw even where their rows go unused)
+        if any(e.positive_prompts for e in cfg.shared_experts) or cfg.gate_mode.endswith("random"):
             gated += list(cfg.shared_experts)
         plan.router = gates.gate_rows(
             cfg.gate_mode,

@@ -326,6 +326,20 @@ class _Reader:
                 "shared_experts",
                 f"qwen2_moe has exactly one shared expert, the config lists {len(shared)}; keep one",
             )
+        elif arch == "deepseek":
+            if len(shared) > 1:
+                self.add(
+                    doc,
+                    "shared_experts",
+                    "shared_experts",
+                    f"deepseek takes at most one shared expert, the config lists {len(shared)}; keep one",
+                )
+            for i, e in enumerate(shared):
+                if e.positive_prompts or e.negative_prompts:
+                    self.problems.append(
+                        f"line {e.line}: shared_experts[{i}]: deepseek's shared expert has no gate, so "
+                        "no prompts; remove them (or use architecture: qwen2_moe, whose shared expert has one)"
+                    )
 
 
 def _suggest(word: str, options: Any) -> str:

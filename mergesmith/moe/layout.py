@@ -9,6 +9,8 @@ Source MLP tensors are ``model.layers.N.mlp.{gate,up,down}_proj.weight``; in the
   ``...mlp.shared_expert.{gate,up,down}_proj.weight`` with its ``...mlp.shared_expert_gate.weight``
   [1, hidden]; q, k and v biases of zero where the base has none.
 - ``qwen3_moe`` (Qwen3MoeForCausalLM): as qwen2_moe, without a shared expert.
+- ``deepseek`` (DeepseekForCausalLM, DeepSeek-MoE's own code): as qwen2_moe, with at most one
+  shared expert at ``...mlp.shared_experts.{gate,up,down}_proj.weight`` and no gate for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "out_config"]
+__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "choose", "deepseek_config", "out_config"]
 
 SOURCE_MLP = ("gate_proj", "up_proj", "down_proj")
 CARRIED = (
@@ -52,7 +54,9 @@ class Layout:
     inputs: tuple[str, ...]  # model_type values it is built from
     block: str  # the MoE block of layer N: block.format(N)
     expert_names: tuple[str, str, str]  # output names of gate_proj, up_proj, down_proj
-    shared: int | None  # how many shared experts it takes (None: any number, 0: none)
+    shared: tuple[int, int]  # the fewest and most shared experts it takes
+    shared_name: str = "shared_expert"
+    shared_gated: bool = False  # whether its shared expert has a gate of its own
 
     def gate(self, layer: int) -> str:
         return f"{self.block.format(layer)}.gate.weight"
@@ -62,7 +66,7 @@ class Layout:
         return f"{self.block.format(layer)}.experts.{index}.{part}.weight"
 
     def shared_expert(self, layer: int, source: str) -> str:
-        return f"{self.block.format(layer)}.shared_expert.{source}.weight"
+        return f"{self.block.format(layer)}.{self.shared_name}.{source}.weight"
 
     def shared_gate(self, layer: int) -> str:
         return f"{self.block.format(layer)}.shared_expert_gate.weight"
@@ -76,7 +80,7 @@ LAYOUTS = {
         ("llama", "mistral"),
         "model.layers.{}.block_sparse_moe",
         ("w1", "w3", "w2"),
-        0,
+        (0, 0),
     ),
     "qwen2_moe": Layout(
         "qwen2_moe",
@@ -85,7 +89,8 @@ LAYOUTS = {
         ("llama", "mistral", "qwen2"),
         "model.layers.{}.mlp",
         SOURCE_MLP,
-        1,
+        (1, 1),
+        shared_gated=True,
     ),
     "qwen3_moe": Layout(
         "qwen3_moe",
@@ -94,16 +99,36 @@ LAYOUTS = {
         ("qwen3",),
         "model.layers.{}.mlp",
         SOURCE_MLP,
-        0,
+        (0, 0),
+    ),
+    "deepseek": Layout(
+        "deepseek",
+        "deepseek",
+        "DeepseekForCausalLM",
+        ("llama", "mistral"),
+        "model.layers.{}.mlp",
+        SOURCE_MLP,
+        (0, 1),
+        shared_name="shared_experts",
     ),
 }
+# DeepSeek-MoE's configuration and modelling code, which transformers runs with trust_remote_code
+DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
 
 
-def choose(model_type: str, shared: int) -> str | None:
-    """The architecture mergekit-moe picks when the config names none: Mixtral where it fits."""
-    for name, layout in LAYOUTS.items():
-        if model_type in layout.inputs and (layout.shared is None or layout.shared == shared):
-            return name
+def choose(model_type: str, shared: int, shared_prompts: bool, gate_mode: str) -> str | None:
+    """The architecture mergekit-moe picks when the config names none: the first that takes the
+    models in the order mixtral, deepseek, qwen2_moe, qwen3_moe."""
+    for name in ("mixtral", "deepseek", "qwen2_moe", "qwen3_moe"):
+        layout = LAYOUTS[name]
+        low, high = layout.shared
+        if model_type not in layout.inputs or not low <= shared <= high:
+            continue
+        if name == "deepseek" and shared_prompts:
+            continue  # its shared expert has no gate to make from prompts
+        if name == "qwen2_moe" and not shared_prompts and gate_mode in ("hidden", "cheap_embed"):
+            continue
+        return name
     return None
 
 
@@ -130,4 +155,32 @@ def out_config(
         cfg["qkv_bias"] = True
         cfg["shared_expert_intermediate_size"] = base["intermediate_size"]
     cfg["dtype"] = dtype
+    return cfg
+
+
+def deepseek_config(
+    base: dict[str, Any], experts: int, shared: int, per_token: int, dtype: str
+) -> dict[str, Any]:
+    """config.json of a DeepSeek-MoE output: the base's, with DeepSeek's MoE settings and the
+    pointer to its code."""
+    cfg = dict(base)
+    cfg.update(
+        architectures=["DeepseekForCausalLM"],
+        model_type="deepseek",
+        n_routed_experts=experts,
+        n_shared_experts=shared or None,
+        num_experts_per_tok=per_token,
+        first_k_dense_replace=0,
+        moe_layer_freq=1,
+        scoring_func="softmax",
+        norm_topk_prob=True,
+        moe_intermediate_size=base["intermediate_size"],
+        auto_map={
+            "AutoConfig": f"{DEEPSEEK_CODE}--configuration_deepseek.DeepseekConfig",
+            "AutoModel": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekModel",
+            "AutoModelForCausalLM": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekForCausalLM",
+        },
+        torch_dtype=dtype,
+    )
+    cfg.pop("dtype", None)
     return cfg
