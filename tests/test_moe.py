@@ -345,6 +345,26 @@ def test_experts_must_fit_the_base(tmp_path: Path, zoo: dict[str, Path]) -> None
         plan_moe(qcfg)
 
 
+def test_a_base_with_biases_the_output_lacks_is_refused(tmp_path: Path) -> None:
+    state, cfg = tiny.llama_state(0, attention_bias=True)
+    base = tiny.save(tmp_path / "base", state, cfg)
+    expert = tiny.save(tmp_path / "a", tiny.finetune(state, 1), cfg)
+    moe_cfg = tmp_path / "bias.yml"
+    moe_cfg.write_text(f"base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {expert}\n")
+    with pytest.raises(
+        ConfigError, match=r"has biases \(model\.layers\.0\.self_attn\.k_proj\.bias and 11 more\)"
+    ):
+        plan_moe(moe_cfg)
+    moe_cfg.write_text(
+        moe_cfg.read_text().replace("random", "random\narchitecture: qwen2_moe\nexperts_per_token: 1")
+        + f"shared_experts:\n  - source_model: {expert}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"has biases \(model\.layers\.0\.self_attn\.o_proj\.bias and 2 more\)"
+    ):
+        plan_moe(moe_cfg)  # qwen2_moe keeps q, k and v biases, not o_proj's
+
+
 def test_the_command_line_reports_errors_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -121,6 +121,8 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         )
     if layout is not None and layout.name == "qwen2_moe":
         _check_head_dim(base, problems)
+    if layout is not None:
+        _check_biases(base, layout, problems)
     dtype = _out_dtype(cfg, base)
     if problems:
         raise ConfigError(by_line(problems), cfg.source)
@@ -245,6 +247,26 @@ def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, 
                     "fine-tunes of the base model (same sizes)"
                 )
                 return
+
+
+BIASES = {"qwen2_moe": ("q_proj", "k_proj", "v_proj"), "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+def _check_biases(base: Checkpoint, layout: Layout, problems: list[str]) -> None:
+    """The base's biases must be ones the output class has, or transformers would drop them."""
+    kept = BIASES.get(layout.name, ())
+    dropped = sorted(
+        k
+        for k in list(base.keys())
+        if k.endswith(".bias") and not any(k.endswith(f".self_attn.{p}.bias") for p in kept)
+    )
+    if dropped:
+        more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
+        problems.append(
+            f"base_model {base.name}: has biases ({dropped[0]}{more}), which {layout.class_name} does "
+            "not have and would drop; use a base without them"
+            + (", or architecture qwen2_moe (q, k and v biases)" if layout.name != "qwen2_moe" else "")
+        )
 
 
 def _config_of(model: Checkpoint) -> dict[str, Any]:
