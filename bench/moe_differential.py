@@ -134,19 +134,26 @@ def compare(ours_dir: Path, theirs_dir: Path, arch: str) -> dict[str, object]:
     return {"same_layout": same_layout, "router_max_diff": router, "exact": exact, "differ": differ}
 
 
-def run_case(name: str, out: Path, mergekit: Path) -> dict[str, object]:
+def run_case(name: str, out: Path, mergekit: Path, *, in_process: bool = False) -> dict[str, object]:
+    """Build case ``name`` with both tools under ``out`` and compare. ``in_process`` builds
+    mergesmith's side with :func:`mergesmith.moe.moe` in this process instead of the command."""
     text, arch = CASES[name]
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / f"{name}.yml"
     cfg.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     ours, theirs = out / f"{name}-mergesmith", out / f"{name}-mergekit"
-    subprocess.run(
-        [sys.executable, "-m", "mergesmith.cli", "moe", str(cfg), str(ours), "--force", "--seed", "0"],
-        check=True,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-    )
+    if in_process:
+        from mergesmith.moe import moe
+
+        moe(cfg, ours, force=True, seed=0)
+    else:
+        subprocess.run(
+            [sys.executable, "-m", "mergesmith.cli", "moe", str(cfg), str(ours), "--force", "--seed", "0"],
+            check=True,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+        )
     subprocess.run(["rm", "-rf", str(theirs)], check=True)
     subprocess.run(
         [str(mergekit / "bin" / "mergekit-moe"), str(cfg), str(theirs), "--random-seed", "0", "--quiet"],

@@ -420,7 +420,7 @@ def _bench() -> object:
 @pytest.mark.parametrize("case", ["hidden", "cheap_embed", "random", "qwen2_moe", "deepseek"])
 def test_same_output_as_mergekit_moe(case: str, tmp_path: Path) -> None:
     bench: object = _bench()
-    result = bench.run_case(case, tmp_path, Path("/tmp/mkvenv"))  # type: ignore[attr-defined]
+    result = bench.run_case(case, tmp_path, Path("/tmp/mkvenv"), in_process=True)  # type: ignore[attr-defined]
     assert result["same_layout"], result
     assert result["differ"] == [], result
     assert result["router_max_diff"] <= 1e-3, result
