@@ -96,7 +96,8 @@ def test_hidden_gate_rows_are_the_mean_last_hidden_state_of_the_prompts(mixtral:
         expected = mean / mean.norm(dim=-1, keepdim=True)
         for n in range(4):
             row = state[f"model.layers.{n}.block_sparse_moe.gate.weight"][e].float()
-            assert torch.allclose(row, expected[n], atol=2e-2), (skill, n, (row - expected[n]).abs().max())
+            # the model runs in bfloat16 (8 bits of mantissa), the rows are stored in float16
+            assert torch.allclose(row, expected[n], atol=5e-3), (skill, n, (row - expected[n]).abs().max())
             assert math.isclose(row.norm().item(), 1.0, abs_tol=5e-3)
 
 
