@@ -131,7 +131,8 @@ def gate_rows(
         model = load_base(base_dir, device)
         if model.config.num_hidden_layers != layers:
             raise CheckpointError(
-                f"{base_dir}: transformers reads {model.config.num_hidden_layers} layers, not {layers}"
+                f"{base_dir}: transformers builds {model.config.num_hidden_layers} layers from it, and "
+                f"config.json says num_hidden_layers {layers}; repair config.json"
             )
 
         def rows_of(prompts: Sequence[str]) -> torch.Tensor:
