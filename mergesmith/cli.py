@@ -246,6 +246,32 @@ def _parser() -> argparse.ArgumentParser:
     mu.add_argument("--no-progress", action="store_true", help="no progress bar")
     _threads_option(mu)
 
+    mo = sub.add_parser(
+        "moe", help="build a mixture of experts from fine-tunes of one base (mergekit-moe config)"
+    )
+    mo.add_argument("config", help="YAML mergekit-moe config: base_model, experts, gate_mode, ...")
+    mo.add_argument("out_dir", help="output directory (appears only when the model is complete)")
+    mo.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written earlier by mergesmith",
+    )
+    mo.add_argument("--device", default="cpu", help="device for the gate prompts: cpu or cuda (default cpu)")
+    mo.add_argument(
+        "--seed", type=int, default=0, help="seed of the random gates and the experts' noise (default 0)"
+    )
+    mo.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    mo.add_argument("--dry-run", action="store_true", help="check the config and its models, write nothing")
+    mo.add_argument(
+        "--report",
+        nargs="+",
+        metavar="TASK",
+        help="after building, route these JSONL tasks through the model and write "
+        "routing_report.{md,json} beside it: per layer, the share of tokens sent to each expert",
+    )
+    mo.add_argument("--batch-size", type=_at_least_1, default=32, help="--report: examples per forward pass")
+    _threads_option(mo)
+
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", metavar="TOOL"
     )
@@ -522,6 +548,10 @@ def _main(args: argparse.Namespace) -> int:
             from mergesmith.multi import run_cli
 
             return run_cli(args, _say)
+        if args.command == "moe":
+            from mergesmith.moe.cli import run_cli as run_moe
+
+            return run_moe(args, _say)
     except MergesmithError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1

@@ -216,7 +216,7 @@ def _other_tool(doc: Any, where: str) -> None:
         raise ConfigError(
             f"line {line}: this is a mergekit-moe config (it has {' and '.join(moe)}:), which builds a "
             "mixture-of-experts model; merge and validate take a merge config (merge_method: ...). "
-            "A mergesmith moe command is planned but not available yet",
+            "Build it with mergesmith moe CONFIG OUT_DIR",
             where,
         )
     if evolve:

@@ -127,7 +127,7 @@ def test_a_mergekit_moe_config_names_the_command_for_it(
         assert err == (
             f"error: {path}: line 4: this is a mergekit-moe config (it has experts and gate_mode:), which "
             "builds a mixture-of-experts model; merge and validate take a merge config (merge_method: ...). "
-            "A mergesmith moe command is planned but not available yet\n"
+            "Build it with mergesmith moe CONFIG OUT_DIR\n"
         )
 
 

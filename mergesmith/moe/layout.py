@@ -1,0 +1,186 @@
+"""What each output architecture looks like: its config.json and its tensor names.
+
+Source MLP tensors are ``model.layers.N.mlp.{gate,up,down}_proj.weight``; in the output:
+
+- ``mixtral`` (MixtralForCausalLM): ``model.layers.N.block_sparse_moe.gate.weight`` [experts,
+  hidden] and ``...block_sparse_moe.experts.E.{w1,w2,w3}.weight`` from gate, down and up_proj.
+- ``qwen2_moe`` (Qwen2MoeForCausalLM): ``model.layers.N.mlp.gate.weight``,
+  ``...mlp.experts.E.{gate,up,down}_proj.weight``, the one shared expert at
+  ``...mlp.shared_expert.{gate,up,down}_proj.weight`` with its ``...mlp.shared_expert_gate.weight``
+  [1, hidden]; q, k and v biases of zero where the base has none.
+- ``qwen3_moe`` (Qwen3MoeForCausalLM): as qwen2_moe, without a shared expert.
+- ``deepseek`` (DeepseekForCausalLM, DeepSeek-MoE's own code): as qwen2_moe, with at most one
+  shared expert at ``...mlp.shared_experts.{gate,up,down}_proj.weight`` and no gate for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "choose", "deepseek_config", "out_config"]
+
+SOURCE_MLP = ("gate_proj", "up_proj", "down_proj")
+CARRIED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    model_type: str
+    class_name: str
+    inputs: tuple[str, ...]  # model_type values it is built from
+    block: str  # the MoE block of layer N: block.format(N)
+    expert_names: tuple[str, str, str]  # output names of gate_proj, up_proj, down_proj
+    shared: tuple[int, int]  # the fewest and most shared experts it takes
+    shared_name: str = "shared_expert"
+    shared_gated: bool = False  # whether its shared expert has a gate of its own
+
+    def gate(self, layer: int) -> str:
+        return f"{self.block.format(layer)}.gate.weight"
+
+    def expert(self, layer: int, index: int, source: str) -> str:
+        part = self.expert_names[SOURCE_MLP.index(source)]
+        return f"{self.block.format(layer)}.experts.{index}.{part}.weight"
+
+    def shared_expert(self, layer: int, source: str) -> str:
+        return f"{self.block.format(layer)}.{self.shared_name}.{source}.weight"
+
+    def shared_gate(self, layer: int) -> str:
+        return f"{self.block.format(layer)}.shared_expert_gate.weight"
+
+
+LAYOUTS = {
+    "mixtral": Layout(
+        "mixtral",
+        "mixtral",
+        "MixtralForCausalLM",
+        ("llama", "mistral"),
+        "model.layers.{}.block_sparse_moe",
+        ("w1", "w3", "w2"),
+        (0, 0),
+    ),
+    "qwen2_moe": Layout(
+        "qwen2_moe",
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        ("llama", "mistral", "qwen2"),
+        "model.layers.{}.mlp",
+        SOURCE_MLP,
+        (1, 1),
+        shared_gated=True,
+    ),
+    "qwen3_moe": Layout(
+        "qwen3_moe",
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        ("qwen3",),
+        "model.layers.{}.mlp",
+        SOURCE_MLP,
+        (0, 0),
+    ),
+    "deepseek": Layout(
+        "deepseek",
+        "deepseek",
+        "DeepseekForCausalLM",
+        ("llama", "mistral"),
+        "model.layers.{}.mlp",
+        SOURCE_MLP,
+        (0, 1),
+        shared_name="shared_experts",
+    ),
+}
+# DeepSeek-MoE's configuration and modelling code, which transformers runs with trust_remote_code
+DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
+
+
+def choose(model_type: str, shared: int, shared_prompts: bool, gate_mode: str) -> str | None:
+    """The architecture mergekit-moe picks when the config names none: the first that takes the
+    models in the order mixtral, deepseek, qwen2_moe, qwen3_moe."""
+    for name in ("mixtral", "deepseek", "qwen2_moe", "qwen3_moe"):
+        layout = LAYOUTS[name]
+        low, high = layout.shared
+        if model_type not in layout.inputs or not low <= shared <= high:
+            continue
+        if name == "deepseek" and shared_prompts:
+            continue  # its shared expert has no gate to make from prompts
+        if name == "qwen2_moe" and not shared_prompts and gate_mode in ("hidden", "cheap_embed"):
+            continue
+        return name
+    return None
+
+
+def out_config(
+    layout: Layout, base: dict[str, Any], experts: int, per_token: int, dtype: str
+) -> dict[str, Any]:
+    """config.json of the output: the base's sizes and settings, the MoE class and its settings."""
+    cfg: dict[str, Any] = {"architectures": [layout.class_name], "model_type": layout.model_type}
+    cfg.update({k: base[k] for k in CARRIED if k in base})
+    cfg["num_experts_per_tok"] = per_token
+    cfg["sliding_window"] = None
+    if layout.name == "mixtral":
+        cfg.pop("attention_bias", None)
+        cfg["num_local_experts"] = experts
+    else:
+        cfg["num_experts"] = experts
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = []
+        cfg["norm_topk_prob"] = True
+        cfg["moe_intermediate_size"] = base["intermediate_size"]
+        cfg["use_sliding_window"] = False
+    if layout.name == "qwen2_moe":
+        cfg.pop("attention_bias", None)
+        cfg["qkv_bias"] = True
+        cfg["shared_expert_intermediate_size"] = base["intermediate_size"]
+    cfg["dtype"] = dtype
+    return cfg
+
+
+def deepseek_config(
+    base: dict[str, Any], experts: int, shared: int, per_token: int, dtype: str
+) -> dict[str, Any]:
+    """config.json of a DeepSeek-MoE output: the base's, with DeepSeek's MoE settings and the
+    pointer to its code."""
+    cfg = dict(base)
+    cfg.update(
+        architectures=["DeepseekForCausalLM"],
+        model_type="deepseek",
+        n_routed_experts=experts,
+        n_shared_experts=shared or None,
+        num_experts_per_tok=per_token,
+        first_k_dense_replace=0,
+        moe_layer_freq=1,
+        scoring_func="softmax",
+        norm_topk_prob=True,
+        moe_intermediate_size=base["intermediate_size"],
+        auto_map={
+            "AutoConfig": f"{DEEPSEEK_CODE}--configuration_deepseek.DeepseekConfig",
+            "AutoModel": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekModel",
+            "AutoModelForCausalLM": f"{DEEPSEEK_CODE}--modeling_deepseek.DeepseekForCausalLM",
+        },
+        torch_dtype=dtype,
+    )
+    cfg.pop("dtype", None)
+    return cfg
