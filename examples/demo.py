@@ -10,7 +10,10 @@ good at one skill (add, rev, sort, shift), plus a LoRA adapter per skill. The de
    DARE-TIES, and the matching LoRA adapters into one adapter, and evaluates each merged model on
    the tasks of the models it merged;
 3. runs every example config in examples/ (one per method) on the zoo and evaluates it the same way;
-4. prints the table of normalized accuracy (merged accuracy / the parent's own accuracy) and writes
+4. builds mixtures of experts of the four fine-tunes (examples/moe/zoo_moe.yml: each fine-tune's MLP
+   an expert, hidden-state gates; 2 or 1 experts per token; attention from the base or merged from
+   the experts'), evaluates them on every skill and prints where the router sends each skill's tokens;
+5. prints the table of normalized accuracy (merged accuracy / the parent's own accuracy) and writes
    demo-out/report.{md,json,png}.
 """
 
@@ -26,15 +29,30 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 import mergesmith  # noqa: E402
 from mergesmith.evaluate import TaskScore, evaluate, load_task  # noqa: E402
 from mergesmith.lora_merge import merge_adapters  # noqa: E402
+from mergesmith.moe import moe  # noqa: E402
+from mergesmith.moe.routing import routing  # noqa: E402
 from mergesmith.report import Entry, build_report, write_report  # noqa: E402
 
 OUT = ROOT / "demo-out"
 ZOO = ROOT / "zoo"
 SKILLS = ["add", "rev", "sort", "shift"]
 EXAMPLE_PARENTS = {"zoo/models/add": "add", "zoo/models/rev": "rev", "zoo/models/sort": "sort"}
+
+# The four fine-tunes as the experts of one mixture of experts (examples/moe/zoo_moe.yml), with
+# their own MLPs; attention and the rest from the base, or merged from the experts' (base_merge).
+MOE_CONFIG: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "moe" / "zoo_moe.yml").read_text())
+MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    "2/token": {},
+    "1/token": {"experts_per_token": 1},
+    "2/token, merged attention": {
+        "base_merge": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}}
+    },
+}
 
 # Each method with the settings a user would start from.
 METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # method: (merge-wide, per model)
@@ -94,7 +112,7 @@ def main() -> int:
     started = time.perf_counter()
     groups = [*itertools.combinations(SKILLS, 2), tuple(SKILLS)]
     examples = sorted((ROOT / "examples").glob("*.yml"))
-    merges = len(groups) * (len(METHODS) + 1) + len(examples)
+    merges = len(groups) * (len(METHODS) + 1) + len(examples) + len(MOE_VARIANTS)
     score = Scorer(1 + 2 * len(SKILLS) + merges)
     base = Entry("base", str(ZOO / "models" / "base"), score(ZOO / "models" / "base", SKILLS))
     parents = [Entry(s, str(ZOO / "models" / s), score(ZOO / "models" / s, SKILLS)) for s in SKILLS]
@@ -142,6 +160,20 @@ def main() -> int:
             Entry(f"example {example.stem}", str(out), score(out, list(names)), names, config.method)
         )
 
+    for variant, changes in MOE_VARIANTS.items():
+        out = OUT / "moe" / variant.replace(" ", "-").replace(",", "").replace("/", "-per-")
+        say(f"merge {len(merged) + 1}/{merges}: mixture of experts, {variant}")
+        config_file = OUT / "moe" / f"{out.name}.yml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump({**MOE_CONFIG, **changes}, sort_keys=False))
+        start = time.perf_counter()
+        moe(config_file, out, force=True)
+        merge_seconds += time.perf_counter() - start
+        merged.append(Entry(f"{'+'.join(SKILLS)} MoE {variant}", str(out), score(out, SKILLS), SKILLS, "moe"))
+    routed = routing(
+        merged[-len(MOE_VARIANTS)].path, [load_task(ZOO / "tasks" / f"{s}.jsonl") for s in SKILLS], SKILLS
+    )
+
     report = build_report(SKILLS, [*parents, *adapters], merged, base=base, owners={s: s for s in SKILLS})
     written = write_report(report, OUT, stem="report")
     print(table(report, merged))
@@ -151,10 +183,24 @@ def main() -> int:
         f"\n{len(merged)} merges in {merge_seconds:.1f} s; {score.models} evaluations in {score.seconds:.1f} s; "
         f"total {time.perf_counter() - started:.1f} s"
     )
+    print(moe_routing(routed))
     best_pair = max((m for m in merged if len(m.parents) == 2), key=lambda m: report.average.get(m.name, 0.0))
     print(f"best two-skill merge: {best_pair.name}, {report.average[best_pair.name]:.1%} normalized accuracy")
     print("report: " + ", ".join(str(p.relative_to(ROOT)) for p in written))
     return 0
+
+
+def moe_routing(routed: Any) -> str:
+    """Where the first mixture of experts sends each skill's tokens, in its last layer."""
+    last = {task: shares[-1] for task, shares in routed.shares.items()}
+    cells = [
+        f"{task}: " + ", ".join(f"{e} {share:.0%}" for e, share in zip(routed.experts, row) if share >= 0.05)
+        for task, row in last.items()
+    ]
+    return (
+        f"MoE routing in the last layer ({routed.per_token} experts per token; share of each skill's "
+        "tokens sent to each expert):\n  " + "\n  ".join(cells)
+    )
 
 
 def side_by_side(report: Any, groups: list[tuple[str, ...]]) -> str:

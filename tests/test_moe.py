@@ -548,3 +548,43 @@ def test_a_tokenizer_that_cannot_pad_the_prompts_is_a_clear_error(
     err = capsys.readouterr().err
     assert "error: the base model's tokenizer cannot encode the gate prompts (Asking to pad" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_base_merge_merges_the_experts_tensors_outside_their_mlps(tmp_path: Path) -> None:
+    cfg = zoo_config(
+        tmp_path,
+        mode="random",
+        skills=("add", "rev"),
+        dtype="float32",
+        base_merge="{merge_method: task_arithmetic, parameters: {weight: [0.25, 0.75]}}",
+    )
+    out = tmp_path / "out"
+    moe(cfg, out)
+    merged = tiny.load_state(out)
+    base, add, rev = (tiny.load_state(ZOO / s) for s in ("base", "add", "rev"))
+    layers = 4
+    for name, value in merged.items():
+        if ".block_sparse_moe." in name:
+            continue
+        parts = name.split(".")
+        layer = int(parts[2]) if parts[1] == "layers" else None
+        w = 0.25 if layer is None else 0.25 + 0.5 * layer / (layers - 1)  # the gradient, by layer
+        expected = base[name].double() + w * (
+            (add[name].double() - base[name]) + (rev[name].double() - base[name])
+        )
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6, msg=name)
+    e = "model.layers.2.block_sparse_moe.experts.1.w1.weight"
+    assert torch.equal(merged[e], rev["model.layers.2.mlp.gate_proj.weight"].float())
+    load(out)
+
+
+def test_a_base_merge_with_a_bad_method_or_parameter_is_refused_with_its_line(tmp_path: Path) -> None:
+    cfg = zoo_config(tmp_path, mode="random", skills=("add", "rev"), base_merge="{merge_method: tiess}")
+    with pytest.raises(ConfigError) as info:
+        plan_moe(cfg)
+    assert "line 3: base_merge: " in str(info.value) and "tiess" in str(info.value)
+    cfg = zoo_config(
+        tmp_path, mode="random", skills=("add", "rev"), base_merge="{merge_method: ties, paramters: {}}"
+    )
+    with pytest.raises(ConfigError, match=r"base_merge\.paramters: unknown key"):
+        plan_moe(cfg)

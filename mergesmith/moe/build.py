@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from mergesmith.moe import gates
 from mergesmith.moe.config import Expert, MoEConfig, read_moe_config
 from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, deepseek_config, out_config
 from mergesmith.sources import Checkpoint
+
+if TYPE_CHECKING:
+    from mergesmith.plan import Job, Plan
 
 __all__ = ["MoEPlan", "OutTensor", "moe", "plan_moe"]
 
@@ -59,6 +62,8 @@ class MoEPlan:
     hidden: int
     out_config: dict[str, Any]
     tensors: list[OutTensor] = field(default_factory=list)
+    trunk: Plan | None = None  # with base_merge: the merge of the experts' tensors outside their MLPs
+    trunk_thresholds: dict[int, float] | None = None  # its whole-model thresholds, where it trims so
     router: torch.Tensor | None = None  # (layers, routed + gated shared experts, hidden), once computed
 
     @property
@@ -124,6 +129,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
     if layout is not None:
         _check_biases(base, layout, problems)
     dtype = _out_dtype(cfg, base)
+    trunk = _trunk_plan(cfg, problems) if cfg.base_merge is not None and not problems else None
     if problems:
         raise ConfigError(by_line(problems), cfg.source)
     assert layout is not None
@@ -138,9 +144,42 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
         layers,
         hidden,
         _out_config(cfg, layout, base.config, _dtype_name(dtype)),
+        trunk=trunk,
     )
     plan.tensors = _tensors(plan, torch.Generator().manual_seed(seed))
     return plan
+
+
+def trunk_config(cfg: MoEConfig) -> str:
+    """The merge config of ``base_merge``: the experts merged onto the base by its method."""
+    assert cfg.base_merge is not None
+    method, params = cfg.base_merge
+    models = "".join(f"  - model: {json.dumps(str(e.source))}\n" for e in cfg.experts)
+    return (
+        f"merge_method: {json.dumps(method)}\nbase_model: {json.dumps(str(cfg.base))}\nmodels:\n{models}"
+        f"parameters: {json.dumps(_plain(params))}\ndtype: float32\n"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """YAML-read parameters as plain JSON values (mappings and lists of the reader's own types)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _trunk_plan(cfg: MoEConfig, problems: list[str]) -> Plan | None:
+    """The merge plan of ``base_merge``, its problems reported as the config's."""
+    from mergesmith.api import validate
+
+    try:
+        return validate(trunk_config(cfg))
+    except MergesmithError as exc:
+        for p in getattr(exc, "problems", None) or [str(exc)]:
+            problems.append(f"{cfg.line('base_merge')}base_merge: {p}")
+        return None
 
 
 def _out_config(cfg: MoEConfig, layout: Layout, base: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -319,9 +358,11 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
     def copy(model: Checkpoint, name: str) -> Callable[[], torch.Tensor]:
         return lambda: model.get(name).to(dtype)
 
+    trunk_jobs = {job.name: job for job in plan.trunk.jobs} if plan.trunk is not None else {}
     for name in list(base.keys()):
         if not MLP.match(name):
-            out.append(OutTensor(name, base.info(name).shape, dtype, copy(base, name)))
+            make = _merged(plan, trunk_jobs[name]) if name in trunk_jobs else copy(base, name)
+            out.append(OutTensor(name, base.info(name).shape, dtype, make))
     if layout.name == "qwen2_moe":
         out += _zero_biases(base, plan.layers, dtype)
     cfg = plan.config
@@ -342,6 +383,18 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
                 gate = _router(plan, n, routed, routed + 1)
                 out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
     return out
+
+
+def _merged(plan: MoEPlan, job: Job) -> Callable[[], torch.Tensor]:
+    def make() -> torch.Tensor:
+        from mergesmith.execute import merge_job, read_inputs
+
+        trunk = plan.trunk
+        assert trunk is not None
+        tensors = read_inputs(trunk, job)
+        return merge_job(trunk, job, tensors, torch.device("cpu"), plan.trunk_thresholds).to(plan.dtype)
+
+    return make
 
 
 def _router(plan: MoEPlan, layer: int, start: int, stop: int) -> Callable[[], torch.Tensor]:
@@ -453,6 +506,11 @@ def moe(
                 "same for every expert (condition number above 5): those layers will route poorly; "
                 "give each expert prompts that differ more, especially in their last token"
             )
+        if plan.trunk is not None:
+            from mergesmith.execute import whole_model_thresholds
+
+            tell(f"moe: tensors outside the experts' MLPs merged by {plan.trunk.method.name}")
+            plan.trunk_thresholds = whole_model_thresholds(plan.trunk, torch.device("cpu"))
         write(plan, stage, limit, tell)
     return plan
 

@@ -45,7 +45,9 @@ TOP_KEYS = (
     "experts_per_token",
     "shared_experts",
     "architecture",
+    "base_merge",
 )
+BASE_MERGE_KEYS = ("merge_method", "parameters")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 
 
@@ -76,6 +78,9 @@ class MoEConfig:
     dtype: str | None = None
     experts_per_token: int = 2
     architecture: str | None = None  # canonical name; None: chosen from the models
+    # the tensors outside the experts' MLPs merged from the experts' (with the base as base model)
+    # by this method and parameters, instead of copied from the base
+    base_merge: tuple[str, Mapping[str, Any]] | None = None
     source: str = "<config>"
     text: str = ""
     lines: Mapping[str, int] = field(default_factory=dict)  # top-level key -> line
@@ -153,6 +158,7 @@ class _Reader:
             )
         self._prompts(doc, gate_mode, experts, shared)
         self._shared(doc, arch, shared)
+        base_merge = self._base_merge(doc)
         config = MoEConfig(
             base=base or ModelRef(""),
             experts=tuple(experts),
@@ -161,11 +167,46 @@ class _Reader:
             dtype=dtype,
             experts_per_token=per_token or 2,
             architecture=arch,
+            base_merge=base_merge,
             source=self.source,
             text=self.text,
             lines=dict(getattr(doc, "lines", {})),
         )
         return config, self.problems
+
+    def _base_merge(self, doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+        value = doc.get("base_merge")
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            self.add(
+                doc,
+                "base_merge",
+                "base_merge",
+                f"expected a mapping with merge_method and parameters, found {_yaml.shown(value)}",
+            )
+            return None
+        for key in value:
+            if key not in BASE_MERGE_KEYS:
+                self.add(value, key, f"base_merge.{key}", f"unknown key{_suggest(str(key), BASE_MERGE_KEYS)}")
+        method, params = value.get("merge_method"), value.get("parameters", {})
+        if not isinstance(method, str) or not method:
+            self.add(
+                value,
+                "merge_method" if method is not None else None,
+                "base_merge.merge_method",
+                f"expected the name of a merge method, found {_yaml.shown(method)}",
+            )
+            return None
+        if not isinstance(params, Mapping):
+            self.add(
+                value,
+                "parameters",
+                "base_merge.parameters",
+                f"expected a mapping, found {_yaml.shown(params)}",
+            )
+            return None
+        return method, params
 
     def _ref(self, container: Any, key: str, path: str, *, required: bool) -> ModelRef | None:
         value = container.get(key)
