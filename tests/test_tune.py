@@ -507,3 +507,26 @@ def test_a_plan_of_modules_takes_new_parameter_values(tmp_path: Path) -> None:
     ]:
         changed = mergesmith.load_config(text.replace(old, new))
         assert plan.with_parameters(changed).jobs == build_plan(changed).jobs != plan.jobs
+
+
+def test_resuming_fails_the_trials_a_dead_run_left_running_and_asks_their_values_again(
+    tmp_path: Path,
+) -> None:
+    import optuna
+
+    from mergesmith.tune.study import _recover
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"w": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.enqueue_trial({"w": 0.25})
+    study.ask(space)  # never told: the run died
+    resumed = optuna.load_study(study_name="s", storage=storage)
+    assert _recover(resumed) == 1
+    assert [t.state for t in resumed.trials] == [
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.WAITING,
+    ]
+    assert resumed.ask(space).params == {"w": 0.25}
+    assert _recover(optuna.load_study(study_name="s", storage=storage)) == 1  # the one asked just now
