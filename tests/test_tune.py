@@ -1,4 +1,5 @@
-"""mergesmith tune: the search space, trials equal to real merges, resuming, and the Ray executor."""
+"""mergesmith tune: the search space, trials equal to real merges, one plan per study, resuming, and
+the Ray executor."""
 
 from __future__ import annotations
 

@@ -15,7 +15,16 @@ from mergesmith import _yaml
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 
-__all__ = ["MAX_GRID", "SAMPLERS", "Dimension", "check_options", "midpoint", "search_space", "substitute"]
+__all__ = [
+    "MAX_GRID",
+    "SAMPLERS",
+    "Dimension",
+    "check_options",
+    "midpoint",
+    "search_space",
+    "substitute",
+    "substitute_lined",
+]
 
 SAMPLERS = ("tpe", "cmaes", "grid")
 MAX_GRID = 100_000  # points a grid search may enqueue
