@@ -179,21 +179,12 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     lines of the text it was read from. Every problem is collected and raised together as one
     :class:`ConfigError`.
     """
-    if isinstance(source, _yaml.LinedDict):
-        where = name or "<config>"
-        try:
-            text = yaml.safe_dump(_plain(source), sort_keys=False)
-        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
-            raise ConfigError(
-                f"{where}: the config mapping holds a value that is not plain data "
-                f"({type(exc).__name__}); use only mappings, lists, text, numbers and booleans"
-            ) from None
-        _other_tool(source, where)
-        return _Validator(where, text).run(source)
     if isinstance(source, Mapping):
         where = name or "<config>"
         try:
-            text = yaml.safe_dump(dict(source), sort_keys=False)
+            text = yaml.safe_dump(
+                _plain(source) if isinstance(source, _yaml.LinedDict) else dict(source), sort_keys=False
+            )
         except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
             raise ConfigError(
                 f"{where}: the config mapping holds a value that is not plain data "
@@ -212,7 +203,11 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     else:
         text = source
         where = name or "<config>"
-    doc = _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    doc = (
+        source
+        if isinstance(source, _yaml.LinedDict)
+        else _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    )
     _other_tool(doc, where)
     return _Validator(where, text).run(doc)
 
