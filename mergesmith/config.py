@@ -171,12 +171,16 @@ class MergeConfig:
 def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = None) -> MergeConfig:
     """Parse and validate a config given as a YAML file path, YAML text or a mapping.
 
-    Every problem is collected and raised together as one :class:`ConfigError`.
+    A mapping read by :func:`mergesmith._yaml.load` is validated as read: its problems name the
+    lines of the text it was read from. Every problem is collected and raised together as one
+    :class:`ConfigError`.
     """
     if isinstance(source, Mapping):
         where = name or "<config>"
         try:
-            text = yaml.safe_dump(dict(source), sort_keys=False)
+            text = yaml.safe_dump(
+                _plain(source) if isinstance(source, _yaml.LinedDict) else dict(source), sort_keys=False
+            )
         except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
             raise ConfigError(
                 f"{where}: the config mapping holds a value that is not plain data "
@@ -195,12 +199,25 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
     else:
         text = source
         where = name or "<config>"
-    doc = _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    doc = (
+        source
+        if isinstance(source, _yaml.LinedDict)
+        else _yaml.load(text, where=where, several=f"this is a file of several merges: {_MULTI}")
+    )
     _other_tool(doc, where)
     return _Validator(where, text).run(doc)
 
 
 _MULTI = "run it with mergesmith multi, which runs each merge in turn"
+
+
+def _plain(value: Any) -> Any:
+    """A document read by :mod:`mergesmith._yaml` as plain dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _other_tool(doc: Any, where: str) -> None:

@@ -6,9 +6,10 @@ shape mismatches, different architectures, unresolved parameters) is gathered an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,15 @@ class Job:
         return ((self.base,) if self.base is not None else ()) + self.inputs
 
 
+@dataclass(frozen=True)
+class _ParamSource:
+    """Where a job's parameters are resolved: the scopes of the output tensor's merge-wide
+    parameters, and per input model its tensor's name and the scopes of its parameters."""
+
+    shared: tuple[Mapping[str, Any], ...]
+    inputs: tuple[tuple[int, str, tuple[Mapping[str, Any], ...]], ...]
+
+
 @dataclass
 class Plan:
     """Everything a merge needs to run, decided from headers alone."""
@@ -108,6 +118,43 @@ class Plan:
     compute_dtype: torch.dtype | None
     shards: list[list[int]] = field(default_factory=list)
     vocab: Alignment | None = None
+    # per job name, in the order planned: where its parameters were resolved (none for copied tensors)
+    sources: dict[str, _ParamSource] = field(default_factory=dict, repr=False)
+
+    def with_parameters(self, config: MergeConfig) -> Plan:
+        """This plan with the parameter values of ``config``, a config that differs from the plan's
+        in its parameters' numbers only: the models, their headers and tokenizers and every job's
+        inputs are kept, each job's parameters are resolved again and checked as build_plan checks
+        them (a ConfigError naming every problem). A config that differs in anything else is a
+        ValueError: it needs build_plan."""
+        if _layout(config) != _layout(self.config):
+            raise ValueError("the config differs from the plan's in more than its parameter values")
+        new_scopes = {id(old): new for old, new in zip(_scopes(self.config), _scopes(config))}
+        problems: list[str] = []
+        seen: set[str] = set()
+
+        def problem(text: str, key: str) -> None:
+            if key not in seen:
+                seen.add(key)
+                problems.append(text)
+
+        by_name = {job.name: job for job in self.jobs}
+        sources: dict[str, _ParamSource] = {}
+        resolved: dict[str, Job] = {}
+        for out_name, old in self.sources.items():  # in the order planned, as problems are found
+            source = _ParamSource(
+                tuple(new_scopes[id(s)] for s in old.shared),
+                tuple((m, name, tuple(new_scopes[id(s)] for s in scopes)) for m, name, scopes in old.inputs),
+            )
+            job = by_name[out_name]
+            shared, per_model = _resolve_params(self.method, self.refs, out_name, job.t, source, problem)
+            resolved[out_name] = dataclasses.replace(job, params=shared, model_params=tuple(per_model))
+            sources[out_name] = source
+        jobs = [resolved.get(job.name, job) for job in self.jobs]
+        problems += _density_problems(self.method, self.refs, jobs)
+        if problems:
+            raise ConfigError(problems, config.source)
+        return dataclasses.replace(self, config=config, jobs=jobs, sources=sources)
 
     @property
     def read_bytes(self) -> int:
@@ -217,6 +264,17 @@ def whole_model_jobs(method: Method[Any, Any], jobs: Sequence[Job]) -> list[Job]
     if trim is None:
         return []
     return [j for j in jobs if j.method == method.name and trim(method.build_params(j.params))]
+
+
+def _density_problems(method: Method[Any, Any], refs: Sequence[ModelRef], jobs: Sequence[Job]) -> list[str]:
+    """A method that trims over the whole model needs one density per model."""
+    return [
+        f"{refs[model]}: density varies across tensors ({', '.join(map(str, sorted(values)))}), "
+        f"but {method.name} trims over the whole model here and needs one density per "
+        "model; give it a single value"
+        for model, values in _densities(whole_model_jobs(method, jobs)).items()
+        if len(values) > 1
+    ]
 
 
 def _densities(jobs: Sequence[Job]) -> dict[int, set[float]]:
@@ -336,6 +394,7 @@ class _Planner:
         self._alignment: Alignment | bool | None = False  # False: not worked out yet
         self._key_cache: dict[int, set[str]] = {}
         self._layer_cache: dict[tuple[str, int], list[int]] = {}
+        self.sources: dict[str, _ParamSource] = {}
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
         out_name = config.out_dtype or config.dtype
         self.out_dtype: torch.dtype | None = getattr(torch, out_name) if out_name else None
@@ -380,6 +439,7 @@ class _Planner:
             raise CompatibilityError(self.problems + self.config_problems)
         if self.config_problems:
             raise ConfigError(self.config_problems, self.config.source)
+        planned = {j.name for j in jobs}
         dtypes = {j.out_dtype for j in jobs if j.out_dtype.is_floating_point}
         if len(dtypes) == 1:
             name = str(dtypes.pop()).replace("torch.", "")
@@ -398,6 +458,7 @@ class _Planner:
             out_config=out_config,
             compute_dtype=self.compute_dtype,
             vocab=alignment,
+            sources={name: source for name, source in self.sources.items() if name in planned},
         )
 
     def tokenizer_model(self) -> int | None:
@@ -883,14 +944,8 @@ class _Planner:
 
     def check_whole_model_density(self, jobs: Sequence[Job]) -> None:
         """A method that trims over the whole model needs one density per model."""
-        for model, values in _densities(whole_model_jobs(self.method, jobs)).items():
-            if len(values) > 1:
-                self.problem(
-                    f"{self.refs[model]}: density varies across tensors ({', '.join(map(str, sorted(values)))}), "
-                    f"but {self.method.name} trims over the whole model here and needs one density per "
-                    "model; give it a single value",
-                    config=True,
-                )
+        for text in _density_problems(self.method, self.refs, jobs):
+            self.problem(text, config=True)
 
     def renumber_config(self, out_config: dict[str, Any], layers: list[tuple[int, int]]) -> None:
         """Set the layer count of a stacked model's config, and rebuild its per-layer lists
@@ -993,40 +1048,16 @@ class _Planner:
                     base_at = models.index(self.index(base_cfg))
                 permute = Permute(models, base_at, len(alignment.keys), alignment.fills)
             rows = RowMap(alignment.size, tuple(alignment.maps[r.model] for r in every), permute)
-        shared = {}
-        for info in self.method.param_infos:
-            value = resolve(info, shared_scopes, out_name, t)
-            if value is REQUIRED:
-                self.problem(
-                    f"{out_name}: no value of {info.key} applies ({self.method.name} needs {info.key}: "
-                    f"{info.doc}); give a default entry without a filter",
-                    key=f"required-shared:{info.key}",
-                    config=True,
-                )
-            shared[info.key] = value
-        per_model: list[dict[str, Any]] = []
-        for (m, name), scopes in zip(inputs, model_scopes):
-            values = {}
-            for info in self.method.model_param_infos:
-                value = resolve(info, scopes, name, t)
-                if value is REQUIRED:
-                    self.problem(
-                        f"{self.refs[m]}: no {info.key} for tensor {name} ({self.method.name} needs "
-                        f"{info.key}: {info.doc}); give it under the model's parameters or a filter that "
-                        "matches this tensor",
-                        key=f"required:{m}:{info.key}",
-                        config=True,
-                    )
-                values[info.key] = value
-            per_model.append(values)
-        check = self.method.check
-        resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
-        if check is not None and resolved:
-            trouble = check(
-                self.method.build_params(shared), [self.method.build_model_params(mp) for mp in per_model]
-            )
-            if trouble:
-                self.problem(f"{out_name}: {trouble}", key=f"check:{trouble}", config=True)
+        source = _ParamSource(
+            tuple(shared_scopes),
+            tuple((m, name, tuple(scopes)) for (m, name), scopes in zip(inputs, model_scopes)),
+        )
+
+        def problem(text: str, key: str) -> None:
+            self.problem(text, key, config=True)
+
+        shared, per_model = _resolve_params(self.method, self.refs, out_name, t, source, problem)
+        self.sources[out_name] = source
         return Job(
             name=out_name,
             shape=shape,
@@ -1040,6 +1071,97 @@ class _Planner:
             out_dtype=out_dtype,
             rows=rows,
         )
+
+
+def _resolve_params(
+    method: Method[Any, Any],
+    refs: Sequence[ModelRef],
+    out_name: str,
+    t: float,
+    source: _ParamSource,
+    problem: Callable[[str, str], None],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A job's merge-wide and per-model parameters, each problem given to ``problem`` (text, key)."""
+    shared = {}
+    for info in method.param_infos:
+        value = resolve(info, source.shared, out_name, t)
+        if value is REQUIRED:
+            problem(
+                f"{out_name}: no value of {info.key} applies ({method.name} needs {info.key}: "
+                f"{info.doc}); give a default entry without a filter",
+                f"required-shared:{info.key}",
+            )
+        shared[info.key] = value
+    per_model: list[dict[str, Any]] = []
+    for m, name, scopes in source.inputs:
+        values = {}
+        for info in method.model_param_infos:
+            value = resolve(info, scopes, name, t)
+            if value is REQUIRED:
+                problem(
+                    f"{refs[m]}: no {info.key} for tensor {name} ({method.name} needs "
+                    f"{info.key}: {info.doc}); give it under the model's parameters or a filter that "
+                    "matches this tensor",
+                    f"required:{m}:{info.key}",
+                )
+            values[info.key] = value
+        per_model.append(values)
+    check = method.check
+    resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
+    if check is not None and resolved:
+        trouble = check(method.build_params(shared), [method.build_model_params(mp) for mp in per_model])
+        if trouble:
+            problem(f"{out_name}: {trouble}", f"check:{trouble}")
+    return shared, per_model
+
+
+def _scopes(config: MergeConfig) -> Iterator[Mapping[str, Any]]:
+    """Every parameter scope of ``config`` (its modules' included), in a fixed order."""
+    yield config.parameters
+    for entry in config.models:
+        yield entry.parameters
+    for sl in config.slices or ():
+        yield sl.parameters
+        for s in sl.sources:
+            yield s.parameters
+    for _, module in config.module_configs:
+        yield from _scopes(module)
+
+
+def _layout(config: MergeConfig) -> MergeConfig:
+    """``config`` with its parameters' numbers, its text, source, warnings and lines left out: two
+    configs of one layout differ in parameter values only."""
+
+    def form(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: form(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [form(v) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return 0
+        return value
+
+    replace = dataclasses.replace
+    return replace(
+        config,
+        parameters=form(config.parameters),
+        models=tuple(replace(e, parameters=form(e.parameters)) for e in config.models),
+        slices=None
+        if config.slices is None
+        else tuple(
+            replace(
+                sl,
+                parameters=form(sl.parameters),
+                sources=tuple(replace(s, parameters=form(s.parameters)) for s in sl.sources),
+            )
+            for sl in config.slices
+        ),
+        text="",
+        source="",
+        warnings=(),
+        modules=tuple((name, 0) for name, _ in config.modules),
+        module_configs=tuple((name, _layout(module)) for name, module in config.module_configs),
+    )
 
 
 def _uses_gradients(config: MergeConfig) -> bool:

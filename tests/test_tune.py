@@ -1,4 +1,5 @@
-"""mergesmith tune: the search space, trials equal to real merges, resuming, and the Ray executor."""
+"""mergesmith tune: the search space, trials equal to real merges, one plan per study, resuming, and
+the Ray executor."""
 
 from __future__ import annotations
 
@@ -326,3 +327,207 @@ def test_tune_says_each_step_and_gives_its_runner_the_batch_size_and_threads(
     assert f"merging and evaluating the best values into {out / 'best'}" in lines
     report = json.loads((out / "best" / "eval_report.json").read_text())
     assert report["merged"][0]["method"] == "ties"
+
+
+# -- the tune config's lines, and one plan per study ------------------------------------------------
+
+
+def test_tune_config_errors_name_the_lines_of_the_tune_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "tune.yml"
+    body = f"""# searched: add's weight
+
+merge_method: ties
+base_model: {ZOO / "models" / "base"}
+models:
+  - model: {ZOO / "models" / "add"}
+    parameters:
+      weight:
+        search: [0.5, 1.5]
+        default: 1.0
+      density: 0.8
+
+  - model: {ZOO / "models" / "rev"}
+    parameters:
+      weight: 1.0
+      densty: 0.5
+"""
+    cfg.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        tune(cfg, [str(ZOO / "tasks" / "add.jsonl")], tmp_path / "out", progress=None)
+    assert info.value.problems == [
+        "line 16: models[1].parameters.densty: unknown parameter for ties (did you mean 'density'?); its "
+        "per-model parameters: weight, density; its merge-wide parameters (top-level parameters:): normalize, "
+        "lambda, rescale, int8_mask, mode"
+    ]
+    assert str(info.value).startswith(f"{cfg}: line 16: ")
+    cfg.write_text(body.replace("search: [0.5, 1.5]", "search: [1.5, 0.5]").replace("densty", "density"))
+    with pytest.raises(ConfigError) as info:
+        tune(cfg, [str(ZOO / "tasks" / "add.jsonl")], tmp_path / "out", progress=None)
+    assert str(info.value) == (
+        f"{cfg}: line 8: models.0.parameters.weight: search must be [low, high] with low < high, both "
+        "finite numbers, found [1.5, 0.5]"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_study_plans_once_and_each_trial_resolves_only_its_values(
+    setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergesmith import plan, sources
+
+    cfg, tasks = setup
+    opened: list[str] = []
+    vocabs: list[str] = []
+    init, read_vocab = sources.Checkpoint.__init__, plan.read_vocab
+
+    def opening(self: sources.Checkpoint, *args: Any, **kwargs: Any) -> None:
+        opened.append(str(args[0] if args else kwargs["directory"]))
+        init(self, *args, **kwargs)
+
+    def reading(directory: Path) -> Any:
+        vocabs.append(str(directory))
+        return read_vocab(directory)
+
+    monkeypatch.setattr(sources.Checkpoint, "__init__", opening)
+    monkeypatch.setattr(plan, "read_vocab", reading)
+    during: list[tuple[int, int]] = []
+    trial = TrialRunner.trial
+
+    def counted(self: TrialRunner, *args: Any, **kwargs: Any) -> Any:
+        before = (len(opened), len(vocabs))
+        try:
+            return trial(self, *args, **kwargs)
+        finally:
+            during.append((len(opened) - before[0], len(vocabs) - before[1]))
+
+    monkeypatch.setattr(TrialRunner, "trial", counted)
+    common: dict[str, Any] = {"sampler": "grid", "grid_steps": 2, "write_best": False, "progress": None}
+    tune(cfg, tasks, tmp_path / "one", trials=1, **common)
+    once = (len(opened), len(vocabs))
+    opened.clear()
+    vocabs.clear()
+    tune(cfg, tasks, tmp_path / "three", trials=3, **common)
+    assert during == [(0, 0)] * 4  # no trial opens a checkpoint or reads a tokenizer
+    assert (len(opened), len(vocabs)) == once
+    models = sorted(str(ZOO / "models" / m) for m in ("base", "add", "rev"))
+    assert sorted(opened) == models and sorted(vocabs) == models  # once each, for the whole study
+
+
+def test_a_trial_merges_what_a_plan_built_anew_for_its_values_merges(
+    setup: tuple[Path, list[str]],
+) -> None:
+    from mergesmith.execute import merge_job, read_inputs, whole_model_thresholds
+    from mergesmith.plan import build_plan
+
+    cfg, tasks = setup
+    doc = _yaml.load(cfg.read_text())
+    space = search_space(doc)
+    runner = TrialRunner(doc, tasks)
+    trials = [
+        {"add.weight": 0.9, "rev.weight[0]": 1.1, "rev.density": 0.7},
+        {"add.weight": 1.3, "rev.weight[0]": 0.7, "rev.density": 0.4},
+        {"add.weight": 0.5, "rev.weight[0]": 1.5, "rev.density": 1.0},
+    ]
+    for values in trials:
+        config = mergesmith.load_config(substitute(doc, space, values))
+        fresh = build_plan(config)
+        assert runner.plan.with_parameters(config).jobs == fresh.jobs
+        thresholds = whole_model_thresholds(fresh, torch.device("cpu"))
+        want = {
+            job.name: merge_job(fresh, job, read_inputs(fresh, job), torch.device("cpu"), thresholds)
+            for job in fresh.jobs
+        }
+        got = runner.merged_state(values)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[name], want[name]) for name in want), values
+
+
+def test_a_plan_takes_new_parameter_values_but_not_a_new_layout(zoo: dict[str, Path]) -> None:
+    from mergesmith.plan import build_plan
+
+    models = f"""merge_method: linear
+models:
+  - model: {zoo["a"]}
+    parameters:
+      weight: [{{filter: mlp, value: W_A}}, {{value: [1.0, W_B]}}]
+  - model: {zoo["b"]}
+    parameters:
+      weight: W_C
+parameters:
+  normalize: NORMALIZE
+"""
+    slices = f"""merge_method: linear
+slices:
+  - sources:
+      - model: {zoo["a"]}
+        layer_range: [0, 3]
+        parameters: {{weight: W_A}}
+      - model: {zoo["b"]}
+        layer_range: [0, 3]
+    parameters: {{weight: [W_B, 1.0]}}
+parameters:
+  weight: W_C
+  normalize: NORMALIZE
+"""
+
+    def config(text: str, a: float, b: float, c: float, normalize: str = "false") -> Any:
+        values = {"W_A": str(a), "W_B": str(b), "W_C": str(c), "NORMALIZE": normalize}
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return mergesmith.load_config(text)
+
+    for text in (models, slices):
+        plan = build_plan(config(text, 0.5, 2.0, 0.3))
+        for values in [(1.5, -1.0, 0.25), (0.0, 3.0, 1.0)]:
+            again = plan.with_parameters(config(text, *values))
+            assert again.jobs == build_plan(config(text, *values)).jobs
+            assert again.with_parameters(config(text, 0.5, 2.0, 0.3)).jobs == plan.jobs
+        normalized = build_plan(config(text, 1.0, 1.0, 1.0, "true"))
+        summing_to_zero = config(text, 1.0, -1.0, -1.0, "true")  # the layer-0 weights cancel
+        with pytest.raises(ConfigError) as fresh:
+            build_plan(summing_to_zero)
+        with pytest.raises(ConfigError) as reused:
+            normalized.with_parameters(summing_to_zero)
+        assert reused.value.problems == fresh.value.problems and fresh.value.problems
+        with pytest.raises(ValueError, match="more than its parameter values"):
+            plan.with_parameters(config(text, 0.5, 2.0, 0.3, "true"))
+        with pytest.raises(ValueError, match="more than its parameter values"):
+            plan.with_parameters(config(text.replace(str(zoo["b"]), str(zoo["c"])), 0.5, 2.0, 0.3))
+
+
+def test_a_plan_of_modules_takes_new_parameter_values(tmp_path: Path) -> None:
+    from mergesmith.plan import build_plan
+    from tests.test_modules_multimodal import MODULES_YAML, tiny_mistral3
+
+    text = MODULES_YAML.format(a=tiny_mistral3(tmp_path, 1), b=tiny_mistral3(tmp_path, 2))
+    plan = build_plan(mergesmith.load_config(text))
+    for old, new in [
+        ("[0.8, 0.2]", "[0.3, 0.6]"),
+        ("weight: 0.9", "weight: 0.4"),
+        ("weight: 0.5", "weight: 0.7"),
+    ]:
+        changed = mergesmith.load_config(text.replace(old, new))
+        assert plan.with_parameters(changed).jobs == build_plan(changed).jobs != plan.jobs
+
+
+def test_resuming_fails_the_trials_a_dead_run_left_running_and_asks_their_values_again(
+    tmp_path: Path,
+) -> None:
+    import optuna
+
+    from mergesmith.tune.study import _recover
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"w": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.enqueue_trial({"w": 0.25})
+    study.ask(space)  # never told: the run died
+    resumed = optuna.load_study(study_name="s", storage=storage)
+    assert _recover(resumed) == 1
+    assert [t.state for t in resumed.trials] == [
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.WAITING,
+    ]
+    assert resumed.ask(space).params == {"w": 0.25}
+    assert _recover(optuna.load_study(study_name="s", storage=storage)) == 1  # the one asked just now
