@@ -48,9 +48,10 @@ def _say(line: str) -> None:
 # -- local processes --------------------------------------------------------------------------------
 
 
-def _worker(task: ShardTask, k: int, results: Any) -> None:
+def _worker(task: ShardTask, k: int, results: Any, parent: int) -> None:
     """A worker process: merge ``task``'s shards, putting each on ``results`` as it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
+    _die_with_parent(parent)
     try:
         run_task(task, lambda done: results.put(("done", k, done)))
     except Exception as exc:  # reported to the parent, which raises it
@@ -58,6 +59,21 @@ def _worker(task: ShardTask, k: int, results: Any) -> None:
         results.close()
         results.join_thread()
         raise SystemExit(1) from None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux kill this process when its parent dies (a merge killed with SIGKILL): a worker
+    left running would go on writing into a staging directory a resumed run may take over."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that took effect
+        os._exit(1)
 
 
 def run_local(task: ShardTask, todo: Sequence[int], progress: Progress, workers: int) -> None:
@@ -71,7 +87,9 @@ def run_local(task: ShardTask, todo: Sequence[int], progress: Progress, workers:
     try:
         for k in range(n):
             part = replace(task, shard_ids=tuple(todo[k::n]))
-            proc = ctx.Process(target=_worker, args=(part, k + 1, results), name=f"mergesmith-worker-{k + 1}")
+            proc = ctx.Process(
+                target=_worker, args=(part, k + 1, results, os.getpid()), name=f"mergesmith-worker-{k + 1}"
+            )
             proc.start()
             procs.append(proc)
         left = len(todo)

@@ -192,9 +192,11 @@ def run_shards(
         for s in shard_ids:
             members = plan.shards[s]
             warnings: list[str] | None = [] if on_nonfinite == "warn" else None
+            # written under a name of its own, renamed when complete: a shard file is always whole,
+            # and a process of a killed run still writing cannot touch the resumed run's files
+            part = stage / f".{names[s]}.partial-{os.getpid()}"
             writer = ShardWriter(
-                stage / names[s],
-                {plan.jobs[i].name: (plan.jobs[i].out_dtype, plan.jobs[i].shape) for i in members},
+                part, {plan.jobs[i].name: (plan.jobs[i].out_dtype, plan.jobs[i].shape) for i in members}
             )
             with writer.aborting():
                 for _ in members:
@@ -207,6 +209,13 @@ def run_shards(
                     if tensor_done is not None:
                         tensor_done(job.nbytes)
             writer.close()
+            try:
+                os.replace(part, stage / names[s])
+            except OSError as exc:
+                part.unlink(missing_ok=True)
+                raise _output.os_error(
+                    stage / names[s], exc, "cannot put the finished shard in place"
+                ) from None
             hashed.append(hasher.submit(finish, s, warnings or []))
             for fut in [f for f in hashed if f.done()]:
                 fut.result()  # a failure to record a shard stops the merge
