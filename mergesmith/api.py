@@ -96,6 +96,11 @@ def merge(
         raise ConfigError(f"workers must be a whole number of at least 1, not {workers!r}")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    if workers > 1 and executor == "ray":
+        raise ConfigError(
+            "workers (--workers) is for local processes; with executor ray (--executor ray) each shard "
+            "is a Ray task of threads (--threads) CPUs"
+        )
     if ray_address is not None and executor != "ray":
         raise ConfigError("ray_address (--ray-address) is for executor ray (--executor ray)")
     total = positive_threads(threads)

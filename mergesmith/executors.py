@@ -137,6 +137,7 @@ def _ray(address: str | None) -> Iterator[Any]:
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'mergesmith[ray]'") from None
     started = not ray.is_initialized()
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if started:
         try:
             if address:
