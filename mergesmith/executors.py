@@ -85,32 +85,27 @@ def run_local(task: ShardTask, todo: Sequence[int], progress: Progress, workers:
     results = ctx.Queue()
     procs = []
     try:
-        for k in range(n):
-            part = replace(task, shard_ids=tuple(todo[k::n]))
-            proc = ctx.Process(
-                target=_worker, args=(part, k + 1, results, os.getpid()), name=f"mergesmith-worker-{k + 1}"
-            )
-            proc.start()
-            procs.append(proc)
+        with _sigint_ignored():  # inherited: a Ctrl-C while a worker starts up is the parent's alone
+            for k in range(n):
+                part = replace(task, shard_ids=tuple(todo[k::n]))
+                proc = ctx.Process(
+                    target=_worker,
+                    args=(part, k + 1, results, os.getpid()),
+                    name=f"mergesmith-worker-{k + 1}",
+                )
+                proc.start()
+                procs.append(proc)
         left = len(todo)
         while left:
             try:
                 kind, k, payload = results.get(timeout=0.5)
             except queue.Empty:
-                gone = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if not gone and all(p.exitcode is not None for p in procs):
-                    gone = [(0, 0)]
-                if gone:
-                    try:  # a worker that failed said why before it exited
-                        kind, k, payload = results.get(timeout=2)
-                    except queue.Empty:
-                        k, code = gone[0]
-                        raise MergesmithError(
-                            f"worker {k} ended without finishing its shards (exit code {code}): it was "
-                            "killed, perhaps for lack of memory; run again with fewer --workers"
-                        ) from None
-                else:
+                if all(p.exitcode in (None, 0) for p in procs) and any(p.exitcode is None for p in procs):
                     continue
+                try:  # a worker that failed said why before it exited
+                    kind, k, payload = results.get(timeout=2)
+                except queue.Empty:
+                    raise _lost(procs, left) from None
             if kind == "error":
                 raise _error(*payload)
             progress.record(payload)
@@ -123,6 +118,32 @@ def run_local(task: ShardTask, todo: Sequence[int], progress: Progress, workers:
         for proc in procs:
             proc.join()
         results.close()
+
+
+def _lost(procs: Sequence[Any], left: int) -> MergesmithError:
+    """The error for workers that ended without saying why, ``left`` shards unfinished."""
+    for k, proc in enumerate(procs, 1):
+        if proc.exitcode not in (None, 0):
+            how = f"signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit status {proc.exitcode}"
+            return MergesmithError(
+                f"worker {k} ended ({how}) with {left} shard(s) left to merge: it was killed, perhaps for "
+                "lack of memory; run again with fewer --workers (and --resume to keep the finished shards)"
+            )
+    return MergesmithError(f"the workers ended with {left} shard(s) left to merge")
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # -- Ray --------------------------------------------------------------------------------------------
@@ -174,6 +195,19 @@ def _ray_shards(task: ShardTask) -> tuple[str, Any]:
     return "ok", (f"{socket.gethostname()}:{os.getpid()}", found)
 
 
+def _get(ray: Any, ref: Any) -> tuple[str, Any]:
+    """A task's result; a task Ray itself lost (its node or worker died) is a MergesmithError."""
+    from ray.exceptions import RayError
+
+    try:
+        result: tuple[str, Any] = ray.get(ref)
+    except RayError as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise MergesmithError(f"a Ray task failed: {first}") from None
+    return result
+
+
 def run_ray(task: ShardTask, todo: Sequence[int], progress: Progress, address: str | None) -> None:
     """Merge the shards ``todo`` as Ray tasks, one per shard, each taking ``task.threads`` CPUs.
 
@@ -188,11 +222,9 @@ def run_ray(task: ShardTask, todo: Sequence[int], progress: Progress, address: s
     task = replace(task, probe=(probe, token))
     with _ray(address) as ray:
         try:
-            from ray.exceptions import RayError
-
             options: dict[str, Any] = {"num_cpus": task.threads, "max_retries": 0}
             if progress.thresholds is None:
-                status, value = ray.get(ray.remote(**options)(_ray_thresholds).remote(task))
+                status, value = _get(ray, ray.remote(**options)(_ray_thresholds).remote(task))
                 if status == "error":
                     raise _error(*value)
                 progress.thresholds = value
@@ -204,11 +236,7 @@ def run_ray(task: ShardTask, todo: Sequence[int], progress: Progress, address: s
             try:
                 while pending:
                     ready, pending = ray.wait(pending, num_returns=1)
-                    try:
-                        status, value = ray.get(ready[0])
-                    except RayError as exc:
-                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                        raise MergesmithError(f"a Ray task failed: {first}") from None
+                    status, value = _get(ray, ready[0])
                     if status == "error":
                         raise _error(*value)
                     where, found = value

@@ -255,6 +255,8 @@ class Progress:
             found = data["fingerprint"]
             entries = data["done"]
             thresholds = data["thresholds"]
+            if not isinstance(found, dict) or not isinstance(entries, dict):
+                raise TypeError("not a progress file")
         except (OSError, ValueError, KeyError, TypeError):
             data, found, entries, thresholds = None, None, {}, None
         why = "its progress file is unreadable" if data is None else differs(found, self.fingerprint)
@@ -262,17 +264,25 @@ class Progress:
         redo = 0
         if why is None:
             names = plan.shard_names()
-            for name, e in entries.items():
-                if name not in names:
-                    continue
-                s = names.index(name)
-                path = stage / name
-                if path.is_file() and path.stat().st_size == e["size"] and file_sha256(path) == e["sha256"]:
-                    kept[s] = ShardDone(s, name, e["size"], e["sha256"], tuple(e.get("warnings", ())))
-                else:
-                    redo += 1
-            if thresholds is not None:
-                self.thresholds = {int(k): float(v) for k, v in thresholds.items()}
+            try:
+                for name, e in entries.items():
+                    if name not in names:
+                        continue
+                    s = names.index(name)
+                    path = stage / name
+                    if (
+                        path.is_file()
+                        and path.stat().st_size == e["size"]
+                        and file_sha256(path) == e["sha256"]
+                    ):
+                        kept[s] = ShardDone(s, name, e["size"], e["sha256"], tuple(map(str, e["warnings"])))
+                    else:
+                        redo += 1
+                if thresholds is not None:
+                    self.thresholds = {int(k): float(v) for k, v in thresholds.items()}
+            except (AttributeError, KeyError, TypeError, ValueError):
+                kept, redo, self.thresholds = {}, 0, None
+                why = "its progress file is unreadable"
         self.done = kept
         keep = {d.name for d in kept.values()}
         for p in stage.iterdir():
@@ -280,10 +290,8 @@ class Progress:
                 _remove(p)
         out = stage.name.split(_output.PARTIAL)[0][1:]
         if why is not None:
-            print(
-                f"resume: the interrupted merge into {out} was of another plan ({why}); starting over",
-                file=sys.stderr,
-            )
+            what = "" if data is None or why.startswith("its") else " was of another plan"
+            print(f"resume: the interrupted merge into {out}{what} ({why}); starting over", file=sys.stderr)
             return
         changed = f"; {redo} finished shard(s) changed on disk and are merged again" if redo else ""
         print(

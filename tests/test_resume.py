@@ -248,3 +248,24 @@ def test_resume_with_workers_and_killed_workers(
     assert done.returncode == 0, done.stderr
     assert "resume: kept" in done.stderr
     assert files(out) == reference
+
+
+def test_an_unreadable_progress_file_starts_over(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith import shards
+
+    plan = mergesmith.validate(write_config(tmp_path / "merge.yml", models), max_shard_size=SHARD)
+    fp = shards.fingerprint(plan)
+    stage = tmp_path / f".out{_output.PARTIAL}-1"
+    stage.mkdir()
+    for text in ("{not json", '{"fingerprint": [], "done": {}, "thresholds": null}', "[1, 2]"):
+        (stage / MANIFEST).write_text(text)
+        (stage / "model-00001-of-00016.safetensors").write_bytes(b"x")
+        progress = shards.Progress.start(plan, stage, fp)
+        assert progress.todo() == list(range(16))
+        assert list(stage.iterdir()) == []
+        err = capsys.readouterr().err
+        assert (
+            err == "resume: the interrupted merge into out (its progress file is unreadable); starting over\n"
+        )
