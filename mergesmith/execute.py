@@ -272,13 +272,13 @@ def execute(
 
     if on_nonfinite not in ("error", "warn"):
         raise ValueError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     dev = torch.device(device)
     _memory.tune()
     fp = shards.fingerprint(plan, dev)
     record = shards.Progress.start(plan, stage, fp)
     todo = record.todo()
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if record.thresholds is None and todo and executor != "ray":  # a Ray task finds them there
         record.thresholds = whole_model_thresholds(plan, dev)
     record.save()
