@@ -239,6 +239,7 @@ def staged_output(
     force: bool = False,
     kind: str = "merge",
     seen: object = _NOW,
+    resume: bool = False,
 ) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success it replaces ``out_dir``.
 
@@ -249,6 +250,11 @@ def staged_output(
     checked it (:func:`identity`; by default, when the lock is taken) is never replaced: it
     appeared while this merge ran. The staging directory gets the :data:`MARKER` file (``kind``
     says what it holds).
+
+    With ``resume``, the newest staging directory a dead run into the same output left with a
+    progress file (:mod:`mergesmith.shards`) is taken over instead of a fresh one: the caller
+    decides what in it to keep. Other stale staging directories are removed, each one that held
+    finished shards named on stderr.
     """
     parent = out_dir.resolve().parent
     try:
@@ -258,9 +264,9 @@ def staged_output(
     with output_lock(out_dir):
         if _recover(parent, out_dir.resolve().name) or seen is _NOW:
             seen = identity(out_dir)
-        _clean_stale(parent, out_dir.resolve().name)
+        adopted = _clean_stale(parent, out_dir.resolve().name, resume)
         _check_again(out_dir, inputs, force, seen)
-        yield from _staged(out_dir, parent, inputs, force, kind, seen)
+        yield from _staged(out_dir, parent, inputs, force, kind, seen, adopted)
 
 
 def _check_again(out_dir: Path, inputs: Sequence[Path], force: bool, seen: object) -> None:
@@ -275,14 +281,25 @@ def _check_again(out_dir: Path, inputs: Sequence[Path], force: bool, seen: objec
 
 
 def _staged(
-    out_dir: Path, parent: Path, inputs: Sequence[Path], force: bool, kind: str, seen: object
+    out_dir: Path,
+    parent: Path,
+    inputs: Sequence[Path],
+    force: bool,
+    kind: str,
+    seen: object,
+    adopted: Path | None = None,
 ) -> Iterator[Path]:
     stage = parent / f".{out_dir.resolve().name}{PARTIAL}-{os.getpid()}"
-    if stage.exists():
+    if stage.exists() and stage != adopted:
         shutil.rmtree(stage)
     try:
-        stage.mkdir()
+        if adopted is None:
+            stage.mkdir()
+        elif adopted != stage:
+            adopted.rename(stage)
     except OSError as exc:
+        if adopted is not None:
+            shutil.rmtree(adopted, ignore_errors=True)
         raise os_error(stage, exc, "cannot create") from None
     try:
         yield stage
@@ -386,12 +403,38 @@ def _recover(parent: Path, name: str) -> bool:
     return found
 
 
-def _clean_stale(parent: Path, name: str) -> None:
-    """Remove staging directories of earlier runs into the same output whose process is gone."""
+def _clean_stale(parent: Path, name: str, resume: bool = False) -> Path | None:
+    """Remove staging directories of earlier runs into the same output whose process is gone; with
+    ``resume``, keep and return the newest one holding a progress file (None when there is none).
+    A removed one that held finished shards is named on stderr."""
+    from mergesmith.shards import MANIFEST, stale_summary
+
+    stale = []
     for p in parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+    adopted = None
+    if resume:
+        with_progress = [p for p in stale if (p / MANIFEST).is_file()]
+        if with_progress:
+            adopted = max(with_progress, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))
+        else:
+            print(
+                f"resume: no interrupted merge into {name} was found; merging from the start", file=sys.stderr
+            )
+    for p in stale:
+        if p == adopted:
+            continue
+        summary = stale_summary(p)
+        if summary is not None and summary[0] and not resume:
+            print(
+                f"note: removed {p.name}, an interrupted merge into {name} with {summary[0]} of "
+                f"{summary[1]} shards done; --resume would have kept them",
+                file=sys.stderr,
+            )
+        shutil.rmtree(p, ignore_errors=True)
+    return adopted
 
 
 def _alive(pid: int) -> bool:

@@ -59,6 +59,10 @@ def merge(
     threads: int | None = None,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    resume: bool = False,
+    workers: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -75,12 +79,32 @@ def merge(
     ``copy_tokenizer=False`` leaves the tokenizer files out unless the config's tokenizer_source
     asks for a tokenizer, and ``write_model_card=False`` leaves README.md out (as mergekit's
     ``--no-copy-tokenizer`` and ``--no-write-model-card`` do).
+
+    Every finished shard is recorded in the staging directory; ``resume=True`` takes over the
+    staging directory a killed merge into ``out_dir`` left and keeps its finished shards when the
+    plan is the same (see docs/scale.md). ``workers=N`` merges the shards in N local processes,
+    each with ``threads // N`` torch threads; ``executor="ray"`` runs them as Ray tasks on the
+    cluster at ``ray_address`` (default: a local one), one per shard with ``threads`` CPUs each
+    (default 1). The output is the same byte for byte however it is run.
     """
     from mergesmith._threads import positive_threads, using_threads
+    from mergesmith.execute import EXECUTORS
 
     if on_nonfinite not in ("error", "warn"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
-    positive_threads(threads)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a whole number of at least 1, not {workers!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    if workers > 1 and executor == "ray":
+        raise ConfigError(
+            "workers (--workers) is for local processes; with executor ray (--executor ray) each shard "
+            "is a Ray task of threads (--threads) CPUs"
+        )
+    if ray_address is not None and executor != "ray":
+        raise ConfigError("ray_address (--ray-address) is for executor ray (--executor ray)")
+    total = positive_threads(threads)
+    per_worker = (threads or 1) if executor == "ray" else max(1, total // workers)
     dev = check_device(device)
     cfg = _config(config)
     if seed is not None:
@@ -93,7 +117,10 @@ def merge(
     seen = _output.check_output(out, inputs, force)
     if before is not None:
         before(plan)
-    with using_threads(threads), _output.staged_output(out, inputs, force=force, seen=seen) as stage:
+    with (
+        using_threads(threads),
+        _output.staged_output(out, inputs, force=force, seen=seen, resume=resume) as stage,
+    ):
         execute(
             plan,
             stage,
@@ -103,5 +130,9 @@ def merge(
             on_nonfinite=on_nonfinite,
             copy_tokenizer=copy_tokenizer,
             write_model_card=write_model_card,
+            workers=workers,
+            threads=per_worker,
+            executor=executor,
+            ray_address=ray_address,
         )
     return plan

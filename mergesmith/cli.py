@@ -98,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
         help="after merging, evaluate base, parents and merged model on these JSONL tasks and write "
         "eval_report.{md,json,png} beside the model",
     )
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="take over what a killed merge into OUT_DIR left and keep its finished shards (same plan only)",
+    )
+    m.add_argument(
+        "--workers",
+        type=_at_least_1,
+        default=1,
+        help="merge the shards in N processes, each with --threads/N torch threads (default 1)",
+    )
+    m.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local processes (default) or Ray tasks, one per shard (pip install 'mergesmith[ray]')",
+    )
+    m.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="--executor ray: the cluster to join (default: $RAY_ADDRESS, else start a local one)",
+    )
     _eval_options(m, 32)
     _threads_option(m)
     add_mergekit_flags(m)
@@ -697,6 +719,10 @@ def _merge(args: argparse.Namespace) -> int:
         threads=args.threads,
         copy_tokenizer=args.copy_tokenizer is not False,
         write_model_card=args.write_model_card is not False,
+        resume=args.resume,
+        workers=args.workers,
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
     took = time.perf_counter() - start
     print(

@@ -14,14 +14,13 @@ import torch
 
 from mergesmith import _memory, _output, card, chat_templates, vocab, whole_model
 from mergesmith._json import read_json
-from mergesmith._safetensors import ShardWriter
 from mergesmith._text import printable
-from mergesmith.errors import CheckpointError, MethodError
+from mergesmith.errors import CheckpointError, ConfigError, MethodError
 from mergesmith.methods import MergeInputs, get_method
 from mergesmith.plan import COPY, Job, Plan
 from mergesmith.sources import Checkpoint
 
-__all__ = ["PROCESSOR_FILES", "TOKENIZER_FILES", "InputStream", "execute", "merge_job"]
+__all__ = ["EXECUTORS", "PROCESSOR_FILES", "TOKENIZER_FILES", "InputStream", "execute", "merge_job"]
 
 # a multimodal model's processor files (transformers' PROCESSOR_NAME, IMAGE_PROCESSOR_NAME and
 # FEATURE_EXTRACTOR_NAME, VIDEO_PROCESSOR_NAME, AUDIO_TOKENIZER_NAME, the processor's chat template),
@@ -237,6 +236,9 @@ def whole_model_thresholds(plan: Plan, device: torch.device) -> dict[int, float]
     return whole_model.magnitude_thresholds((task_vectors(j) for j in jobs), densities)
 
 
+EXECUTORS = ("local", "ray")
+
+
 def execute(
     plan: Plan,
     stage: Path,
@@ -247,8 +249,12 @@ def execute(
     on_nonfinite: str = "error",
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    workers: int = 1,
+    threads: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[str]:
-    """Write the merged model described by ``plan`` into the (empty) directory ``stage``.
+    """Write the merged model described by ``plan`` into the directory ``stage``.
 
     ``full_digests`` records the sha256 of every local input file in the model card (a full
     extra read of the inputs); otherwise local files get a quick digest. ``on_nonfinite="warn"``
@@ -256,52 +262,69 @@ def execute(
     printed and recorded in the model card); the default raises on the first one.
     ``copy_tokenizer=False`` copies no tokenizer files unless the config sets tokenizer_source;
     ``write_model_card=False`` writes no README.md.
+
+    ``stage`` is empty, or the staging directory of a killed run taken over for ``--resume``:
+    its finished shards are kept where they match (:class:`mergesmith.shards.Progress`).
+    ``workers`` > 1 merges the shards in that many local processes of ``threads`` torch threads
+    each; ``executor="ray"`` runs them as Ray tasks (:mod:`mergesmith.executors`).
     """
+    from mergesmith import executors, shards
+
     if on_nonfinite not in ("error", "warn"):
         raise ValueError(f"on_nonfinite must be 'error' or 'warn', not {on_nonfinite!r}")
-    warnings: list[str] | None = [] if on_nonfinite == "warn" else None
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     dev = torch.device(device)
     _memory.tune()
-    thresholds = whole_model_thresholds(plan, dev)
+    fp = shards.fingerprint(plan, dev)
+    record = shards.Progress.start(plan, stage, fp)
+    todo = record.todo()
+    if record.thresholds is None and todo and executor != "ray":  # a Ray task finds them there
+        record.thresholds = whole_model_thresholds(plan, dev)
+    record.save()
     names = plan.shard_names()
-    bar = _progress_bar(plan, progress)
     digests: dict[Path, str] = {}
-    with (
-        InputStream(plan, plan.jobs) as stream,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher,
-    ):
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-digest") as hasher:
         digest_jobs = {
             p: hasher.submit(card.file_digest, p, full=full_digests)
             for ckpt in plan.models
             for p in ckpt.weight_files
         }
-        inputs = iter(stream)
-        writer: ShardWriter | None = None
-        try:
-            for s, members in enumerate(plan.shards):
-                writer = ShardWriter(
-                    stage / names[s],
-                    {plan.jobs[i].name: (plan.jobs[i].out_dtype, plan.jobs[i].shape) for i in members},
-                )
-                for _ in members:
-                    job, tensors = next(inputs)
-                    result = merge_job(plan, job, tensors, dev, thresholds, warnings)
-                    del tensors
-                    writer.write(job.name, result)
-                    del result
-                    _memory.release()
+        if todo:
+            task = shards.task_for(
+                plan,
+                stage,
+                fp,
+                device=dev,
+                thresholds=record.thresholds,
+                on_nonfinite=on_nonfinite,
+                threads=threads,
+            )
+            if executor == "ray":
+                executors.run_ray(task, todo, record, ray_address)
+            elif workers > 1:
+                executors.run_local(task, todo, record, workers)
+            else:
+                bar = _progress_bar(plan, progress, todo)
+                try:
+                    shards.run_shards(
+                        plan,
+                        stage,
+                        todo,
+                        record.record,
+                        device=dev,
+                        thresholds=record.thresholds,
+                        on_nonfinite=on_nonfinite,
+                        tensor_done=bar.update if bar is not None else None,
+                    )
+                finally:
                     if bar is not None:
-                        bar.update(job.nbytes)
-                writer.close()
-                writer = None
-        finally:
-            if writer is not None:
-                writer.abort()
-            if bar is not None:
-                bar.close()
+                        bar.close()
         for path, fut in digest_jobs.items():
             digests[path] = fut.result()
-    for message in warnings or ():
+    warnings = record.warnings()
+    record.remove()
+    for message in warnings:
         print(f"warning: {printable(message)}", file=sys.stderr)
     try:
         _write_side_files(
@@ -309,13 +332,13 @@ def execute(
             stage,
             names,
             digests,
-            warnings or [],
+            warnings,
             copy_tokenizer=copy_tokenizer or plan.config.tokenizer_source is not None,
             write_model_card=write_model_card,
         )
     except OSError as exc:
         raise _output.os_error(exc.filename or stage, exc) from None
-    return warnings or []
+    return warnings
 
 
 def side_files(plan: Plan) -> list[tuple[Checkpoint, tuple[str, ...]]]:
@@ -417,7 +440,10 @@ class _Bar:
         self.tqdm.close()
 
 
-def _progress_bar(plan: Plan, progress: bool | None) -> _Bar | None:
+def _progress_bar(plan: Plan, progress: bool | None, shard_ids: Sequence[int]) -> _Bar | None:
     if progress is None:
         progress = sys.stderr.isatty()
-    return _Bar(plan.write_bytes, len(plan.jobs)) if progress else None
+    if not progress:
+        return None
+    jobs = [plan.jobs[i] for s in shard_ids for i in plan.shards[s]]
+    return _Bar(sum(j.nbytes for j in jobs), len(jobs))

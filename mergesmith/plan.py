@@ -118,6 +118,7 @@ class Plan:
     compute_dtype: torch.dtype | None
     shards: list[list[int]] = field(default_factory=list)
     vocab: Alignment | None = None
+    shard_limit: int = DEFAULT_SHARD  # the largest shard asked for, which packed ``shards``
     # per job name, in the order planned: where its parameters were resolved (none for copied tensors)
     sources: dict[str, _ParamSource] = field(default_factory=dict, repr=False)
 
@@ -329,7 +330,8 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     _check_modules(config, arch)
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
-    plan.shards = _pack(plan.jobs, parse_size(max_shard_size))
+    plan.shard_limit = parse_size(max_shard_size)
+    plan.shards = _pack(plan.jobs, plan.shard_limit)
     from mergesmith.execute import PROCESSOR_FILES, side_files
 
     for model, names in side_files(plan):  # the files a merge copies must be safe to copy

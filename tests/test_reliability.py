@@ -96,7 +96,7 @@ def test_killed_merge_leaves_no_output_and_the_next_run_cleans_up(
     out = tmp_path / "out" / "merged"
     child, _ = start_merge(tmp_path, cfg, out)
     stage = out.parent / f".merged{_output.PARTIAL}-{child.pid}"
-    assert stage.is_dir() and any(stage.glob("*.safetensors"))  # mid-write, under a hidden name
+    assert stage.is_dir() and any(stage.glob(".*.safetensors.partial-*"))  # mid-write, under a hidden name
     child.send_signal(sig)
     code = child.wait(timeout=30)
     assert not out.exists()
