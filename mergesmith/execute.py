@@ -56,28 +56,49 @@ def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
 class InputStream:
     """Each job's inputs as stored, in job order, read one job ahead on a reader thread.
 
+    With a CUDA ``device``, the reader thread also copies each job's inputs to the device (through
+    pinned memory, on a copy stream of its own), so the copy of the next job's inputs overlaps the
+    arithmetic of this one; the tensors handed out are then already on the device, and the compute
+    stream waits for their copy. Inputs of copied tensors stay on the CPU, where they are written.
+
     Iterate it inside ``with``: leaving the block early cancels the read in flight.
     """
 
-    def __init__(self, plan: Plan, jobs: Sequence[Job]) -> None:
+    def __init__(self, plan: Plan, jobs: Sequence[Job], device: torch.device | None = None) -> None:
         self.plan = plan
         self.jobs = list(jobs)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read")
-        self._pending: Future[list[torch.Tensor]] | None = None
+        self._pending: Future[tuple[list[torch.Tensor], Any]] | None = None
+        self._device = device if device is not None and device.type == "cuda" else None
+        self._copy = torch.cuda.Stream(self._device) if self._device is not None else None  # type: ignore[no-untyped-call]
 
     def __iter__(self) -> Iterator[tuple[Job, list[torch.Tensor]]]:
         for i, job in enumerate(self.jobs):
             # no local name holds the tensors, so they are freed as soon as the consumer drops them
             yield job, self._take(i)
 
+    def _read(self, job: Job) -> tuple[list[torch.Tensor], Any]:
+        """A job's inputs (on the reader thread), and the event their copy to the device records."""
+        tensors = read_inputs(self.plan, job)
+        if self._copy is None or job.method == COPY:
+            return tensors, None
+        with torch.cuda.stream(self._copy):
+            moved = [t.pin_memory().to(self._device, non_blocking=True) for t in tensors]
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self._copy)
+        return moved, event
+
     def _take(self, i: int) -> list[torch.Tensor]:
         """Job ``i``'s inputs; the read of job ``i + 1`` starts before they are returned."""
         if self._pending is None:
-            self._pending = self._reader.submit(read_inputs, self.plan, self.jobs[i])
-        tensors = self._pending.result()
-        self._pending = (
-            self._reader.submit(read_inputs, self.plan, self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
-        )
+            self._pending = self._reader.submit(self._read, self.jobs[i])
+        tensors, copied = self._pending.result()
+        self._pending = self._reader.submit(self._read, self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
+        if copied is not None:  # the compute stream waits for the copy; their memory is its own after
+            compute = torch.cuda.current_stream(self._device)
+            compute.wait_event(copied)
+            for t in tensors:
+                t.record_stream(compute)
         return tensors
 
     def __enter__(self) -> InputStream:

@@ -185,7 +185,7 @@ def run_shards(
         done(record)
 
     with (
-        InputStream(plan, jobs) as stream,
+        InputStream(plan, jobs, device) as stream,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-hash") as hasher,
     ):
         inputs = iter(stream)

@@ -322,3 +322,20 @@ def test_cuda_merge_matches_cpu_merge(method: str, zoo: dict[str, Path], tmp_pat
     assert set(cpu) == set(gpu)
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_inputs_reach_the_device_ahead_of_their_merge_and_copied_tensors_stay_on_the_cpu(
+    zoo: dict[str, Path],
+) -> None:
+    from mergesmith.execute import InputStream
+    from mergesmith.plan import COPY
+
+    plan = mergesmith.validate(config_for("ties", zoo))
+    device = torch.device("cuda")
+    with InputStream(plan, plan.jobs, device) as stream:
+        for job, tensors in stream:
+            expected = "cpu" if job.method == COPY else "cuda"
+            assert {t.device.type for t in tensors} == {expected}, job.name
+            for t, ref in zip(tensors, job.all_inputs()):
+                assert torch.equal(t.cpu(), plan.models[ref.model].get(ref.name)), job.name
