@@ -448,6 +448,7 @@ def test_routing_report_counts_the_experts_the_routers_choose(
     assert "## mixed (" in printed and "| layer | add | rev | sort |" in printed
     data = json.loads((out / "routing_report.json").read_text())
     assert (out / "routing_report.md").is_file()
+    assert (out / "routing_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot
 
     net, tok = load_model(out)
     state = tiny.load_state(out)

@@ -110,8 +110,48 @@ def routing(
 
 
 def write_routing(report: Routing, out_dir: Path) -> list[Path]:
-    """routing_report.md and routing_report.json in ``out_dir``."""
+    """routing_report.md and routing_report.json in ``out_dir``, and routing_report.png where
+    matplotlib is installed."""
     paths = [out_dir / "routing_report.md", out_dir / "routing_report.json"]
     atomic_write(paths[0], report.to_markdown())
     atomic_write(paths[1], report.to_json())
+    png = out_dir / "routing_report.png"
+    if _plot(report, png):
+        paths.append(png)
     return paths
+
+
+def _plot(report: Routing, path: Path) -> bool:
+    """One heatmap per task: layers down, experts across, the share of the task's tokens in each
+    cell; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = list(report.shares)
+    layers = max((len(rows) for rows in report.shares.values()), default=0)
+    width = 1.4 + 0.55 * len(report.experts)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(width * len(tasks), 1.6 + 0.3 * layers), squeeze=False, sharey=True
+    )
+    for ax, task in zip(axes[0], tasks):
+        grid = report.shares[task]
+        ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(report.experts)), [printable(e) for e in report.experts], rotation=45)
+        ax.set_yticks(range(len(grid)), [str(n) for n in range(len(grid))])
+        ax.set_title(printable(task), fontsize=10)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                color = "white" if v < 0.6 else "black"
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", color=color, fontsize=7)
+    axes[0][0].set_ylabel("layer")
+    fig.suptitle(
+        f"share of each task's tokens sent to each expert ({report.per_token} per token)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
