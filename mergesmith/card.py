@@ -12,6 +12,7 @@ from mergesmith._hub import HUB_ID
 from mergesmith._version import __version__
 
 if TYPE_CHECKING:
+    from mergesmith.config import ModelRef
     from mergesmith.plan import Plan
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -48,13 +49,13 @@ def file_digest(path: Path, *, full: bool = False) -> str:
 def hub_parents(plan: Plan) -> list[str]:
     """The inputs that are Hub repositories (base first), as the Hub's ``base_model`` lists them;
     local directories are no Hub metadata and are left out."""
-    refs = sorted(plan.refs, key=lambda r: r != plan.config.base_model)
-    found = [
-        r.path
-        for r in refs
-        if HUB_ID.match(r.path) and not r.path.startswith((".", "/", "~")) and not _local(r.path)
-    ]
-    return list(dict.fromkeys(found))
+    return hub_ids(sorted(plan.refs, key=lambda r: r != plan.config.base_model))
+
+
+def hub_ids(refs: Sequence[ModelRef]) -> list[str]:
+    """The models among ``refs`` that are Hub repositories, in order, each once."""
+    found = [r.path for r in refs if HUB_ID.match(r.path) and not r.path.startswith((".", "/", "~"))]
+    return list(dict.fromkeys(p for p in found if not _local(p)))
 
 
 def _local(path: str) -> bool:
@@ -64,16 +65,20 @@ def _local(path: str) -> bool:
         return False
 
 
-def front_matter(plan: Plan) -> str:
+def front_matter(plan: Plan, tags: Sequence[str] = ("merge", "mergesmith")) -> str:
     """The card's YAML metadata, written (and escaped) by huggingface_hub as the Hub reads it."""
+    return metadata(hub_parents(plan), tags)
+
+
+def metadata(parents: Sequence[str], tags: Sequence[str]) -> str:
+    """YAML front matter naming the Hub models an output was made from (``base_model``)."""
     from huggingface_hub import ModelCardData
 
-    parents = hub_parents(plan)
     data = ModelCardData(
-        base_model=parents or None,
+        base_model=list(parents) or None,
         base_model_relation="merge" if parents else None,
         library_name="transformers",
-        tags=["merge", "mergesmith"],
+        tags=list(tags),
     )
     return f"---\n{data.to_yaml()}\n---\n"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mergesmith.cli import main
 from mergesmith.errors import ConfigError, OutputError
@@ -577,6 +578,10 @@ def test_base_merge_merges_the_experts_tensors_outside_their_mlps(tmp_path: Path
     e = "model.layers.2.block_sparse_moe.experts.1.w1.weight"
     assert torch.equal(merged[e], rev["model.layers.2.mlp.gate_proj.weight"].float())
     load(out)
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {"library_name": "transformers", "tags": ["merge", "mergesmith", "moe"]}  # local inputs
+    assert f"| 1 | {ZOO / 'rev'} | 2 |" in card and "merged by task_arithmetic (base_merge)" in card
 
 
 def test_a_base_merge_with_a_bad_method_or_parameter_is_refused_with_its_line(tmp_path: Path) -> None:

@@ -515,6 +515,30 @@ def moe(
     return plan
 
 
+def model_card(plan: MoEPlan) -> str:
+    """The output's README.md: Hub metadata, its experts and gates, and the config it was built from."""
+    from mergesmith._version import __version__
+    from mergesmith.card import hub_ids, metadata
+
+    cfg = plan.config
+    refs = [cfg.base, *(e.source for e in cfg.experts), *(e.source for e in cfg.shared_experts)]
+    lines = [metadata(hub_ids(refs), ("merge", "mergesmith", "moe")), "# Mixture of experts", ""]
+    lines.append(
+        f"Made with mergesmith {__version__}: a {plan.layout.name} model of {len(cfg.experts)} experts "
+        f"({cfg.experts_per_token} per token, gate_mode {cfg.gate_mode}) built from fine-tunes of "
+        f"{cfg.base}; each expert is the MLP of the model it names."
+    )
+    lines += ["", "| expert | model | prompts |", "|---|---|---|"]
+    for i, e in enumerate(cfg.experts):
+        lines.append(f"| {i} | {e.source} | {len(e.positive_prompts)} |")
+    for e in cfg.shared_experts:
+        lines.append(f"| shared | {e.source} | {len(e.positive_prompts)} |")
+    trunk = f"merged by {cfg.base_merge[0]} (base_merge)" if cfg.base_merge else f"from {cfg.base}"
+    lines += ["", f"Attention, norms, embeddings and lm_head: {trunk}."]
+    lines += ["", "## Configuration", "", "```yaml", cfg.text.strip(), "```", ""]
+    return "\n".join(lines)
+
+
 def write(plan: MoEPlan, stage: Path, limit: int, say: Callable[[str], None]) -> None:
     """Write the tensors, one at a time, then config.json, the tokenizer and the config."""
     shards = pack(plan.tensors, limit)
@@ -549,5 +573,6 @@ def write(plan: MoEPlan, stage: Path, limit: int, say: Callable[[str], None]) ->
                 shutil.copyfile(src, stage / file)
         if plan.config.text:
             (stage / "mergesmith_moe_config.yml").write_text(plan.config.text)
+        (stage / "README.md").write_text(model_card(plan))
     except OSError as exc:
         raise _output.os_error(exc.filename or stage, exc) from None
