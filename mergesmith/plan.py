@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,6 +33,9 @@ from mergesmith.sources import Checkpoint, TensorInfo
 from mergesmith.vocab import Fill, Key, Permute, RowMap, Vocab, align, read_vocab, union_keys
 
 __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
+
+P = TypeVar("P")
+M = TypeVar("M")
 
 DEFAULT_SHARD = 5 * 1000**3
 COPY = "copy"
@@ -81,6 +84,11 @@ class Job:
     t: float
     out_dtype: torch.dtype
     rows: RowMap | None = None  # vocabulary tensors whose rows are matched by token
+    # the method that merges the tensor and ``params`` and ``model_params`` built into its parameter
+    # classes (what the method reads); None and () for a copied tensor
+    merger: Method[Any, Any] | None = None
+    built_params: Any = None
+    built_model_params: tuple[Any, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +157,14 @@ class Plan:
             )
             job = by_name[out_name]
             shared, per_model = _resolve_params(self.method, self.refs, out_name, job.t, source, problem)
-            resolved[out_name] = dataclasses.replace(job, params=shared, model_params=tuple(per_model))
+            built, built_models = _build(self.method, shared, per_model)
+            resolved[out_name] = dataclasses.replace(
+                job,
+                params=shared,
+                model_params=tuple(per_model),
+                built_params=built,
+                built_model_params=built_models,
+            )
             sources[out_name] = source
         jobs = [resolved.get(job.name, job) for job in self.jobs]
         problems += _density_problems(self.method, self.refs, jobs)
@@ -264,7 +279,7 @@ def whole_model_jobs(method: Method[Any, Any], jobs: Sequence[Job]) -> list[Job]
     trim = method.whole_model_trim
     if trim is None:
         return []
-    return [j for j in jobs if j.method == method.name and trim(method.build_params(j.params))]
+    return [j for j in jobs if j.method == method.name and trim(j.built_params)]
 
 
 def _density_problems(method: Method[Any, Any], refs: Sequence[ModelRef], jobs: Sequence[Job]) -> list[str]:
@@ -1060,6 +1075,7 @@ class _Planner:
 
         shared, per_model = _resolve_params(self.method, self.refs, out_name, t, source, problem)
         self.sources[out_name] = source
+        built, built_models = _build(self.method, shared, per_model)
         return Job(
             name=out_name,
             shape=shape,
@@ -1072,6 +1088,9 @@ class _Planner:
             t=t,
             out_dtype=out_dtype,
             rows=rows,
+            merger=self.method,
+            built_params=built,
+            built_model_params=built_models,
         )
 
 
@@ -1111,10 +1130,18 @@ def _resolve_params(
     check = method.check
     resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
     if check is not None and resolved:
-        trouble = check(method.build_params(shared), [method.build_model_params(mp) for mp in per_model])
+        trouble = check(*_build(method, shared, per_model))
         if trouble:
             problem(f"{out_name}: {trouble}", f"check:{trouble}")
     return shared, per_model
+
+
+def _build(
+    method: Method[P, M], shared: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]]
+) -> tuple[P, tuple[M, ...]]:
+    """A job's parameters built into ``method``'s parameter classes (a value left unresolved is
+    kept as it is: such a plan is refused before it runs)."""
+    return method.build_params(shared), tuple(method.build_model_params(mp) for mp in per_model)
 
 
 def _scopes(config: MergeConfig) -> Iterator[Mapping[str, Any]]:
