@@ -15,8 +15,8 @@ import torch
 from mergesmith import _memory, _output, card, chat_templates, vocab, whole_model
 from mergesmith._json import read_json
 from mergesmith._text import printable
-from mergesmith.errors import CheckpointError, ConfigError, MethodError
-from mergesmith.methods import MergeInputs, get_method
+from mergesmith.errors import CheckpointError, ConfigError, MergesmithError, MethodError
+from mergesmith.methods import MergeInputs
 from mergesmith.plan import COPY, Job, Plan
 from mergesmith.sources import Checkpoint
 
@@ -144,7 +144,7 @@ def merge_job(
         if tensors[0].is_floating_point():
             _check_finite(plan, job, tensors[0], warnings)
         return tensors[0]
-    method = get_method(job.method)
+    method = job.merger
     if method is None:
         raise MethodError(f"{job.name}: unknown method {job.method!r}")
     raw = [t.to(device) for t in tensors]
@@ -157,8 +157,8 @@ def merge_job(
         rows = None
     base = tensors[0] if job.base is not None else None
     others = tensors[1:] if job.base is not None else tensors
-    params = method.build_params(job.params)
-    model_params = [method.build_model_params(mp) for mp in job.model_params]
+    params = job.built_params
+    model_params = job.built_model_params
     trimmed = method.whole_model_trim is not None and method.whole_model_trim(params)
     job_thresholds = [thresholds[r.model] for r in job.inputs] if trimmed and thresholds else None
 
@@ -176,10 +176,18 @@ def merge_job(
             )
         )
 
-    if rows is None:
-        result = run(base, others, list(range(len(others))))
-    else:
-        result = vocab.merge_rows(rows, base, others, run, method.min_models)
+    try:
+        if rows is None:
+            result = run(base, others, list(range(len(others))))
+        else:
+            result = vocab.merge_rows(rows, base, others, run, method.min_models)
+    except MergesmithError:
+        raise
+    except Exception as exc:
+        models = ", ".join(str(plan.refs[r.model]) for r in job.all_inputs())
+        raise MethodError(
+            f"{job.name}: {method.name} failed merging the tensors of {models}: {type(exc).__name__}: {exc}"
+        ) from exc
     del tensors, base, others
     _check_finite(plan, job, result, warnings)
     if job.out_dtype == torch.float16 and result.numel():

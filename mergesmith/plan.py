@@ -11,51 +11,30 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from mergesmith import _hub, _yaml
 from mergesmith._json import read_json
 from mergesmith._text import printable
-from mergesmith.architecture import (
-    Architecture,
-    architecture_for,
-    compatibility_keys,
-    layer_count_keys,
-    per_layer_keys,
-)
-from mergesmith.config import MergeConfig, ModelRef, SliceDef
+from mergesmith.architecture import Architecture, architecture_for
+from mergesmith.compat import VOCAB_SIZE_KEYS, Compatibility, Problems, set_path
+from mergesmith.config import MergeConfig, ModelRef
 from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
+from mergesmith.layout import Layout, Slot
 from mergesmith.methods import Method
-from mergesmith.parameters import REQUIRED, is_condition_list, resolve
-from mergesmith.sources import Checkpoint, TensorInfo
-from mergesmith.vocab import Fill, Key, Permute, RowMap, Vocab, align, read_vocab, union_keys
+from mergesmith.parameters import REQUIRED, resolve
+from mergesmith.sources import Checkpoint
+from mergesmith.vocab import Alignment, RowMap, align_vocabularies, row_map
 
 __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
 
+P = TypeVar("P")
+M = TypeVar("M")
+
 DEFAULT_SHARD = 5 * 1000**3
 COPY = "copy"
-ALIGN_HINT = (
-    "Set tokenizer_source (base, union or one model's name) to match embedding rows by token, or "
-    "merge models that share one tokenizer"
-)
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """Embedding rows matched by token: the output's row keys and each model's row for them."""
-
-    keys: list[Key]
-    vocabs: list[Vocab | None]  # per model
-    maps: list[torch.Tensor]  # per model: its row for each output row, -1 where it lacks the token
-    union: bool  # the output tokenizer gains tokens (a union, or tokenizer.tokens it lacks)
-    rows: int = 0  # output rows, padding included (tokenizer.pad_to_multiple_of); 0: len(keys)
-    fills: dict[int, Fill] | None = None  # with a tokenizer: section: its tokens' default rows
-
-    @property
-    def size(self) -> int:
-        return self.rows or len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -81,6 +60,11 @@ class Job:
     t: float
     out_dtype: torch.dtype
     rows: RowMap | None = None  # vocabulary tensors whose rows are matched by token
+    # the method that merges the tensor and ``params`` and ``model_params`` built into its parameter
+    # classes (what the method reads); None and () for a copied tensor
+    merger: Method[Any, Any] | None = None
+    built_params: Any = None
+    built_model_params: tuple[Any, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +133,14 @@ class Plan:
             )
             job = by_name[out_name]
             shared, per_model = _resolve_params(self.method, self.refs, out_name, job.t, source, problem)
-            resolved[out_name] = dataclasses.replace(job, params=shared, model_params=tuple(per_model))
+            built, built_models = _build(self.method, shared, per_model)
+            resolved[out_name] = dataclasses.replace(
+                job,
+                params=shared,
+                model_params=tuple(per_model),
+                built_params=built,
+                built_model_params=built_models,
+            )
             sources[out_name] = source
         jobs = [resolved.get(job.name, job) for job in self.jobs]
         problems += _density_problems(self.method, self.refs, jobs)
@@ -264,7 +255,7 @@ def whole_model_jobs(method: Method[Any, Any], jobs: Sequence[Job]) -> list[Job]
     trim = method.whole_model_trim
     if trim is None:
         return []
-    return [j for j in jobs if j.method == method.name and trim(method.build_params(j.params))]
+    return [j for j in jobs if j.method == method.name and trim(j.built_params)]
 
 
 def _density_problems(method: Method[Any, Any], refs: Sequence[ModelRef], jobs: Sequence[Job]) -> list[str]:
@@ -371,6 +362,10 @@ def _check_modules(config: MergeConfig, arch: Architecture) -> None:
 
 
 class _Planner:
+    """The glue of planning: the layout's slots made into jobs, their inputs checked
+    (:mod:`mergesmith.compat`), their vocabulary rows matched (:mod:`mergesmith.vocab`) and their
+    parameters resolved; then the output's config.json."""
+
     def __init__(
         self,
         config: MergeConfig,
@@ -386,40 +381,24 @@ class _Planner:
         self.models = models
         self.reference = reference
         self.arch = arch
-        self.whole_arch = arch
-        self.only: str | None = None  # the module being planned, where the architecture has several
-        self.module_layers: dict[str, list[tuple[int, int]]] = {}  # a sliced module's count key, its layers
-        self.problems: list[str] = []
-        self.config_problems: list[str] = []
-        self.misfits: set[int] = set()  # models whose config.json already disagrees
-        self._seen_problems: set[str] = set()
+        self.problem = Problems()
+        self.compat = Compatibility(refs, models, self.problem)
+        self.layout = Layout(
+            config, method, refs, models, reference, arch, self.compat, self.problem, self.make_job
+        )
         self._alignment: Alignment | bool | None = False  # False: not worked out yet
-        self._key_cache: dict[int, set[str]] = {}
-        self._layer_cache: dict[tuple[str, int], list[int]] = {}
         self.sources: dict[str, _ParamSource] = {}
         self.compute_dtype = getattr(torch, config.dtype) if config.dtype else None
         out_name = config.out_dtype or config.dtype
         self.out_dtype: torch.dtype | None = getattr(torch, out_name) if out_name else None
 
-    def problem(self, text: str, key: str | None = None, *, config: bool = False) -> None:
-        """Record a problem once; ``config`` marks one that the config, not the models, must fix."""
-        key = key or text
-        if key not in self._seen_problems:
-            self._seen_problems.add(key)
-            (self.config_problems if config else self.problems).append(text)
-
     def index(self, ref: ModelRef) -> int:
         return self.refs.index(ref)
 
     def build(self) -> Plan:
-        self.check_configs()
-        layers = None
-        if len(self.arch.parts) > 1:
-            jobs = self.plan_modules()
-        elif self.config.slices is None:
-            jobs = self.plan_models()
-        else:
-            jobs, layers = self.plan_slices(self.config.slices)
+        self.compat.check_configs(self.config, self.reference)
+        jobs, layers = self.layout.plan()
+        self.reference = self.layout.reference
         out_config = json.loads(json.dumps(self.models[self.reference].config))
         # the only quantized inputs read are FP8 ones, dequantized as read: the output is not quantized
         for cfg in (out_config, out_config.get("text_config")):
@@ -428,19 +407,20 @@ class _Planner:
         if self.refs[self.reference].architecture:  # as mergekit, the override is what is written
             out_config["architectures"] = [self.refs[self.reference].architecture]
         if layers is not None:
-            self.renumber_config(out_config, layers)
-        for key, stacked in self.module_layers.items():
-            _set_path(out_config, key, len(stacked))
-            self.renumber_lists(out_config, key.rpartition(".")[0], stacked)
+            self.layout.renumber_config(out_config, layers)
+        for key, stacked in self.layout.module_layers.items():
+            set_path(out_config, key, len(stacked))
+            self.layout.renumber_lists(out_config, key.rpartition(".")[0], stacked)
         alignment = self._alignment if isinstance(self._alignment, Alignment) else None
         if alignment is not None:
             for key in VOCAB_SIZE_KEYS:
-                _set_path(out_config, key, alignment.size)
-        self.check_whole_model_density(jobs)
-        if self.problems:
-            raise CompatibilityError(self.problems + self.config_problems)
-        if self.config_problems:
-            raise ConfigError(self.config_problems, self.config.source)
+                set_path(out_config, key, alignment.size)
+        for text in _density_problems(self.method, self.refs, jobs):
+            self.problem(text, config=True)
+        if self.problem.models:
+            raise CompatibilityError(self.problem.models + self.problem.config)
+        if self.problem.config:
+            raise ConfigError(self.problem.config, self.config.source)
         planned = {j.name for j in jobs}
         dtypes = {j.out_dtype for j in jobs if j.out_dtype.is_floating_point}
         if len(dtypes) == 1:
@@ -454,7 +434,7 @@ class _Planner:
             refs=self.refs,
             models=self.models,
             reference=self.reference,
-            tokenizer_model=self.tokenizer_model(),
+            tokenizer_model=self.tokenizer_model(self.config, self.reference),
             arch=self.arch,
             jobs=jobs,
             out_config=out_config,
@@ -463,536 +443,50 @@ class _Planner:
             sources={name: source for name, source in self.sources.items() if name in planned},
         )
 
-    def tokenizer_model(self) -> int | None:
-        source = self.config.tokenizer_source
+    def tokenizer_model(self, config: MergeConfig, reference: int) -> int | None:
+        """The model whose tokenizer the output takes (``config``'s tokenizer_source; without one,
+        or with base or union, the base model, else ``reference``)."""
+        source = config.tokenizer_source
         if source is None or source in ("base", "union"):
-            base = self.config.base_model
-            return self.index(base) if base is not None and base in self.refs else self.reference
+            base = config.base_model
+            return self.index(base) if base is not None and base in self.refs else reference
         for i, ref in enumerate(self.refs):
             if source in (str(ref), ref.path):
                 return i
         raise ConfigError(
             f"tokenizer_source {_yaml.shown(source)} is not one of the input models ({', '.join(map(str, self.refs))}); "
             "use base or one of them",
-            self.config.source,
+            config.source,
         )
 
-    # -- checks ---------------------------------------------------------------------------------
-
-    def check_configs(self) -> None:
-        ref_model = self.models[self.reference]
-        ref_cfg = ref_model.config
-        keys = list(compatibility_keys())
-        if self.config.slices is None:
-            keys += layer_count_keys()
-        for i, model in enumerate(self.models):
-            if i == self.reference or not model.config or not ref_cfg:
-                continue
-            for key in keys:
-                a, b = ref_cfg.get(key), model.config.get(key)
-                if a is not None and b is not None and a != b:
-                    what = "architectures" if key == "model_type" else "sizes"
-                    self.misfits.add(i)
-                    self.problem(
-                        f"{key}: {self.refs[i]} ({model.dir / 'config.json'}) has {b!r}, but "
-                        f"{self.refs[self.reference]} has {a!r}: these models have different {what} and "
-                        "cannot be merged tensor by tensor; merge only fine-tunes of one base model"
+    def alignment(self, slot: Slot) -> Alignment | None:
+        """Matching of vocabulary rows by token, when tokenizer_source asks for it and rows differ
+        (worked out once, for the first vocabulary tensor)."""
+        if self._alignment is False:
+            self._alignment = None
+            if slot.config.tokenizer_source is not None:
+                rows: list[int] = []
+                for i, model in enumerate(self.models):
+                    name = next(
+                        (n for n in slot.arch.vocab_weights if self.compat.lookup(slot.arch, i, n)), None
                     )
-            for key in VOCAB_SIZE_KEYS:  # a vision-language model keeps it in its text_config
-                a, b = (
-                    _get_path(ref_cfg, key.rpartition(".")[0]).get("vocab_size"),
-                    _get_path(model.config, key.rpartition(".")[0]).get("vocab_size"),
+                    found = self.compat.lookup(slot.arch, i, name) if name else None
+                    rows.append(model.info(found).shape[0] if found else 0)
+                self._alignment = align_vocabularies(
+                    slot.config,
+                    self.refs,
+                    self.models,
+                    rows,
+                    lambda: self.tokenizer_model(slot.config, slot.reference),
+                    self.problem,
                 )
-                if a is not None and b is not None and a != b and self.config.tokenizer_source is None:
-                    self.problem(
-                        f"{key}: {self.refs[i]} has {b}, but {self.refs[self.reference]} has {a}: the "
-                        "vocabularies differ (added tokens?); merging embeddings row by row would mix "
-                        f"unrelated tokens. {ALIGN_HINT}",
-                        key="vocab-size",
-                    )
-        if self.config.tokenizer_source is None:
-            self.check_same_tokens()
+        return self._alignment if isinstance(self._alignment, Alignment) else None
 
-    def check_same_tokens(self) -> None:
-        """Without tokenizer_source, the models' tokenizers must give every token the same id."""
-        vocabs = [(i, read_vocab(m.dir)) for i, m in enumerate(self.models)]
-        known = [(i, v) for i, v in vocabs if v is not None]
-        for i, v in known[1:]:
-            j, first = known[0]
-            moved = [t for t, k in first.ids.items() if v.ids.get(t, k) != k]
-            if moved:
-                t = moved[0]
-                self.problem(
-                    f"tokenizers differ: {t!r} is token {first.ids[t]} in {self.refs[j]} ({first.file}) but "
-                    f"{v.ids[t]} in {self.refs[i]} ({v.file}), and {len(moved) - 1} more; merging embeddings "
-                    f"row by row would mix unrelated tokens. {ALIGN_HINT}",
-                    key="vocab-size",
-                )
-                return
-
-    def alignment(self) -> Alignment | None:
-        """Matching of vocabulary rows by token, when tokenizer_source asks for it and rows differ."""
-        if self._alignment is not False:
-            return self._alignment if isinstance(self._alignment, Alignment) else None
-        self._alignment = None
-        source = self.config.tokenizer_source
-        if source is None:
-            return None
-        rows: list[int] = []
-        for i, model in enumerate(self.models):
-            name = next((n for n in self.arch.vocab_weights if self.lookup(i, n)), None)
-            found = self.lookup(i, name) if name else None
-            rows.append(model.info(found).shape[0] if found else 0)
-        vocabs = [read_vocab(m.dir) for m in self.models]
-        missing = [self.refs[i] for i, v in enumerate(vocabs) if v is None and rows[i]]
-        if missing:
-            self.problem(
-                f"tokenizer_source {_yaml.shown(source)}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
-                "so its embedding rows cannot be matched by token; add its tokenizer files or remove "
-                "tokenizer_source",
-                key="vocab-missing",
-            )
-            return None
-        keys = [v.keys(r) if v is not None else [] for v, r in zip(vocabs, rows)]
-        spec = self.config.tokenizer
-        if spec is None and all(k == keys[0] for k in keys):
-            return None
-        chosen = self.tokenizer_model()
-        assert chosen is not None
-        extra = []
-        if spec is not None:
-            known = set(keys[chosen])
-            extra = [
-                t
-                for t in spec.tokens
-                if t not in known and not (source == "union" and any(t in k for k in keys))
-            ]
-        if source == "union" or extra:
-            first = vocabs[chosen]
-            if first is None or first.file.name != "tokenizer.json":
-                self.problem(
-                    (
-                        f"tokenizer_source union: {self.refs[chosen]} has no tokenizer.json to extend with the "
-                        "other models' tokens; use tokenizer_source: base or one model's name"
-                    )
-                    if source == "union"
-                    else (
-                        f"tokenizer.tokens: {self.refs[chosen]} has no tokenizer.json to add "
-                        f"{_yaml.shown(extra[0])} to; list only tokens its tokenizer has"
-                    ),
-                    key="vocab-missing",
-                )
-                return None
-        if source == "union":
-            out_keys = union_keys(keys[chosen], [k for i, k in enumerate(keys) if i != chosen])
-        else:
-            out_keys = keys[chosen]
-        if spec is None:
-            self._alignment = Alignment(out_keys, vocabs, align(out_keys, keys), source == "union")
-            return self._alignment
-        # a tokenizer: section: the output holds only the tokens (no padding rows past them), then
-        # the configured tokens the chosen vocabulary lacks, then padding to the multiple asked for
-        while out_keys and not isinstance(out_keys[-1], str):
-            out_keys = out_keys[:-1]
-        out_keys = [*out_keys, *extra]
-        size = len(out_keys)
-        pad = spec.pad_to_multiple_of
-        if pad and size % pad:
-            size += pad - size % pad
-        if all(k == out_keys for k in keys) and size == len(out_keys) and not spec.tokens:
-            return None
-        maps = align(out_keys, keys)
-        fills = self.token_fills(out_keys, vocabs, maps, rows)
-        self._alignment = Alignment(
-            out_keys, vocabs, maps, source == "union" or bool(extra), rows=size, fills=fills
-        )
-        return self._alignment
-
-    def token_fills(
-        self, out_keys: list[Key], vocabs: list[Vocab | None], maps: list[torch.Tensor], rows: list[int]
-    ) -> dict[int, Fill]:
-        """The default row of each token the tokenizer: section configures, by output row (a
-        source that names no input model or token is recorded as a config problem and left out)."""
-        spec = self.config.tokenizer
-        assert spec is not None
-        where = {k: i for i, k in enumerate(out_keys)}
-        fills: dict[int, Fill] = {}
-        for token, entry in spec.tokens.items():
-            out_row = where[token]
-            src = entry.source
-            assert src is not None
-            path = f"tokenizer.tokens.{printable(token)}.source"
-            if src.kind == "zero":
-                fills[out_row] = Fill(None, 0, entry.force)
-                continue
-            assert src.model is not None
-            model = next((i for i, r in enumerate(self.refs) if src.model in (str(r), r.path)), None)
-            if model is None:
-                self.problem(
-                    f"{path}: {_yaml.shown(src.model)} is not one of the input models "
-                    f"({', '.join(map(str, self.refs))}); name one of them",
-                    config=True,
-                )
-                continue
-            vocab = vocabs[model]
-            if src.kind == "model":
-                row = int(maps[model][out_row])
-                needed = entry.force or any(int(m[out_row]) < 0 for m in maps)
-                if row < 0 and needed:
-                    self.problem(
-                        f"{path}: {self.refs[model]} has no token {_yaml.shown(token)}; name a model "
-                        "that has it, or use {kind: model_token, model: ..., token: ...}",
-                        config=True,
-                    )
-                    continue
-            elif src.token is not None:
-                row = vocab.ids.get(src.token, -1) if vocab is not None else -1
-                if row < 0 or row >= rows[model]:
-                    self.problem(
-                        f"{path}.token: {self.refs[model]} has no token {_yaml.shown(src.token)}; "
-                        "name a token of its tokenizer",
-                        config=True,
-                    )
-                    continue
-            else:
-                assert src.token_id is not None
-                row = src.token_id
-                if row >= rows[model]:
-                    self.problem(
-                        f"{path}.token_id: {row} is past the {rows[model]} embedding rows of "
-                        f"{self.refs[model]}; give a row number below {rows[model]}",
-                        config=True,
-                    )
-                    continue
-            fills[out_row] = Fill(model, row, entry.force)
-        return fills
-
-    def lookup(self, model: int, name: str) -> str | None:
-        """The name under which ``model`` stores tensor ``name`` (tied weights resolved), or None."""
-        keys = self._keys(model)
-        if name in keys:
-            return name
-        alias = self.arch.tied.get(name)
-        if alias is not None and alias in keys:
-            return alias
-        return None
-
-    def _keys(self, model: int) -> set[str]:
-        if model not in self._key_cache:
-            self._key_cache[model] = set(self.models[model].keys())
-        return self._key_cache[model]
-
-    def tensor_layers(self, model: int) -> list[int]:
-        """The layer indices ``model``'s tensors hold, sorted."""
-        key = (self.arch.name, model)  # a module's layer stack is its own
-        if key not in self._layer_cache:
-            found = {self.arch.layer_of(n) for n in self._keys(model)}
-            self._layer_cache[key] = sorted(n for n in found if n is not None)
-        return self._layer_cache[key]
-
-    def layer_count(self, model: int) -> int:
-        """How many layers ``model``'s tensors hold (one past the highest layer index)."""
-        layers = self.tensor_layers(model)
-        return layers[-1] + 1 if layers else 0
-
-    def first_missing_layer(self, model: int, start: int, end: int) -> int | None:
-        """The first layer in ``[start, end)`` that ``model`` has no tensor of, or None."""
-        expected = start
-        for layer in self.tensor_layers(model):
-            if layer < start:
-                continue
-            if layer >= end or layer != expected:
-                break
-            expected += 1
-        return expected if expected < end else None
-
-    def check_layer_count(self, model: int, why: str) -> None:
-        """Where layer positions matter, config.json's layer count must match the tensors'."""
-        declared = self.arch.num_layers(self.models[model].config)
-        have = self.layer_count(model)
-        if declared is None or declared == have:
-            return
-        self.problem(
-            f"{self.models[model].dir / 'config.json'}: {self.arch.num_layers_key} is {declared}, but the "
-            f"tensors of {self.refs[model]} hold {have} layers; {why} are placed by layer, so they would be "
-            f"wrong: set {self.arch.num_layers_key} to {have} in config.json, or use the checkpoint that "
-            "goes with this config.json",
-            key=f"layer-count:{self.arch.name}:{model}",
-        )
-
-    def input_ref(
-        self, model: int, name: str, ref_info: TensorInfo, out_name: str, rows_align: bool = False
-    ) -> InputRef | None:
-        found = self.lookup(model, name)
-        if found is None:
-            self.problem(
-                f"{name}: missing from {self.refs[model]} ({self.models[model].dir}), which has the other models' "
-                f"layout otherwise; the models are not the same architecture, or {self.refs[model]} is "
-                "incomplete",
-                key=f"missing:{model}:{name}",
-            )
-            return None
-        info = self.models[model].info(found)
-        if info.shape != ref_info.shape and model in self.misfits:
-            return None  # already reported once, from config.json
-        if rows_align and info.shape[1:] == ref_info.shape[1:]:
-            pass  # rows are matched by token
-        elif info.shape != ref_info.shape:
-            vocab = name in self.arch.vocab_weights and info.shape[1:] == ref_info.shape[1:]
-            hint = (
-                "the vocabularies differ in size; merge models with the same tokenizer"
-                if vocab
-                else "these models have different sizes and cannot be merged tensor by tensor"
-            )
-            self.problem(
-                f"{out_name}: shape {info.shape} in {self.refs[model]} ({info.file}), but "
-                f"{ref_info.shape} in {self.refs[self.reference]} ({ref_info.file}): {hint}"
-            )
-            return None
-        if not info.dtype.is_floating_point and ref_info.dtype.is_floating_point:
-            self.problem(
-                f"{name}: {self.refs[model]} stores it as {info.dtype} ({info.file}); expected a floating "
-                "point tensor. Quantized checkpoints cannot be merged: use the full-precision weights"
-            )
-            return None
-        return InputRef(model, found)
-
-    # -- modules ---------------------------------------------------------------------------------
-
-    def plan_modules(self) -> list[Job]:
-        """An architecture of several modules (a text decoder, a vision tower, ...): each module's
-        tensors (by name prefix) merged with that module's models and parameters, gradients over
-        that module's layers. A config without ``modules:`` gives every module its models, as
-        mergekit does; tensors under no module's prefix go with the first module."""
-        whole_arch, whole_config = self.arch, self.config
-        given = dict(whole_config.module_configs)
-        keys = self.models[self.reference].keys()
-        absent = [p for p in whole_arch.parts if not any(n.startswith(p.prefix) for n in keys)]
-        if absent:  # a layout the architecture row does not describe: refused, not merged as one lump
-            self.problem(
-                f"{self.refs[self.reference]} ({self.models[self.reference].dir}): no tensor name starts with "
-                f"{', '.join(repr(p.prefix) for p in absent)}, the prefix of its {whole_arch.name} "
-                f"module{'s' if len(absent) > 1 else ''} {', '.join(p.name for p in absent)}; its tensors are "
-                "named in a layout mergesmith does not know for this architecture, so they cannot be split "
-                "into modules"
-            )
-            return []
-        jobs: list[Job] = []
-        reference: int | None = None
-        try:
-            for name in whole_arch.modules:
-                config = given.get(name, whole_config)
-                self.arch, self.config, self.only = whole_arch.module(name), config, name
-                if config.slices is None:
-                    module_jobs = self.plan_models()
-                elif not self.arch.num_layers_key:
-                    module_jobs = []
-                    self.problem(
-                        f"modules.{name}.slices: no config.json key of {self.refs[self.reference]} is known to "
-                        f"hold the layer count of its {name} stack, so a sliced output's config.json could "
-                        "not say how many layers it has; merge this module without slices",
-                        config=True,
-                    )
-                else:  # the module's layers stacked as the slices say, its layer count rewritten
-                    module_jobs, layers = self.plan_slices(config.slices)
-                    self.module_layers[self.arch.num_layers_key] = layers
-                jobs += module_jobs
-                if reference is None and module_jobs:
-                    reference = self.reference
-        finally:
-            self.arch, self.config, self.only = whole_arch, whole_config, None
-        if reference is not None:
-            self.reference = reference
-        return jobs
-
-    def tensor_names(self, model: int) -> list[str]:
-        """The tensors of ``model`` to plan: all, or the current module's where there are several."""
-        names = self.models[model].keys()
-        if self.only is None:
-            return list(names)
-        return [n for n in names if self.whole_arch.module_of(n) == self.only]
-
-    # -- models mode ----------------------------------------------------------------------------
-
-    def plan_models(self) -> list[Job]:
-        cfg = self.config
-        method = self.method
-        base = self.index(cfg.base_model) if cfg.base_model is not None and method.base != "unused" else None
-        entries = [e for e in cfg.models if base is None or e.ref != cfg.base_model]
-        inputs = [self.index(e.ref) for e in entries]
-        model_scopes = [[e.parameters, cfg.parameters] for e in entries]
-        ref_idx = base if base is not None else inputs[0]
-        self.reference = ref_idx
-        names = self.tensor_names(ref_idx)
-        n_layers = self.layer_count(ref_idx)  # gradients run over the layers the tensors hold
-        if _uses_gradients(cfg):
-            for m in ([base] if base is not None else []) + inputs:
-                self.check_layer_count(m, "gradients")
-        jobs = []
-        for name in _natural(names, self.arch):
-            layer = self.arch.layer_of(name)
-            t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
-            job = self.make_job(
-                out_name=name,
-                base=(base, name) if base is not None else None,
-                inputs=[(m, name) for m in inputs],
-                model_scopes=model_scopes,
-                shared_scopes=[cfg.parameters],
-                layer=layer,
-                t=t,
-                ref_model=ref_idx,
-            )
-            if job is not None:
-                jobs.append(job)
-        return jobs
-
-    # -- slices mode ----------------------------------------------------------------------------
-
-    def plan_slices(self, slices: Sequence[SliceDef]) -> tuple[list[Job], list[tuple[int, int]]]:
-        """Jobs of the stacked slices, and for each output layer the (model, layer) it comes from."""
-        cfg = self.config
-        out_layers = 0
-        layer_sources: list[tuple[int, int]] = []
-        layer_jobs: list[Job] = []
-        edge_jobs: dict[str, list[Job]] = {"pre": [], "post": []}
-        for si, sl in enumerate(slices):
-            group_base = sl.base_model or cfg.base_model
-            base_src = (
-                next((s for s in sl.sources if s.ref == group_base), None)
-                if self.method.base != "unused"
-                else None
-            )
-            others = [s for s in sl.sources if s is not base_src]
-            ref_src = base_src or others[0]
-            ref_idx = self.index(ref_src.ref)
-            if si == 0:
-                self.reference = ref_idx if base_src is None else self.reference
-            usable = True
-            for j, s in enumerate(sl.sources):
-                m = self.index(s.ref)
-                self.check_layer_count(m, "slices")
-                first, end = s.layer_range
-                have = self.layer_count(m)
-                if end > have:  # checked before any list as long as the range is built
-                    self.problem(
-                        f"slices[{si}].sources[{j}]: layer_range [{first}, {end}] of {s.ref} goes past its "
-                        f"layers: its tensors hold {have}{f' (0 to {have - 1})' if have else ''}; use a layer_range within "
-                        f"[0, {have}]",
-                        config=True,
-                    )
-                    usable = False
-                    continue
-                missing = self.first_missing_layer(m, first, end)
-                if missing is not None:
-                    self.problem(f"slices[{si}]: {s.ref} has no layer {missing}")
-                    usable = False
-            if not usable:
-                continue
-            n = ref_src.layer_range[1] - ref_src.layer_range[0]
-            model_scopes = [[s.parameters, sl.parameters, cfg.parameters] for s in others]
-            shared = [sl.parameters, cfg.parameters]
-            names = self.tensor_names(ref_idx)
-            by_layer: dict[int, list[str]] = {}
-            for name in _natural(names, self.arch):
-                layer = self.arch.layer_of(name)
-                if layer is not None:
-                    by_layer.setdefault(layer, []).append(name)
-            for offset in range(n):
-                t = offset / (n - 1) if n > 1 else 1.0
-                src_layer = ref_src.layer_range[0] + offset
-                for name in by_layer.get(src_layer, []):
-                    job = self.make_job(
-                        out_name=self.arch.with_layer(name, out_layers + offset),
-                        base=(
-                            self.index(base_src.ref),
-                            self.arch.with_layer(name, base_src.layer_range[0] + offset),
-                        )
-                        if base_src is not None
-                        else None,
-                        inputs=[
-                            (self.index(s.ref), self.arch.with_layer(name, s.layer_range[0] + offset))
-                            for s in others
-                        ],
-                        model_scopes=model_scopes,
-                        shared_scopes=shared,
-                        layer=out_layers + offset,
-                        t=t,
-                        ref_model=ref_idx,
-                    )
-                    if job is not None:
-                        layer_jobs.append(job)
-            if si in (0, len(slices) - 1):
-                for name in _natural(names, self.arch):
-                    if self.arch.layer_of(name) is not None:
-                        continue
-                    edge = "pre" if self.arch.is_pre(name) else "post"
-                    if (edge == "pre" and si != 0) or (edge == "post" and si != len(slices) - 1):
-                        continue
-                    job = self.make_job(
-                        out_name=name,
-                        base=(self.index(base_src.ref), name) if base_src is not None else None,
-                        inputs=[(self.index(s.ref), name) for s in others],
-                        model_scopes=model_scopes,
-                        shared_scopes=shared,
-                        layer=None,
-                        t=0.0,
-                        ref_model=ref_idx,
-                    )
-                    if job is not None:
-                        edge_jobs[edge].append(job)
-            out_layers += n
-            layer_sources += [(ref_idx, ref_src.layer_range[0] + offset) for offset in range(n)]
-        return edge_jobs["pre"] + layer_jobs + edge_jobs["post"], layer_sources
-
-    def check_whole_model_density(self, jobs: Sequence[Job]) -> None:
-        """A method that trims over the whole model needs one density per model."""
-        for text in _density_problems(self.method, self.refs, jobs):
-            self.problem(text, config=True)
-
-    def renumber_config(self, out_config: dict[str, Any], layers: list[tuple[int, int]]) -> None:
-        """Set the layer count of a stacked model's config, and rebuild its per-layer lists
-        (such as ``layer_types``) from the layers each output layer comes from."""
-        for key in layer_count_keys():
-            if key in out_config:
-                out_config[key] = len(layers)
-        self.renumber_lists(out_config, "", layers)
-
-    def renumber_lists(self, out_config: dict[str, Any], section: str, layers: list[tuple[int, int]]) -> None:
-        """Rebuild the per-layer lists of a config section (``text_config``; "" for the top level)
-        from the layers each output layer comes from."""
-        out_section = _get_path(out_config, section)
-        for key in per_layer_keys():
-            if not isinstance(out_section.get(key), list):
-                continue
-            values = []
-            for model, layer in layers:
-                source = _get_path(self.models[model].config, section).get(key)
-                if not isinstance(source, list) or layer >= len(source):
-                    shown = f"{section}.{key}" if section else key
-                    self.problem(
-                        f"config.json: {shown} of {self.refs[model]} has no entry for layer {layer}; "
-                        "its per-layer settings cannot be carried over"
-                    )
-                    return
-                values.append(source[layer])
-            out_section[key] = values
-
-    # -- one job --------------------------------------------------------------------------------
-
-    def make_job(
-        self,
-        *,
-        out_name: str,
-        base: tuple[int, str] | None,
-        inputs: list[tuple[int, str]],
-        model_scopes: list[list[Mapping[str, Any]]],
-        shared_scopes: list[Mapping[str, Any]],
-        layer: int | None,
-        t: float,
-        ref_model: int,
-    ) -> Job | None:
+    def make_job(self, slot: Slot) -> Job | None:
+        """The job of one slot, or None where its inputs do not fit (the problems recorded)."""
+        out_name, base, inputs, arch = slot.out_name, slot.base, slot.inputs, slot.arch
         ref_model_idx, ref_name = base if base is not None else inputs[0]
-        ref_found = self.lookup(ref_model_idx, ref_name)
+        ref_found = self.compat.lookup(arch, ref_model_idx, ref_name)
         if ref_found is None:
             self.problem(
                 f"{ref_name}: missing from {self.refs[ref_model_idx]} ({self.models[ref_model_idx].dir})"
@@ -1011,55 +505,45 @@ class _Planner:
                 (InputRef(ref_model_idx, ref_found),),
                 {},
                 ({},),
-                layer,
-                t,
+                slot.layer,
+                slot.t,
                 ref_info.dtype,
             )
         base_ref = InputRef(ref_model_idx, ref_found) if base is not None else None
-        alignment = self.alignment() if ref_name in self.arch.vocab_weights else None
+        alignment = self.alignment(slot) if ref_name in arch.vocab_weights else None
         shape = ref_info.shape if alignment is None else (alignment.size, *ref_info.shape[1:])
         in_refs: list[InputRef] = []
         for m, name in inputs:
-            r = self.input_ref(m, name, ref_info, out_name, rows_align=alignment is not None)
-            if r is not None:
-                in_refs.append(r)
+            found = self.compat.check_input(
+                arch, slot.reference, m, name, ref_info, out_name, rows_align=alignment is not None
+            )
+            if found is not None:
+                in_refs.append(InputRef(m, found))
         if len(in_refs) != len(inputs):
             return None
         rows = None
         if alignment is not None:
-            every = ([base_ref] if base_ref is not None else []) + in_refs
-            permute = None
-            if alignment.fills is not None:
-                held = {r.model for r in every}
-                outside = sorted({f.model for f in alignment.fills.values() if f.model is not None} - held)
-                for m in outside:
-                    self.problem(
-                        f"{out_name}: tokenizer.tokens takes rows from {self.refs[m]}, which is not among "
-                        "this tensor's inputs; name a model that this slice merges",
-                        key=f"fill-outside:{m}",
-                        config=True,
-                    )
-                models = tuple(r.model for r in every)
-                # the base model's rows are the default where it has a token, whether or not the
-                # method merges against it (mergekit's rule)
-                base_cfg = self.config.base_model
-                base_at = None
-                if base_ref is not None:
-                    base_at = 0
-                elif base_cfg is not None and base_cfg in self.refs and self.index(base_cfg) in models:
-                    base_at = models.index(self.index(base_cfg))
-                permute = Permute(models, base_at, len(alignment.keys), alignment.fills)
-            rows = RowMap(alignment.size, tuple(alignment.maps[r.model] for r in every), permute)
+            models = tuple(r.model for r in ([base_ref] if base_ref is not None else []) + in_refs)
+            # the base model's rows are the default where it has a token, whether or not the
+            # method merges against it (mergekit's rule)
+            base_cfg = slot.config.base_model
+            base_at = None
+            if base_ref is not None:
+                base_at = 0
+            elif base_cfg is not None and base_cfg in self.refs and self.index(base_cfg) in models:
+                base_at = models.index(self.index(base_cfg))
+            rows = row_map(alignment, models, base_at, out_name, self.refs, self.problem)
         source = _ParamSource(
-            tuple(shared_scopes),
-            tuple((m, name, tuple(scopes)) for (m, name), scopes in zip(inputs, model_scopes)),
+            tuple(slot.shared_scopes),
+            tuple((m, name, tuple(scopes)) for (m, name), scopes in zip(inputs, slot.model_scopes)),
         )
 
         def problem(text: str, key: str) -> None:
             self.problem(text, key, config=True)
 
-        shared, per_model = _resolve_params(self.method, self.refs, out_name, t, source, problem)
+        shared, per_model = _resolve_params(self.method, self.refs, out_name, slot.t, source, problem)
         self.sources[out_name] = source
+        built, built_models = _build(self.method, shared, per_model)
         return Job(
             name=out_name,
             shape=shape,
@@ -1068,10 +552,13 @@ class _Planner:
             inputs=tuple(in_refs),
             params=shared,
             model_params=tuple(per_model),
-            layer=layer,
-            t=t,
+            layer=slot.layer,
+            t=slot.t,
             out_dtype=out_dtype,
             rows=rows,
+            merger=self.method,
+            built_params=built,
+            built_model_params=built_models,
         )
 
 
@@ -1111,10 +598,18 @@ def _resolve_params(
     check = method.check
     resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
     if check is not None and resolved:
-        trouble = check(method.build_params(shared), [method.build_model_params(mp) for mp in per_model])
+        trouble = check(*_build(method, shared, per_model))
         if trouble:
             problem(f"{out_name}: {trouble}", f"check:{trouble}")
     return shared, per_model
+
+
+def _build(
+    method: Method[P, M], shared: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]]
+) -> tuple[P, tuple[M, ...]]:
+    """A job's parameters built into ``method``'s parameter classes (a value left unresolved is
+    kept as it is: such a plan is refused before it runs)."""
+    return method.build_params(shared), tuple(method.build_model_params(mp) for mp in per_model)
 
 
 def _scopes(config: MergeConfig) -> Iterator[Mapping[str, Any]]:
@@ -1164,59 +659,6 @@ def _layout(config: MergeConfig) -> MergeConfig:
         modules=tuple((name, 0) for name, _ in config.modules),
         module_configs=tuple((name, _layout(module)) for name, module in config.module_configs),
     )
-
-
-def _uses_gradients(config: MergeConfig) -> bool:
-    """Whether any parameter of ``config`` is a gradient (a value that varies over the layers)."""
-    scopes: list[Mapping[str, Any]] = [config.parameters, *(e.parameters for e in config.models)]
-    for sl in config.slices or ():
-        scopes += [sl.parameters, *(s.parameters for s in sl.sources)]
-    for scope in scopes:
-        for setting in scope.values():
-            values = [setting]
-            if isinstance(setting, list) and is_condition_list(setting):
-                values = [c.get("value") for c in setting if isinstance(c, Mapping)]
-            if any(isinstance(v, list) and not is_condition_list(v) for v in values):
-                return True
-    return False
-
-
-# where config.json holds the vocabulary size: the top level, or a vision-language model's text_config
-VOCAB_SIZE_KEYS = ("vocab_size", "text_config.vocab_size")
-
-
-def _get_path(config: dict[str, Any], path: str) -> dict[str, Any]:
-    """The nested section at a dotted path (``text_config``); "" is the config itself; {} if absent."""
-    for key in path.split(".") if path else ():
-        inner = config.get(key)
-        if not isinstance(inner, dict):
-            return {}
-        config = inner
-    return config
-
-
-def _set_path(config: dict[str, Any], path: str, value: int) -> None:
-    """Set a dotted key path (``vision_config.num_hidden_layers``) where the config has it."""
-    *parents, last = path.split(".")
-    for key in parents:
-        inner = config.get(key)
-        if not isinstance(inner, dict):
-            return
-        config = inner
-    if last in config:
-        config[last] = value
-
-
-def _natural(names: Sequence[str], arch: Architecture) -> list[str]:
-    """Embeddings first, then layers in numeric order, then everything else."""
-
-    def key(name: str) -> tuple[int, int, str]:
-        layer = arch.layer_of(name)
-        if layer is not None:
-            return (1, layer, name)
-        return (0 if arch.is_pre(name) else 2, 0, name)
-
-    return sorted(names, key=key)
 
 
 def _pack(jobs: Sequence[Job], limit: int) -> list[list[int]]:

@@ -17,23 +17,35 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergesmith import _yaml
 from mergesmith._files import stamp_of
 from mergesmith._json import read_json
+from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from mergesmith.compat import Problems
+    from mergesmith.config import MergeConfig, ModelRef
+    from mergesmith.sources import Checkpoint
+    from mergesmith.tokenizer_spec import TokenizerSpec
+
 __all__ = [
+    "Alignment",
     "Fill",
     "Permute",
     "RowMap",
     "Vocab",
     "align",
+    "align_vocabularies",
     "merge_rows",
     "permute_rows",
     "read_vocab",
+    "row_map",
+    "token_fills",
     "union_tokenizer",
 ]
 
@@ -216,6 +228,187 @@ def union_keys(first: Sequence[Key], others: Sequence[Sequence[Key]]) -> list[Ke
                 seen.add(k)
                 out.append(k)
     return out
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Embedding rows matched by token: the output's row keys and each model's row for them."""
+
+    keys: list[Key]
+    vocabs: list[Vocab | None]  # per model
+    maps: list[torch.Tensor]  # per model: its row for each output row, -1 where it lacks the token
+    union: bool  # the output tokenizer gains tokens (a union, or tokenizer.tokens it lacks)
+    rows: int = 0  # output rows, padding included (tokenizer.pad_to_multiple_of); 0: len(keys)
+    fills: dict[int, Fill] | None = None  # with a tokenizer: section: its tokens' default rows
+
+    @property
+    def size(self) -> int:
+        return self.rows or len(self.keys)
+
+
+def align_vocabularies(
+    config: MergeConfig,
+    refs: Sequence[ModelRef],
+    models: Sequence[Checkpoint],
+    rows: list[int],
+    tokenizer_model: Callable[[], int | None],
+    problem: Problems,
+) -> Alignment | None:
+    """Matching of vocabulary rows by token, as ``config``'s tokenizer_source (not None) and
+    ``tokenizer:`` section ask, for models of ``rows`` embedding rows each; None where every
+    model's rows are already the output's. ``tokenizer_model`` gives the model whose vocabulary
+    the output takes."""
+    source = config.tokenizer_source
+    assert source is not None
+    vocabs = [read_vocab(m.dir) for m in models]
+    missing = [refs[i] for i, v in enumerate(vocabs) if v is None and rows[i]]
+    if missing:
+        problem(
+            f"tokenizer_source {_yaml.shown(source)}: {', '.join(map(str, missing))} has no tokenizer.json or vocab.json, "
+            "so its embedding rows cannot be matched by token; add its tokenizer files or remove "
+            "tokenizer_source",
+            key="vocab-missing",
+        )
+        return None
+    keys = [v.keys(r) if v is not None else [] for v, r in zip(vocabs, rows)]
+    spec = config.tokenizer
+    if spec is None and all(k == keys[0] for k in keys):
+        return None
+    chosen = tokenizer_model()
+    assert chosen is not None
+    extra = []
+    if spec is not None:
+        known = set(keys[chosen])
+        extra = [
+            t for t in spec.tokens if t not in known and not (source == "union" and any(t in k for k in keys))
+        ]
+    if source == "union" or extra:
+        first = vocabs[chosen]
+        if first is None or first.file.name != "tokenizer.json":
+            problem(
+                (
+                    f"tokenizer_source union: {refs[chosen]} has no tokenizer.json to extend with the "
+                    "other models' tokens; use tokenizer_source: base or one model's name"
+                )
+                if source == "union"
+                else (
+                    f"tokenizer.tokens: {refs[chosen]} has no tokenizer.json to add "
+                    f"{_yaml.shown(extra[0])} to; list only tokens its tokenizer has"
+                ),
+                key="vocab-missing",
+            )
+            return None
+    if source == "union":
+        out_keys = union_keys(keys[chosen], [k for i, k in enumerate(keys) if i != chosen])
+    else:
+        out_keys = keys[chosen]
+    if spec is None:
+        return Alignment(out_keys, vocabs, align(out_keys, keys), source == "union")
+    # a tokenizer: section: the output holds only the tokens (no padding rows past them), then
+    # the configured tokens the chosen vocabulary lacks, then padding to the multiple asked for
+    while out_keys and not isinstance(out_keys[-1], str):
+        out_keys = out_keys[:-1]
+    out_keys = [*out_keys, *extra]
+    size = len(out_keys)
+    pad = spec.pad_to_multiple_of
+    if pad and size % pad:
+        size += pad - size % pad
+    if all(k == out_keys for k in keys) and size == len(out_keys) and not spec.tokens:
+        return None
+    maps = align(out_keys, keys)
+    fills = token_fills(spec, refs, out_keys, vocabs, maps, rows, problem)
+    return Alignment(out_keys, vocabs, maps, source == "union" or bool(extra), rows=size, fills=fills)
+
+
+def token_fills(
+    spec: TokenizerSpec,
+    refs: Sequence[ModelRef],
+    out_keys: list[Key],
+    vocabs: list[Vocab | None],
+    maps: list[torch.Tensor],
+    rows: list[int],
+    problem: Problems,
+) -> dict[int, Fill]:
+    """The default row of each token the tokenizer: section configures, by output row (a
+    source that names no input model or token is recorded as a config problem and left out)."""
+    where = {k: i for i, k in enumerate(out_keys)}
+    fills: dict[int, Fill] = {}
+    for token, entry in spec.tokens.items():
+        out_row = where[token]
+        src = entry.source
+        assert src is not None
+        path = f"tokenizer.tokens.{printable(token)}.source"
+        if src.kind == "zero":
+            fills[out_row] = Fill(None, 0, entry.force)
+            continue
+        assert src.model is not None
+        model = next((i for i, r in enumerate(refs) if src.model in (str(r), r.path)), None)
+        if model is None:
+            problem(
+                f"{path}: {_yaml.shown(src.model)} is not one of the input models "
+                f"({', '.join(map(str, refs))}); name one of them",
+                config=True,
+            )
+            continue
+        vocab = vocabs[model]
+        if src.kind == "model":
+            row = int(maps[model][out_row])
+            needed = entry.force or any(int(m[out_row]) < 0 for m in maps)
+            if row < 0 and needed:
+                problem(
+                    f"{path}: {refs[model]} has no token {_yaml.shown(token)}; name a model "
+                    "that has it, or use {kind: model_token, model: ..., token: ...}",
+                    config=True,
+                )
+                continue
+        elif src.token is not None:
+            row = vocab.ids.get(src.token, -1) if vocab is not None else -1
+            if row < 0 or row >= rows[model]:
+                problem(
+                    f"{path}.token: {refs[model]} has no token {_yaml.shown(src.token)}; "
+                    "name a token of its tokenizer",
+                    config=True,
+                )
+                continue
+        else:
+            assert src.token_id is not None
+            row = src.token_id
+            if row >= rows[model]:
+                problem(
+                    f"{path}.token_id: {row} is past the {rows[model]} embedding rows of "
+                    f"{refs[model]}; give a row number below {rows[model]}",
+                    config=True,
+                )
+                continue
+        fills[out_row] = Fill(model, row, entry.force)
+    return fills
+
+
+def row_map(
+    alignment: Alignment,
+    models: tuple[int, ...],
+    base_at: int | None,
+    out_name: str,
+    refs: Sequence[ModelRef],
+    problem: Problems,
+) -> RowMap:
+    """The row map of vocabulary tensor ``out_name``, whose inputs are ``models`` (base first, as in
+    the job). With a ``tokenizer:`` section, each input is rebuilt before the merge, ``base_at``'s
+    rows (a position among the inputs) the default where it has a token; the rows its tokens take
+    must come from those inputs."""
+    permute = None
+    if alignment.fills is not None:
+        held = set(models)
+        outside = sorted({f.model for f in alignment.fills.values() if f.model is not None} - held)
+        for m in outside:
+            problem(
+                f"{out_name}: tokenizer.tokens takes rows from {refs[m]}, which is not among "
+                "this tensor's inputs; name a model that this slice merges",
+                key=f"fill-outside:{m}",
+                config=True,
+            )
+        permute = Permute(models, base_at, len(alignment.keys), alignment.fills)
+    return RowMap(alignment.size, tuple(alignment.maps[m] for m in models), permute)
 
 
 def union_tokenizer(reference: Path, vocabs: Sequence[Vocab], out_keys: Sequence[Key], stage: Path) -> None:

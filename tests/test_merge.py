@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import mergesmith
-from mergesmith import CheckpointError, CompatibilityError, ConfigError, OutputError
+from mergesmith import CheckpointError, CompatibilityError, ConfigError, MethodError, OutputError
 from mergesmith.cli import main
-from mergesmith.methods import REGISTRY
+from mergesmith.methods import REGISTRY, MergeInputs
 from tests import tiny
 from tests.test_methods import numpy_slerp, numpy_ties
 from tests.test_methods_ram_fusion import np_boosts, np_ram
@@ -339,3 +341,31 @@ def test_inputs_reach_the_device_ahead_of_their_merge_and_copied_tensors_stay_on
             assert {t.device.type for t in tensors} == {expected}, job.name
             for t, ref in zip(tensors, job.all_inputs()):
                 assert torch.equal(t.cpu(), plan.models[ref.model].get(ref.name)), job.name
+
+
+def test_a_bare_exception_from_a_method_is_a_method_error_naming_where(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(inputs: MergeInputs[Any, Any]) -> torch.Tensor:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(REGISTRY, "linear", dataclasses.replace(REGISTRY["linear"], merge=broken))
+    with pytest.raises(MethodError) as info:
+        mergesmith.merge(config_for("linear", zoo), tmp_path / "out")
+    assert str(info.value) == (
+        f"model.embed_tokens.weight: linear failed merging the tensors of {zoo['a']}, {zoo['b']}, "
+        f"{zoo['c']}, {zoo['d']}: ZeroDivisionError: division by zero"
+    )
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_a_method_raising_a_mergesmith_error_passes_it_through(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing(inputs: MergeInputs[Any, Any]) -> torch.Tensor:
+        raise MethodError(f"{inputs.tensor_name}: refused")
+
+    monkeypatch.setitem(REGISTRY, "linear", dataclasses.replace(REGISTRY["linear"], merge=refusing))
+    with pytest.raises(MethodError) as info:
+        mergesmith.merge(config_for("linear", zoo), tmp_path / "out")
+    assert str(info.value) == "model.embed_tokens.weight: refused"

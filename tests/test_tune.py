@@ -373,12 +373,12 @@ models:
 def test_a_study_plans_once_and_each_trial_resolves_only_its_values(
     setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mergesmith import plan, sources
+    from mergesmith import sources, vocab
 
     cfg, tasks = setup
     opened: list[str] = []
     vocabs: list[str] = []
-    init, read_vocab = sources.Checkpoint.__init__, plan.read_vocab
+    init, read_vocab = sources.Checkpoint.__init__, vocab.read_vocab
 
     def opening(self: sources.Checkpoint, *args: Any, **kwargs: Any) -> None:
         opened.append(str(args[0] if args else kwargs["directory"]))
@@ -389,7 +389,7 @@ def test_a_study_plans_once_and_each_trial_resolves_only_its_values(
         return read_vocab(directory)
 
     monkeypatch.setattr(sources.Checkpoint, "__init__", opening)
-    monkeypatch.setattr(plan, "read_vocab", reading)
+    monkeypatch.setattr(vocab, "read_vocab", reading)
     during: list[tuple[int, int]] = []
     trial = TrialRunner.trial
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergesmith.errors import MethodError
 from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
@@ -41,7 +42,7 @@ def merge(inputs: MergeInputs[TiesParams, TiesModelParams]) -> torch.Tensor:
     deltas = _steps.task_vectors(base, inputs.tensors)
     paper = params.mode == "paper"
     if paper and inputs.thresholds is None:
-        raise ValueError(f"{inputs.tensor_name}: ties in paper mode needs the whole-model thresholds")
+        raise MethodError(f"{inputs.tensor_name}: ties in paper mode needs the whole-model thresholds")
     for i, (delta, mp) in enumerate(zip(deltas, inputs.model_params)):
         if paper and inputs.thresholds is not None:
             _steps.keep_at_least(delta, inputs.thresholds[i])
