@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _output
+from mergesmith import _output, defaults
 from mergesmith.config import MergeConfig, load_config
 from mergesmith.errors import ConfigError
 from mergesmith.execute import execute
@@ -50,7 +50,7 @@ def merge(
     *,
     force: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEVICE,
     seed: int | None = None,
     progress: bool | None = None,
     full_digests: bool = False,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _hub, _yaml
+from mergesmith import _hub, _yaml, defaults
 from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.architecture import (
@@ -34,7 +34,7 @@ from mergesmith.vocab import Fill, Key, Permute, RowMap, Vocab, align, read_voca
 
 __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
 
-DEFAULT_SHARD = 5 * 1000**3
+DEFAULT_SHARD = defaults.SHARD_SIZE
 COPY = "copy"
 ALIGN_HINT = (
     "Set tokenizer_source (base, union or one model's name) to match embedding rows by token, or "

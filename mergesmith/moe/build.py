@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergesmith import _output
+from mergesmith import _output, defaults
 from mergesmith._safetensors import ShardWriter
 from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError, MergesmithError
@@ -458,7 +458,7 @@ def moe(
     out_dir: str | Path,
     *,
     force: bool = False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEVICE,
     seed: int = 0,
     threads: int | None = None,
     max_shard_size: int | str = DEFAULT_SHARD,

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mergesmith import defaults
 from mergesmith.errors import ConfigError
 from mergesmith.tune.objective import Objective
 from mergesmith.tune.runner import TrialRunner, TrialScores
@@ -36,7 +37,7 @@ class RunnerArgs:
     task_files: list[str]
     device: str
     objective: Objective
-    batch_size: int = 64
+    batch_size: int = defaults.TUNE_BATCH_SIZE
     threads: int | None = None  # threads of all runners together (default: the idle cores)
     add_special_tokens: bool = True
 

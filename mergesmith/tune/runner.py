@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergesmith import defaults
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Encoded, quiet_transformers
 from mergesmith.tune.objective import Objective, optimistic
@@ -44,7 +45,7 @@ class TrialRunner:
         task_files: Sequence[str],
         *,
         device: str = "cpu",
-        batch_size: int = 64,
+        batch_size: int = defaults.TUNE_BATCH_SIZE,
         threads: int | None = None,
         objective: Objective | None = None,
         add_special_tokens: bool = True,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mergesmith import defaults
 from mergesmith._output import atomic_write
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
@@ -127,17 +128,17 @@ def tune(
     tasks: Sequence[str],
     out_dir: str | Path,
     *,
-    trials: int = 20,
-    sampler: str = "tpe",
+    trials: int = defaults.TRIALS,
+    sampler: str = defaults.SAMPLER,
     seed: int = 0,
-    grid_steps: int = 3,
+    grid_steps: int = defaults.GRID_STEPS,
     workers: int = 1,
     executor: str = "local",
     study_name: str | None = None,
-    penalty: float = 1.0,
+    penalty: float = defaults.PENALTY,
     task_weights: Mapping[str, float] | None = None,
-    device: str = "cpu",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.TUNE_BATCH_SIZE,
     write_best: bool = True,
     stop_early: bool = False,
     progress: Callable[[str], None] | None = print,
