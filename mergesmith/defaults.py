@@ -10,18 +10,30 @@ __all__ = [
     "BATCH_SIZE",
     "DENSITY",
     "DEVICE",
+    "EXECUTOR",
     "GRID_STEPS",
+    "LORA_LAMBDA",
+    "LORA_METHOD",
+    "ON_NONFINITE",
     "PENALTY",
     "SAMPLE",
     "SAMPLER",
+    "SEED",
     "SHARD_SIZE",
     "TRIALS",
     "TUNE_BATCH_SIZE",
+    "WORKERS",
     "size_text",
 ]
 
 SHARD_SIZE = 5 * 1000**3  # bytes: the largest output shard
 DEVICE = "cpu"  # where the arithmetic runs
+SEED = 0  # seed of random methods, gates and samplers
+ON_NONFINITE = "error"  # a merged tensor with NaN/Inf or float16 overflow stops the merge ("warn": written)
+WORKERS = 1  # processes (or trials at once) that merge
+EXECUTOR = "local"  # where they run: local processes, or "ray"
+LORA_METHOD = "linear"  # how LoRA adapters are merged
+LORA_LAMBDA = 1.0  # scale of the merged adapter's update
 BATCH_SIZE = 32  # examples per forward pass when evaluating
 TUNE_BATCH_SIZE = 64  # examples per forward pass when scoring a trial
 TRIALS = 20  # trials in a tuning study

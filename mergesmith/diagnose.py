@@ -488,7 +488,6 @@ def _measure(
         for m, e in zip(models, equal):
             tally.untouched[m] += int(e)
 
-    _memory.tune()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
     reader = _SampledReader()

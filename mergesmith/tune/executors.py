@@ -40,6 +40,7 @@ class RunnerArgs:
     batch_size: int = defaults.TUNE_BATCH_SIZE
     threads: int | None = None  # threads of all runners together (default: the idle cores)
     add_special_tokens: bool = True
+    tune_memory: bool = False  # tune each runner's C allocator (mergesmith._memory.tune)
 
     def kwargs(self, workers: int = 1) -> dict[str, Any]:
         """TrialRunner's arguments, with the threads shared evenly among ``workers`` runners."""

@@ -130,10 +130,10 @@ def tune(
     *,
     trials: int = defaults.TRIALS,
     sampler: str = defaults.SAMPLER,
-    seed: int = 0,
+    seed: int = defaults.SEED,
     grid_steps: int = defaults.GRID_STEPS,
-    workers: int = 1,
-    executor: str = "local",
+    workers: int = defaults.WORKERS,
+    executor: str = defaults.EXECUTOR,
     study_name: str | None = None,
     penalty: float = defaults.PENALTY,
     task_weights: Mapping[str, float] | None = None,
@@ -144,8 +144,12 @@ def tune(
     progress: Callable[[str], None] | None = print,
     threads: int | None = None,
     add_special_tokens: bool = True,
+    tune_memory: bool = False,
 ) -> TuneResult:
-    """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc."""
+    """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc.
+
+    ``tune_memory=True`` tunes the C allocator of the processes that merge the trials
+    (``mergesmith._memory.tune``), as ``mergesmith tune`` does; off by default."""
     import optuna
 
     from mergesmith import _yaml
@@ -231,7 +235,9 @@ def tune(
         d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
     }
     runner: Executor
-    args = RunnerArgs(doc, list(tasks), device, objective, batch_size, threads, add_special_tokens)
+    args = RunnerArgs(
+        doc, list(tasks), device, objective, batch_size, threads, add_special_tokens, tune_memory
+    )
     if executor == "ray":
         runner = RayActors(args, workers)
     elif workers > 1:
