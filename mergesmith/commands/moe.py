@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, at_least_1, force_option, say, threads_option
+
+if TYPE_CHECKING:
+    from mergesmith.moe.build import MoEPlan
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -49,9 +53,64 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergesmith.moe.cli import run_cli
+    import time
 
-    return run_cli(args, say)
+    from mergesmith._text import printable
+    from mergesmith.moe.build import moe, plan_moe
+
+    if args.dry_run:
+        print(_describe(plan_moe(args.config, seed=args.seed)))
+        return 0
+    tasks = []
+    if args.report:  # a bad task file is found before the build, not after it
+        from mergesmith.evaluate import load_task
+
+        tasks = [load_task(t) for t in args.report]
+    start = time.perf_counter()
+    plan = moe(
+        args.config,
+        args.out_dir,
+        force=args.force,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        max_shard_size=args.max_shard_size,
+        say=say,
+    )
+    size = sum(t.nbytes for t in plan.tensors) / 1e6
+    print(
+        f"built a {plan.layout.class_name} of {len(plan.experts)} experts "
+        f"({plan.config.experts_per_token} per token, {plan.config.gate_mode} gates) into "
+        f"{printable(str(args.out_dir))} ({len(plan.tensors)} tensors, {size:.1f} MB) in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    if tasks:
+        from pathlib import Path
+
+        from mergesmith.moe.routing import routing, write_routing
+
+        labels = [e.label for e in plan.config.experts]
+        report = routing(args.out_dir, tasks, labels, batch_size=args.batch_size, device=args.device, say=say)
+        print(printable(report.to_markdown()), end="")
+        print(
+            "routing report written to "
+            + ", ".join(str(p) for p in write_routing(report, Path(args.out_dir)))
+        )
+    return 0
+
+
+def _describe(plan: MoEPlan) -> str:
+    from mergesmith._text import printable
+
+    cfg = plan.config
+    lines = [
+        f"{plan.layout.class_name} from {cfg.base}: {len(cfg.experts)} experts, {cfg.experts_per_token} "
+        f"per token, {cfg.gate_mode} gates, {plan.layers} layers, {str(plan.dtype).removeprefix('torch.')}"
+    ]
+    lines += [f"  expert {i}: {e.source}" for i, e in enumerate(cfg.experts)]
+    lines += [f"  shared expert {i}: {e.source}" for i, e in enumerate(cfg.shared_experts)]
+    lines.append(f"  {len(plan.tensors)} tensors")
+    return printable("\n".join(lines))
 
 
 COMMAND = Command("moe", add_parser, run)

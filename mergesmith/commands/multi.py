@@ -38,9 +38,37 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergesmith.multi import run_cli
+    from mergesmith._text import printable
+    from mergesmith.multi import check, load_multi, multi, stages_dir
+    from mergesmith.plan import parse_size
 
-    return run_cli(args, say)
+    out_dir = stages_dir(args.stages_dir, args.intermediate_dir)
+    size = parse_size(args.max_shard_size)
+    if args.dry_run:
+        plan = load_multi(args.config, out_dir, out_path=args.out_path)
+        skip = check(plan, lazy=args.lazy)
+        print(plan.describe())
+        for stage in plan.stages:
+            if stage.name in skip:
+                print(f"  {printable(stage.label)}: finished earlier; skipped")
+        return 0
+    merged = multi(
+        args.config,
+        out_dir,
+        out_path=args.out_path,
+        lazy=args.lazy,
+        say=say,
+        max_shard_size=size,
+        device=args.device,
+        progress=False if args.no_progress else None,
+        threads=args.threads,
+        tune_memory=True,
+    )
+    print(
+        f"merged {len(merged)} stage(s) of {printable(args.config)}"
+        + (f": {', '.join(printable(s.label) for s in merged)}" if merged else " (every stage was finished)")
+    )
+    return 0
 
 
 def interrupted(args: argparse.Namespace) -> str:
