@@ -64,10 +64,18 @@ def _run_in_worker(values: Mapping[str, float], beat: float | None) -> TrialScor
 
 
 class InProcess:
-    """One runner in this process, on the study's plan where one is given."""
+    """One runner in this process, on the study's plan where one is given. The runner sets torch's
+    threads; :meth:`close` sets them back."""
 
     def __init__(self, args: RunnerArgs, plan: Plan | None = None) -> None:
-        self.runner = TrialRunner(**args.kwargs(), plan=plan)
+        import torch
+
+        self.threads = torch.get_num_threads()
+        try:
+            self.runner = TrialRunner(**args.kwargs(), plan=plan)
+        except BaseException:
+            self.close()
+            raise
 
     def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
         fut: Future[TrialScores] = Future()
@@ -75,7 +83,9 @@ class InProcess:
         return fut
 
     def close(self) -> None:
-        pass
+        import torch
+
+        torch.set_num_threads(self.threads)
 
 
 class LocalPool:
