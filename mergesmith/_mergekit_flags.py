@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterable
 
+from mergesmith import defaults
 from mergesmith.errors import ConfigError
 
 __all__ = ["NOTES", "REFUSED", "add_mergekit_flags", "apply_mergekit_flags", "parse_kmb"]
@@ -141,7 +142,7 @@ def apply_mergekit_flags(args: argparse.Namespace) -> None:
         size = parse_kmb(args.out_shard_size)
         # mergekit compares the value with each shard's bytes; 0 turns sharding off
         args.max_shard_size = str(size) if size > 0 else str(1 << 62)
-    args.max_shard_size = args.max_shard_size or "5GB"
+    args.max_shard_size = args.max_shard_size or defaults.SHARD_SIZE
 
     if args.random_seed is not None:
         if args.seed is not None and args.seed != args.random_seed:

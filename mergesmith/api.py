@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _output
+from mergesmith import _output, defaults
 from mergesmith.config import MergeConfig, load_config
 from mergesmith.errors import ConfigError
 from mergesmith.execute import execute
@@ -50,19 +50,20 @@ def merge(
     *,
     force: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEVICE,
     seed: int | None = None,
     progress: bool | None = None,
     full_digests: bool = False,
-    on_nonfinite: str = "error",
+    on_nonfinite: str = defaults.ON_NONFINITE,
     before: Callable[[Plan], None] | None = None,
     threads: int | None = None,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
     resume: bool = False,
-    workers: int = 1,
-    executor: str = "local",
+    workers: int = defaults.WORKERS,
+    executor: str = defaults.EXECUTOR,
     ray_address: str | None = None,
+    tune_memory: bool = False,
 ) -> Plan:
     """Merge the models a config describes into ``out_dir``; return the plan that was run.
 
@@ -86,6 +87,10 @@ def merge(
     each with ``threads // N`` torch threads; ``executor="ray"`` runs them as Ray tasks on the
     cluster at ``ray_address`` (default: a local one), one per shard with ``threads`` CPUs each
     (default 1). The output is the same byte for byte however it is run.
+
+    ``tune_memory=True`` sets the C allocator of this process (and of the workers) to keep
+    freed blocks for the next tensor (``mergesmith._memory.tune``), as ``mergesmith merge`` does:
+    faster, but a setting of the whole process that stays after the merge; off by default.
     """
     from mergesmith._threads import positive_threads, using_threads
     from mergesmith.execute import EXECUTORS
@@ -134,5 +139,6 @@ def merge(
             threads=per_worker,
             executor=executor,
             ray_address=ray_address,
+            tune_memory=tune_memory,
         )
     return plan

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergesmith import _memory, _output
+from mergesmith import _memory, _output, defaults
 from mergesmith.api import _config
 from mergesmith.errors import CheckpointError, ConfigError
 from mergesmith.execute import read_inputs, to_compute
@@ -44,8 +44,8 @@ from mergesmith.vocab import read_vocab
 __all__ = ["SAMPLE", "UNRELATED", "Diagnosis", "diagnose", "quick_summary", "write_diagnosis"]
 
 UNRELATED = 0.5  # a task vector this large against the base's weights is not a fine-tune
-DEFAULT_DENSITY = 0.2
-SAMPLE = 1 << 16  # entries per tensor the figures are computed on; smaller tensors are used whole
+DEFAULT_DENSITY = defaults.DENSITY
+SAMPLE = defaults.SAMPLE  # entries per tensor the figures are computed on; smaller tensors are used whole
 PENDING = 8  # tensors whose (sampled) entries wait for the figures' thread at most
 CHUNK_BYTES = 1 << 20  # a sampled tensor is read in pieces of this size, each into a reused buffer
 
@@ -488,7 +488,6 @@ def _measure(
         for m, e in zip(models, equal):
             tally.untouched[m] += int(e)
 
-    _memory.tune()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
     reader = _SampledReader()

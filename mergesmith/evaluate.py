@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mergesmith import defaults
 from mergesmith._json import parse_json
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError, ConfigError, MergesmithError
@@ -207,8 +208,8 @@ def evaluate(
     model: str | Path,
     tasks: Sequence[Task],
     *,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str = defaults.DEVICE,
     progress: bool = False,
     add_special_tokens: bool = True,
     say: Say | None = None,
@@ -268,8 +269,8 @@ def score(
     tokenizer: Any,
     tasks: Sequence[Task],
     *,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str = defaults.DEVICE,
     progress: bool = False,
     label: str = "model",
     with_loss: bool = True,
@@ -487,8 +488,8 @@ def evaluate_harness(
     model: str | Path,
     tasks: Sequence[str],
     *,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str = defaults.DEVICE,
     limit: int | None = None,
 ) -> list[TaskScore]:
     """Score ``model`` on lm-evaluation-harness tasks (``pip install 'mergesmith[lm-eval]'``).

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _memory, _output, card, chat_templates, vocab, whole_model
+from mergesmith import _memory, _output, card, chat_templates, defaults, vocab, whole_model
 from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError, ConfigError, MergesmithError, MethodError
@@ -275,13 +275,14 @@ def execute(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     full_digests: bool = False,
-    on_nonfinite: str = "error",
+    on_nonfinite: str = defaults.ON_NONFINITE,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
-    workers: int = 1,
+    workers: int = defaults.WORKERS,
     threads: int = 1,
-    executor: str = "local",
+    executor: str = defaults.EXECUTOR,
     ray_address: str | None = None,
+    tune_memory: bool = False,
 ) -> list[str]:
     """Write the merged model described by ``plan`` into the directory ``stage``.
 
@@ -296,6 +297,7 @@ def execute(
     its finished shards are kept where they match (:class:`mergesmith.shards.Progress`).
     ``workers`` > 1 merges the shards in that many local processes of ``threads`` torch threads
     each; ``executor="ray"`` runs them as Ray tasks (:mod:`mergesmith.executors`).
+    ``tune_memory`` tunes the C allocator of this process and the workers (:mod:`mergesmith._memory`).
     """
     from mergesmith import executors, shards
 
@@ -304,7 +306,8 @@ def execute(
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     dev = torch.device(device)
-    _memory.tune()
+    if tune_memory:
+        _memory.tune()
     fp = shards.fingerprint(plan, dev)
     record = shards.Progress.start(plan, stage, fp)
     todo = record.todo()
@@ -328,6 +331,7 @@ def execute(
                 thresholds=record.thresholds,
                 on_nonfinite=on_nonfinite,
                 threads=threads,
+                tune_memory=tune_memory,
             )
             if executor == "ray":
                 executors.run_ray(task, todo, record, ray_address)

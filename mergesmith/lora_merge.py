@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergesmith import _hub, _output
+from mergesmith import _hub, _output, defaults
 from mergesmith._safetensors import ShardWriter
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError, MergesmithError, MethodError
@@ -124,13 +124,13 @@ def merge_adapters(
     *,
     weights: Sequence[float] | None = None,
     rank: int | None = None,
-    method: str = "linear",
+    method: str = defaults.LORA_METHOD,
     densities: Sequence[float] | None = None,
-    lambda_: float = 1.0,
+    lambda_: float = defaults.LORA_LAMBDA,
     params: Mapping[str, Any] | None = None,
-    seed: int = 0,
+    seed: int = defaults.SEED,
     force: bool = False,
-    on_nonfinite: str = "error",
+    on_nonfinite: str = defaults.ON_NONFINITE,
 ) -> list[MergedModule]:
     """Write one PEFT adapter: the weighted sum of ``adapters`` (``linear``, exact) or their
     KnOTS-TIES merge (``knots_ties``, exact in rank ``Σ r_i``), or its best rank-``rank``

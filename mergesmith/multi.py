@@ -402,35 +402,3 @@ def interrupted() -> str:
         + "; the stage being merged was not written (its previous output, if any, was left as it was): "
         "run the same command again to go on, finished stages are skipped"
     )
-
-
-def run_cli(args: Any, say: Callable[[str], None]) -> int:
-    """``mergesmith multi``: ``args`` as the command line's parser leaves them."""
-    from mergesmith.plan import parse_size
-
-    out_dir = stages_dir(args.stages_dir, args.intermediate_dir)
-    size = parse_size(args.max_shard_size)
-    if args.dry_run:
-        plan = load_multi(args.config, out_dir, out_path=args.out_path)
-        skip = check(plan, lazy=args.lazy)
-        print(plan.describe())
-        for stage in plan.stages:
-            if stage.name in skip:
-                print(f"  {printable(stage.label)}: finished earlier; skipped")
-        return 0
-    merged = multi(
-        args.config,
-        out_dir,
-        out_path=args.out_path,
-        lazy=args.lazy,
-        say=say,
-        max_shard_size=size,
-        device=args.device,
-        progress=False if args.no_progress else None,
-        threads=args.threads,
-    )
-    print(
-        f"merged {len(merged)} stage(s) of {printable(args.config)}"
-        + (f": {', '.join(printable(s.label) for s in merged)}" if merged else " (every stage was finished)")
-    )
-    return 0

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from mergesmith import _hub, _yaml
+from mergesmith import _hub, _yaml, defaults
 from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.architecture import Architecture, architecture_for
@@ -33,7 +33,7 @@ __all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
 P = TypeVar("P")
 M = TypeVar("M")
 
-DEFAULT_SHARD = 5 * 1000**3
+DEFAULT_SHARD = defaults.SHARD_SIZE
 COPY = "copy"
 
 

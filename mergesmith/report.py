@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 
+from mergesmith import defaults
 from mergesmith._output import atomic_write, os_error
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
@@ -342,8 +343,8 @@ def compare(
     *,
     base: str | None = None,
     owners: Mapping[str, str] | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str = defaults.DEVICE,
     progress: bool = False,
     collapse_below: float = 0.5,
     add_special_tokens: bool = True,

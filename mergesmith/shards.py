@@ -369,6 +369,7 @@ class ShardTask:
     threads: int = 1
     cwd: str = "."
     probe: tuple[str, str] | None = None  # (file name in the stage, its content)
+    tune_memory: bool = False  # tune the worker's C allocator (mergesmith._memory.tune)
 
 
 def task_for(
@@ -380,6 +381,7 @@ def task_for(
     thresholds: Mapping[int, float] | None,
     on_nonfinite: str,
     threads: int,
+    tune_memory: bool = False,
 ) -> ShardTask:
     """A task for ``plan``'s shards in ``stage`` with no shard ids yet (``dataclasses.replace``)."""
     return ShardTask(
@@ -395,6 +397,7 @@ def task_for(
         on_nonfinite=on_nonfinite,
         threads=threads,
         cwd=os.getcwd(),
+        tune_memory=tune_memory,
     )
 
 
@@ -458,7 +461,8 @@ def run_task(task: ShardTask, done: Callable[[ShardDone], None]) -> None:
 
     check_probe(task)
     plan = plan_of(task)
-    _memory.tune()
+    if task.tune_memory:
+        _memory.tune()
     with using_threads(task.threads):
         run_shards(
             plan,

@@ -640,7 +640,7 @@ def test_tensor_names_from_a_file_are_escaped_on_the_terminal(
 
 
 def test_task_names_in_a_printed_report_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
-    from mergesmith.cli import _print_report
+    from mergesmith.commands._common import print_report as _print_report
     from mergesmith.evaluate import TaskScore
     from mergesmith.report import Entry, build_report
 

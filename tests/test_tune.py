@@ -531,3 +531,20 @@ def test_resuming_fails_the_trials_a_dead_run_left_running_and_asks_their_values
     ]
     assert resumed.ask(space).params == {"w": 0.25}
     assert _recover(optuna.load_study(study_name="s", storage=storage)) == 1  # the one asked just now
+
+
+def test_tune_in_a_program_sets_back_the_threads_and_leaves_the_allocator(
+    setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergesmith import _memory
+
+    cfg, tasks = setup
+    calls: list[None] = []
+    monkeypatch.setattr(_memory, "tune", lambda: calls.append(None))
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    tune(cfg, tasks, tmp_path / "out", trials=1, threads=other, write_best=False, progress=None)
+    assert torch.get_num_threads() == before
+    assert calls == []
+    tune(cfg, tasks, tmp_path / "tuned", trials=1, write_best=False, progress=None, tune_memory=True)
+    assert calls

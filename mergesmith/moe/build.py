@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergesmith import _output
+from mergesmith import _output, defaults
 from mergesmith._safetensors import ShardWriter
 from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError, MergesmithError
@@ -72,7 +72,7 @@ class MoEPlan:
         return list(dirs.values())
 
 
-def plan_moe(config: MoEConfig | str | Path, *, seed: int = 0) -> MoEPlan:
+def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> MoEPlan:
     """Open and check every model from its headers; every problem is reported at once, each
     with the config line it comes from."""
     cfg, problems = (config, []) if isinstance(config, MoEConfig) else read_moe_config(config)
@@ -458,8 +458,8 @@ def moe(
     out_dir: str | Path,
     *,
     force: bool = False,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
+    device: str | torch.device = defaults.DEVICE,
+    seed: int = defaults.SEED,
     threads: int | None = None,
     max_shard_size: int | str = DEFAULT_SHARD,
     say: Callable[[str], None] | None = None,

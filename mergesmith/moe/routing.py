@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergesmith import defaults
 from mergesmith._output import atomic_write
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
@@ -59,8 +60,8 @@ def routing(
     tasks: Sequence[Task],
     experts: Sequence[str],
     *,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str = defaults.DEVICE,
     say: Callable[[str], None] | None = None,
 ) -> Routing:
     """Run every example (prompt followed by answer) of each task through the model at

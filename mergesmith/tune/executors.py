@@ -10,6 +10,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mergesmith import defaults
 from mergesmith.errors import ConfigError
 from mergesmith.tune.objective import Objective
 from mergesmith.tune.runner import TrialRunner, TrialScores
@@ -36,9 +37,10 @@ class RunnerArgs:
     task_files: list[str]
     device: str
     objective: Objective
-    batch_size: int = 64
+    batch_size: int = defaults.TUNE_BATCH_SIZE
     threads: int | None = None  # threads of all runners together (default: the idle cores)
     add_special_tokens: bool = True
+    tune_memory: bool = False  # tune each runner's C allocator (mergesmith._memory.tune)
 
     def kwargs(self, workers: int = 1) -> dict[str, Any]:
         """TrialRunner's arguments, with the threads shared evenly among ``workers`` runners."""
@@ -62,10 +64,18 @@ def _run_in_worker(values: Mapping[str, float], beat: float | None) -> TrialScor
 
 
 class InProcess:
-    """One runner in this process, on the study's plan where one is given."""
+    """One runner in this process, on the study's plan where one is given. The runner sets torch's
+    threads; :meth:`close` sets them back."""
 
     def __init__(self, args: RunnerArgs, plan: Plan | None = None) -> None:
-        self.runner = TrialRunner(**args.kwargs(), plan=plan)
+        import torch
+
+        self.threads = torch.get_num_threads()
+        try:
+            self.runner = TrialRunner(**args.kwargs(), plan=plan)
+        except BaseException:
+            self.close()
+            raise
 
     def submit(self, values: Mapping[str, float], beat: float | None) -> Future[TrialScores]:
         fut: Future[TrialScores] = Future()
@@ -73,7 +83,9 @@ class InProcess:
         return fut
 
     def close(self) -> None:
-        pass
+        import torch
+
+        torch.set_num_threads(self.threads)
 
 
 class LocalPool:

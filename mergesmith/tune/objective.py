@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mergesmith import defaults
+
 __all__ = ["Objective", "optimistic"]
 
 
@@ -16,7 +18,7 @@ class Objective:
     owner_accuracy: Mapping[str, float]  # task -> the best parent's accuracy
     base_accuracy: Mapping[str, float] | None = None
     weights: Mapping[str, float] = field(default_factory=dict)
-    penalty: float = 1.0
+    penalty: float = defaults.PENALTY
 
     @property
     def rises_with_accuracy(self) -> bool:

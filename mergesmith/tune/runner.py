@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergesmith import defaults
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Encoded, quiet_transformers
 from mergesmith.tune.objective import Objective, optimistic
@@ -44,14 +45,16 @@ class TrialRunner:
         task_files: Sequence[str],
         *,
         device: str = "cpu",
-        batch_size: int = 64,
+        batch_size: int = defaults.TUNE_BATCH_SIZE,
         threads: int | None = None,
         objective: Objective | None = None,
         add_special_tokens: bool = True,
         plan: Plan | None = None,
+        tune_memory: bool = False,
     ) -> None:
         """``plan``: the study's plan at any values of ``doc``'s search (default: built here, at
-        the starting values); each trial resolves its own values' parameters against it."""
+        the starting values); each trial resolves its own values' parameters against it.
+        ``tune_memory`` tunes this process's C allocator as a merge command does (``_memory.tune``)."""
         from mergesmith import _memory, _safetensors
         from mergesmith.config import load_config
         from mergesmith.evaluate import check_examples, load_task
@@ -59,7 +62,8 @@ class TrialRunner:
 
         if threads:
             torch.set_num_threads(threads)
-        _memory.tune()  # the allocator settings a merge runs with
+        if tune_memory:
+            _memory.tune()  # the allocator settings the merge command runs with
         self.doc = dict(doc)
         self.space = search_space(doc)
         self.tasks = [load_task(t) for t in task_files]

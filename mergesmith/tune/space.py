@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesmith import _yaml
+from mergesmith import _yaml, defaults
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 
@@ -170,7 +170,7 @@ def check_options(
     grid_steps: int,
     penalty: float,
     task_weights: Mapping[str, float],
-    batch_size: int = 64,
+    batch_size: int = defaults.TUNE_BATCH_SIZE,
 ) -> None:
     """Refuse search options that are out of range, with every problem named at once."""
     problems: list[str] = []

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mergesmith import defaults
 from mergesmith._output import atomic_write
 from mergesmith._text import printable
 from mergesmith.errors import ConfigError
@@ -127,24 +128,28 @@ def tune(
     tasks: Sequence[str],
     out_dir: str | Path,
     *,
-    trials: int = 20,
-    sampler: str = "tpe",
-    seed: int = 0,
-    grid_steps: int = 3,
-    workers: int = 1,
-    executor: str = "local",
+    trials: int = defaults.TRIALS,
+    sampler: str = defaults.SAMPLER,
+    seed: int = defaults.SEED,
+    grid_steps: int = defaults.GRID_STEPS,
+    workers: int = defaults.WORKERS,
+    executor: str = defaults.EXECUTOR,
     study_name: str | None = None,
-    penalty: float = 1.0,
+    penalty: float = defaults.PENALTY,
     task_weights: Mapping[str, float] | None = None,
-    device: str = "cpu",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.TUNE_BATCH_SIZE,
     write_best: bool = True,
     stop_early: bool = False,
     progress: Callable[[str], None] | None = print,
     threads: int | None = None,
     add_special_tokens: bool = True,
+    tune_memory: bool = False,
 ) -> TuneResult:
-    """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc."""
+    """Run (or resume) a study of ``trials`` trials in ``out_dir/study.db``; see the module doc.
+
+    ``tune_memory=True`` tunes the C allocator of the processes that merge the trials
+    (``mergesmith._memory.tune``), as ``mergesmith tune`` does; off by default."""
     import optuna
 
     from mergesmith import _yaml
@@ -230,7 +235,9 @@ def tune(
         d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
     }
     runner: Executor
-    args = RunnerArgs(doc, list(tasks), device, objective, batch_size, threads, add_special_tokens)
+    args = RunnerArgs(
+        doc, list(tasks), device, objective, batch_size, threads, add_special_tokens, tune_memory
+    )
     if executor == "ray":
         runner = RayActors(args, workers)
     elif workers > 1:
