@@ -9,6 +9,8 @@ from typing import BinaryIO
 
 from mergesmith.errors import CheckpointError, MergesmithError
 
+__all__ = ["check_unchanged", "open_regular", "stamp_of"]
+
 # (device, inode, size, modification time in ns): what a file was when it was first read
 Stamp = tuple[int, int, int, int]
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from mergesmith.errors import CheckpointError
 
+__all__ = ["resolve"]
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATTERNS = [
     "*.json",

@@ -9,6 +9,8 @@ from typing import Any
 
 from mergesmith.errors import CheckpointError, MergesmithError
 
+__all__ = ["parse_json", "read_json"]
+
 # config.json, index and adapter files nest a handful of levels; nothing real comes near this.
 MAX_DEPTH = 64
 MAX_BYTES = 64 << 20

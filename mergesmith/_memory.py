@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["HELD_LIMIT", "available", "release", "tune"]
+__all__ = ["HELD_LIMIT", "available", "held", "release", "tune"]
 
 HELD_LIMIT = 512 << 20
 

@@ -20,6 +20,19 @@ from mergesmith._json import parse_json
 from mergesmith._text import printable
 from mergesmith.errors import OutputError
 
+__all__ = [
+    "atomic_write",
+    "check_inside",
+    "check_output",
+    "identity",
+    "os_error",
+    "output_lock",
+    "staged_output",
+    "write_file",
+    "write_marker",
+    "written_here",
+]
+
 PARTIAL = ".mergesmith-partial"
 MARKER = ".mergesmith"
 """The file every output this tool writes holds; ``--force`` replaces only such a directory."""

@@ -20,6 +20,16 @@ from mergesmith._json import parse_json
 from mergesmith._output import os_error
 from mergesmith.errors import CheckpointError, OutputError
 
+__all__ = [
+    "Entry",
+    "ShardWriter",
+    "header_bytes",
+    "map_tensor",
+    "read_header",
+    "read_header_sized",
+    "read_tensor",
+]
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,

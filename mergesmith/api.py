@@ -14,7 +14,7 @@ from mergesmith.errors import ConfigError
 from mergesmith.execute import execute
 from mergesmith.plan import DEFAULT_SHARD, Plan, build_plan
 
-__all__ = ["merge", "validate"]
+__all__ = ["check_device", "merge", "validate"]
 
 
 def check_device(device: str | torch.device) -> torch.device:

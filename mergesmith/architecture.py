@@ -18,7 +18,15 @@ from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 from mergesmith.stacks import Derived, derive, from_names
 
-__all__ = ["Architecture", "Module", "architecture_for"]
+__all__ = [
+    "Architecture",
+    "Module",
+    "architecture_for",
+    "architecture_rows",
+    "compatibility_keys",
+    "layer_count_keys",
+    "per_layer_keys",
+]
 
 # the layer pattern of a module without layers: it matches no name
 _NO_LAYERS = re.compile(r"(?!)(\d+)")

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from mergesmith.config import ModelRef
     from mergesmith.plan import Plan
 
+__all__ = ["file_digest", "front_matter", "hub_ids", "hub_parents", "metadata", "model_card"]
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

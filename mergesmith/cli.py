@@ -19,6 +19,8 @@ from typing import Any
 from mergesmith._version import __version__
 from mergesmith.commands import COMMANDS
 
+__all__ = ["main"]
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -41,7 +41,16 @@ from mergesmith.execute import read_inputs, to_compute
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.vocab import read_vocab
 
-__all__ = ["SAMPLE", "UNRELATED", "Diagnosis", "diagnose", "quick_summary", "write_diagnosis"]
+__all__ = [
+    "SAMPLE",
+    "UNRELATED",
+    "Diagnosis",
+    "diagnose",
+    "measured_jobs",
+    "quick_summary",
+    "untouched_all",
+    "write_diagnosis",
+]
 
 UNRELATED = 0.5  # a task vector this large against the base's weights is not a fine-tune
 DEFAULT_DENSITY = defaults.DENSITY

@@ -8,6 +8,19 @@ from mergesmith.methods import REGISTRY, Method
 from mergesmith.parameters import ParamInfo
 from mergesmith.stacks import CHECKED_TYPES, derivable_types
 
+__all__ = [
+    "generated_model_lists",
+    "generated_tables",
+    "method_text",
+    "methods_index",
+    "methods_table",
+    "methods_text",
+    "model_checked_table",
+    "model_derived_list",
+    "model_rows_table",
+    "update_table",
+]
+
 
 def _param_line(info: ParamInfo, scope: str) -> str:
     default = (

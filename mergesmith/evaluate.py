@@ -31,6 +31,7 @@ __all__ = [
     "Example",
     "Task",
     "TaskScore",
+    "check_examples",
     "evaluate",
     "evaluate_harness",
     "judge_batch",

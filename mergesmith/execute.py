@@ -20,7 +20,19 @@ from mergesmith.methods import MergeInputs
 from mergesmith.plan import COPY, Job, Plan
 from mergesmith.sources import Checkpoint
 
-__all__ = ["EXECUTORS", "PROCESSOR_FILES", "TOKENIZER_FILES", "InputStream", "execute", "merge_job"]
+__all__ = [
+    "EXECUTORS",
+    "PROCESSOR_FILES",
+    "TOKENIZER_FILES",
+    "InputStream",
+    "execute",
+    "input_chat_template",
+    "merge_job",
+    "read_inputs",
+    "side_files",
+    "to_compute",
+    "whole_model_thresholds",
+]
 
 # a multimodal model's processor files (transformers' PROCESSOR_NAME, IMAGE_PROCESSOR_NAME and
 # FEATURE_EXTRACTOR_NAME, VIDEO_PROCESSOR_NAME, AUDIO_TOKENIZER_NAME, the processor's chat template),

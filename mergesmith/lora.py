@@ -26,7 +26,7 @@ from mergesmith.architecture import architecture_for
 from mergesmith.errors import CheckpointError
 from mergesmith.sources import Checkpoint, TensorInfo
 
-__all__ = ["AdaptedCheckpoint", "Adapter", "read_adapter"]
+__all__ = ["AdaptedCheckpoint", "Adapter", "LoraModule", "check_config", "read_adapter"]
 
 _PREFIX = "base_model.model."
 MAX_PATTERN = 2000  # characters of a module-name regular expression in adapter_config.json

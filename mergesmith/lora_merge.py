@@ -29,7 +29,7 @@ from mergesmith.lora import Adapter, read_adapter
 from mergesmith.methods import REGISTRY, MergeInputs
 from mergesmith.methods.knots import shared_basis
 
-__all__ = ["MergedModule", "merge_adapters", "stack_factors", "truncate"]
+__all__ = ["MergedModule", "basis_methods", "knots_factors", "merge_adapters", "stack_factors", "truncate"]
 
 _PREFIX = "base_model.model."
 

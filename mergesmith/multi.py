@@ -29,7 +29,7 @@ from mergesmith._text import printable
 from mergesmith.config import MergeConfig, ModelRef, _Validator, load_config
 from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError, MergesmithError, OutputError
 
-__all__ = ["MultiPlan", "Stage", "load_multi", "multi"]
+__all__ = ["MultiPlan", "Stage", "check", "finished", "interrupted", "load_multi", "multi", "stages_dir"]
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 """What a stage name may be: one directory name, without the characters a model reference gives a

@@ -18,7 +18,17 @@ from typing import Any
 
 from mergesmith._yaml import shown
 
-__all__ = ["REQUIRED", "Condition", "ParamInfo", "evaluate", "param", "param_infos"]
+__all__ = [
+    "REQUIRED",
+    "Condition",
+    "ParamInfo",
+    "check_setting",
+    "evaluate",
+    "is_condition_list",
+    "param",
+    "param_infos",
+    "resolve",
+]
 
 
 class _Required:

@@ -28,7 +28,16 @@ from mergesmith.parameters import REQUIRED, resolve
 from mergesmith.sources import Checkpoint
 from mergesmith.vocab import Alignment, RowMap, align_vocabularies, row_map
 
-__all__ = ["InputRef", "Job", "Plan", "build_plan", "parse_size"]
+__all__ = [
+    "InputRef",
+    "Job",
+    "Plan",
+    "build_plan",
+    "describe_job",
+    "open_models",
+    "parse_size",
+    "whole_model_jobs",
+]
 
 P = TypeVar("P")
 M = TypeVar("M")

@@ -29,7 +29,7 @@ from mergesmith._text import printable
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Task, TaskScore, evaluate
 
-__all__ = ["Entry", "Report", "Warning", "build_report", "compare", "labels", "write_report"]
+__all__ = ["Entry", "Report", "Warning", "build_report", "compare", "labels", "method_of", "write_report"]
 
 Scores = Mapping[str, TaskScore]  # task name -> score
 

@@ -35,10 +35,15 @@ __all__ = [
     "Progress",
     "ShardDone",
     "ShardTask",
+    "check_probe",
+    "differs",
+    "file_sha256",
     "fingerprint",
     "plan_of",
     "run_shards",
     "run_task",
+    "stale_summary",
+    "task_for",
 ]
 
 MANIFEST = ".mergesmith-progress.json"

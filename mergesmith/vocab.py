@@ -41,11 +41,15 @@ __all__ = [
     "Vocab",
     "align",
     "align_vocabularies",
+    "clear_cache",
     "merge_rows",
     "permute_rows",
+    "read_tokenizer_json",
     "read_vocab",
     "row_map",
+    "row_task_vector",
     "token_fills",
+    "union_keys",
     "union_tokenizer",
 ]
 

@@ -14,6 +14,19 @@ from typing import TYPE_CHECKING, TypeAlias
 if TYPE_CHECKING:
     from mergesmith.report import Report
 
+__all__ = [
+    "Command",
+    "at_least_1",
+    "eval_options",
+    "force_option",
+    "key_values",
+    "paths",
+    "print_report",
+    "say",
+    "settle",
+    "threads_option",
+]
+
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 

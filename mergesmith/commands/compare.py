@@ -17,6 +17,8 @@ from mergesmith.commands._common import (
     threads_option,
 )
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     c = sub.add_parser(

@@ -8,6 +8,8 @@ import sys
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, settle
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     dg = sub.add_parser(

@@ -8,6 +8,8 @@ import sys
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, at_least_1, eval_options, say, threads_option
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     ev = sub.add_parser("eval", help="exact-match accuracy and answer loss of a model on JSONL tasks")

@@ -7,6 +7,8 @@ import argparse
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, force_option, key_values
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser("lora", help="LoRA adapter tools")

@@ -23,6 +23,8 @@ from mergesmith.commands._common import (
 if TYPE_CHECKING:
     from mergesmith.plan import Plan
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     m = sub.add_parser("merge", help="run a merge config and write the merged model")

@@ -6,6 +6,8 @@ import argparse
 
 from mergesmith.commands._common import Command, Subparsers
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     sub.add_parser("methods", help="list every merge method with its parameters")

@@ -11,6 +11,8 @@ from mergesmith.commands._common import Command, Subparsers, at_least_1, force_o
 if TYPE_CHECKING:
     from mergesmith.moe.build import MoEPlan
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     mo = sub.add_parser(

@@ -7,6 +7,8 @@ import argparse
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, say, threads_option
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     mu = sub.add_parser("multi", help="run a multi-stage config (mergekit-multi): merges of earlier merges")

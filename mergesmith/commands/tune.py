@@ -7,6 +7,8 @@ import argparse
 from mergesmith import defaults
 from mergesmith.commands._common import Command, Subparsers, eval_options, key_values, say, threads_option
 
+__all__ = ["add_parser", "interrupted", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     t = sub.add_parser(

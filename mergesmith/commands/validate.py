@@ -7,6 +7,8 @@ import sys
 
 from mergesmith.commands._common import Command, Subparsers
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: Subparsers) -> None:
     v = sub.add_parser("validate", help="check a config and its inputs from headers; print the plan")

@@ -25,7 +25,17 @@ from mergesmith.sources import Checkpoint
 if TYPE_CHECKING:
     from mergesmith.plan import Job, Plan
 
-__all__ = ["MoEPlan", "OutTensor", "moe", "plan_moe"]
+__all__ = [
+    "MoEPlan",
+    "OutTensor",
+    "by_line",
+    "model_card",
+    "moe",
+    "pack",
+    "plan_moe",
+    "trunk_config",
+    "write",
+]
 
 MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 DEFAULT_SHARD = 5 * 1000**3

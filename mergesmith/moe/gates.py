@@ -24,7 +24,15 @@ import torch
 from mergesmith.errors import CheckpointError, ConfigError
 from mergesmith.moe.config import Expert
 
-__all__ = ["cheap_embed_rows", "degenerate_layers", "gate_rows", "hidden_rows", "tokenize"]
+__all__ = [
+    "cheap_embed_rows",
+    "degenerate_layers",
+    "gate_rows",
+    "hidden_rows",
+    "load_base",
+    "load_tokenizer",
+    "tokenize",
+]
 
 HIDDEN_DTYPE = torch.bfloat16  # the dtype mergekit-moe runs the base model in
 
