@@ -65,8 +65,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mergesmith
 
-import torch  # noqa: E402
-from merge_speed import (  # noqa: E402
+import torch
+from merge_speed import (
     METHOD_CONFIGS,
     N_MODELS,
     REPO,
@@ -132,7 +132,9 @@ def compare_outputs(mk: Path, ms: Path, models: Sequence[Path], density: float) 
     for name in sorted(set(a) & set(b)):
         x, y = a[name], b[name]
         if x.shape != y.shape or x.dtype != y.dtype:
-            rows[name] = {"shape_or_dtype_differs": [list(x.shape), str(x.dtype), list(y.shape), str(y.dtype)]}
+            rows[name] = {
+                "shape_or_dtype_differs": [list(x.shape), str(x.dtype), list(y.shape), str(y.dtype)]
+            }
             unexplained += max(x.numel(), y.numel())
             continue
         xf, yf, base = x.float().reshape(-1), y.float().reshape(-1), inputs[0][name].float().reshape(-1)
@@ -230,16 +232,25 @@ def _loadavg() -> list[float]:
 
 
 def measure(
-    tool: str, condition: str, rep: int, argv: dict[str, tuple[str, list[str]]], config: Path, out: Path,
-    files: Sequence[Path], log_dir: Path,
+    tool: str,
+    condition: str,
+    rep: int,
+    argv: dict[str, tuple[str, list[str]]],
+    config: Path,
+    out: Path,
+    files: Sequence[Path],
+    log_dir: Path,
 ) -> dict[str, Any]:
     _fresh(out)
     warm = warm_inputs(files)
     load = _loadavg()
     python, target = argv[tool]
     res = run_python(
-        python, [target] if tool == "mergekit" else ["-m", target], _tool_args(tool, config, out),
-        log_dir / f"{tool}-{condition}-{rep}.log", env=ENV,
+        python,
+        [target] if tool == "mergekit" else ["-m", target],
+        _tool_args(tool, config, out),
+        log_dir / f"{tool}-{condition}-{rep}.log",
+        env=ENV,
     )
     if res.returncode != 0 or not out.is_dir():
         log(res.output[-4000:])
@@ -278,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="50m", help="model shape (default 50m)")
     ap.add_argument("--work", type=Path, default=REPO / "bench-out", help="inputs, outputs, results")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each tool per condition (default 3)")
-    ap.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes (default: cores)")
+    ap.add_argument(
+        "--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes (default: cores)"
+    )
     ap.add_argument("--busy-lead", type=float, default=5.0, help="seconds the busy loops run before timing")
     ap.add_argument("--conditions", default="quiet,busy", help="comma-separated: quiet, busy")
     args = ap.parse_args(argv)
@@ -288,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mk_exe = args.mergekit.resolve()
     if not mk_exe.is_file():
         raise SystemExit(f"{mk_exe}: not found; pass --mergekit PATH to mergekit-yaml")
-    tools = {"mergekit": (_script_python(mk_exe), str(mk_exe)), "mergesmith": (sys.executable, "mergesmith.cli")}
+    tools = {
+        "mergekit": (_script_python(mk_exe), str(mk_exe)),
+        "mergesmith": (sys.executable, "mergesmith.cli"),
+    }
 
     shape = SIZES[args.size]
     work: Path = args.work.resolve()
@@ -325,11 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with competitors:
             if competitors.n:
                 time.sleep(args.busy_lead)
-                log(f"  busy loops running (pids {', '.join(str(p.pid) for p in competitors.procs)}), "
-                    f"load average now {_loadavg()[0]:.2f}")
+                log(
+                    f"  busy loops running (pids {', '.join(str(p.pid) for p in competitors.procs)}), "
+                    f"load average now {_loadavg()[0]:.2f}"
+                )
             for rep in range(args.repeats):
                 for tool in _order(rep):
-                    runs.append(measure(tool, condition, rep, tools, config, out_root / tool, files, out_root))
+                    runs.append(
+                        measure(tool, condition, rep, tools, config, out_root / tool, files, out_root)
+                    )
                 if agreement is None:
                     agreement = compare_outputs(out_root / "mergekit", out_root / "mergesmith", dirs, DENSITY)
                     _show_agreement(agreement)
