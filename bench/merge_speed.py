@@ -38,7 +38,8 @@ What it does, in one run:
 
 Run from the repository root, e.g. ``python bench/merge_speed.py --size tiny`` (seconds) or
 ``python bench/merge_speed.py`` (the default ``--size 1.5b``: three 2.8 GB inputs, 9 GB to
-generate once; several minutes).
+generate once; several minutes). ``--size 50m`` (54,927,872 parameters, 110 MB per model) is the
+shape ``bench/vs_mergekit.py`` compares with mergekit on.
 """
 
 from __future__ import annotations
