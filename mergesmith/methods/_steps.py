@@ -236,8 +236,8 @@ def elect_sign(deltas: Sequence[torch.Tensor], consensus: Consensus) -> torch.Te
     ``sum`` elects the sign of the summed (weighted) task vectors, i.e. the sign with more total
     magnitude; ``count`` elects the sign held by more models.
     """
-    score = torch.zeros_like(deltas[0])
-    for d in deltas:
+    score = deltas[0].clone() if consensus == "sum" else torch.sign(deltas[0])
+    for d in deltas[1:]:
         score.add_(d if consensus == "sum" else torch.sign(d))
     return score.sign_().add_(0.5).sign_()  # maps 0 to +1, keeps +1 and -1
 
@@ -297,7 +297,7 @@ def combine(
                     divisor.add_(d.sign_(), alpha=w if divide_by == "weight" else 1.0)
             mixed.mul_(sign)
             if divisor is not None:
-                divisor.masked_fill_(divisor == 0, 1)
+                divisor.add_(divisor == 0)  # 0 -> 1, the rest unchanged; faster than masked_fill_
                 mixed.div_(divisor)
         if lambda_ != 1:
             mixed.mul_(lambda_)
