@@ -38,7 +38,8 @@ What it does, in one run:
 
 Run from the repository root, e.g. ``python bench/merge_speed.py --size tiny`` (seconds) or
 ``python bench/merge_speed.py`` (the default ``--size 1.5b``: three 2.8 GB inputs, 9 GB to
-generate once; several minutes).
+generate once; several minutes). ``--size 50m`` (54,927,872 parameters, 110 MB per model) is the
+shape ``bench/vs_mergekit.py`` compares with mergekit on.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class Shape:
 SIZES: dict[str, Shape] = {
     "tiny": Shape(
         hidden=256, intermediate=688, layers=2, vocab=1000, heads=8, kv_heads=2, shard_bytes=2 * 10**6
+    ),
+    # 54,927,872 parameters (110 MB per model in bf16): the issue's "~50M" comparison with mergekit
+    "50m": Shape(
+        hidden=512, intermediate=1376, layers=8, vocab=32000, heads=8, kv_heads=2, shard_bytes=10**9
     ),
     "0.3b": Shape(
         hidden=1024, intermediate=2816, layers=24, vocab=32000, heads=16, kv_heads=4, shard_bytes=10**9
@@ -339,8 +344,9 @@ def floor_pass(plan: Plan, out_dir: Path) -> tuple[float, int, int]:
 # -- measured subprocesses ------------------------------------------------------------------------
 
 
-# Runs a module as ``python -m`` would, then writes the process's own peak RSS (VmHWM, kB) to the file
-# named by $MERGE_SPEED_HWM at exit.
+# Runs a module as ``python -m`` would (``-m NAME``) or a script file as ``python FILE`` would
+# (``FILE``), then writes the process's own peak RSS (VmHWM, kB) to the file named by
+# $MERGE_SPEED_HWM at exit.
 _WRAPPER = """\
 import atexit, os, runpy, sys
 
@@ -351,7 +357,12 @@ def _report():
         f.write(hwm)
 
 atexit.register(_report)
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+target = sys.argv.pop(1)
+if target == "-m":
+    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+else:
+    sys.argv[0] = target
+    runpy.run_path(target, run_name="__main__")
 """
 
 
@@ -388,10 +399,22 @@ def _sample_rss(pid: int, start: float, stop: threading.Event, timeline: list[tu
 
 def run_module(module: str, args: Sequence[str], log_file: Path) -> Measured:
     """Run ``python -m module args`` from the repository root; time it and get its own peak RSS."""
+    return run_python(sys.executable, ["-m", module], args, log_file)
+
+
+def run_python(
+    python: str | Path,
+    target: Sequence[str],
+    args: Sequence[str],
+    log_file: Path,
+    env: dict[str, str] | None = None,
+) -> Measured:
+    """Run ``python TARGET args`` from the repository root, where ``target`` is ``["-m", module]``
+    or ``[script_file]``; time it (interpreter start-up included) and get its own peak RSS."""
     hwm_file = log_file.with_suffix(".hwm")
     hwm_file.unlink(missing_ok=True)
-    env = {**os.environ, "MERGE_SPEED_HWM": str(hwm_file)}
-    cmd = [sys.executable, "-c", _WRAPPER, module, *args]
+    env = {**os.environ, **(env or {}), "MERGE_SPEED_HWM": str(hwm_file)}
+    cmd = [str(python), "-c", _WRAPPER, *target, *args]
     with open(log_file, "w+b") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

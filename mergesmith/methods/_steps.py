@@ -95,18 +95,83 @@ def _keep_top(flat: torch.Tensor, threshold: float, tied: int | None) -> None:
 def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[float, int, int]:
     """The k-th largest |x|, how many entries equal to it are in the top k, and how many are not."""
     n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in _MAGNITUDE_BITS:
+        return _kth_by_histogram(flat, k)
     mags = flat.abs()
-    if mags.device.type == "cpu" and mags.dtype in (torch.float32, torch.float64):
-        m = mags.numpy()
-        m.partition(n - k)  # in place and linear time: m[n - k:] are the k largest
-        threshold = m[n - k]
-        tied = int(np.count_nonzero(m[n - k :] == threshold))
-        below = int(np.count_nonzero(m[: n - k] == threshold))
-        return float(threshold), tied, below
     kth = torch.kthvalue(mags, n - k + 1).values
     above = int(torch.count_nonzero(mags > kth))
     equal = int(torch.count_nonzero(mags == kth))
     return float(kth), k - above, equal - (k - above)
+
+
+# float dtype: (integer dtype of its bits, mask clearing the sign bit, shift leaving 16 bits of key)
+_MAGNITUDE_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float32: (torch.int32, 0x7FFFFFFF, 15),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 47),
+}
+_BUCKETS = 1 << 16
+
+
+def _kth_by_histogram(flat: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """:func:`_kth_largest_magnitude` of a CPU float32/float64 tensor by a radix selection.
+
+    With the sign bit cleared, the bits of a float read as an integer order like its magnitude
+    (NaN above infinity, as a sort puts it). One pass over fixed-size chunks counts the entries in
+    each of 2**16 buckets of the top bits, which finds the bucket holding the (n - k)-th smallest
+    magnitude; a second pass looks at that bucket's entries alone (every entry of equal magnitude
+    is among them). For float32 the 15 low bits left tell those values apart, so a second
+    histogram of them gives the threshold and its ties directly; for float64 a selection among the
+    bucket's entries does. Scratch is a few chunks and the histograms (float64: the bucket's
+    entries), never a full-size copy, and no step depends on the thread count.
+    """
+    n = flat.numel()
+    rank = n - k  # 0-based position of the threshold among the magnitudes in ascending order
+    int_dtype, sign_off, shift = _MAGNITUDE_BITS[flat.dtype]
+    bits = flat.view(int_dtype)
+    hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+    key = torch.empty(min(n, _CHUNK), dtype=int_dtype)
+    for start in range(0, n, _CHUNK):
+        part = bits[start : start + _CHUNK]
+        kp = key[: part.numel()]
+        torch.bitwise_and(part, sign_off, out=kp)
+        kp.bitwise_right_shift_(shift)
+        hist.add_(torch.bincount(kp, minlength=_BUCKETS))
+    cum = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cum, rank, right=True))
+    before = int(cum[bucket] - hist[bucket])  # entries in lower buckets
+    inside = rank - before  # the threshold's position among the bucket's entries
+    members: list[torch.Tensor] = []
+    span = 1 << shift  # values per bucket
+    low = torch.zeros(span + 2, dtype=torch.int64) if shift <= 16 else None
+    mag = torch.empty(min(n, _CHUNK), dtype=int_dtype)
+    for start in range(0, n, _CHUNK):
+        part = bits[start : start + _CHUNK]
+        mp = mag[: part.numel()]
+        torch.bitwise_and(part, sign_off, out=mp)
+        if low is None:
+            kp = key[: part.numel()]
+            torch.bitwise_right_shift(mp, shift, out=kp)
+            members.append(mp[kp == bucket])
+        else:  # count each value of the bucket: bins 1 .. span; lower values land in 0, higher in span + 1
+            mp.sub_((bucket << shift) - 1).clamp_(0, span + 1)
+            low.add_(torch.bincount(mp, minlength=span + 2))
+    if low is not None:
+        low = low[1 : span + 1]
+    if low is not None:
+        cum_low = low.cumsum(0)
+        offset = int(torch.searchsorted(cum_low, inside, right=True))
+        value = (bucket << shift) | offset
+        equal = int(low[offset])
+        at_or_below = before + int(cum_low[offset])
+    else:
+        values = torch.cat(members).numpy()
+        values.partition(inside)
+        value = int(values[inside])
+        at_or_below = before + int(np.count_nonzero(values <= value))
+        equal = int(np.count_nonzero(values == value))
+    tied = at_or_below - rank  # entries equal to the threshold at positions rank .. n - 1
+    threshold = torch.tensor(int(value), dtype=int_dtype).view(flat.dtype)
+    return float(threshold), tied, equal - tied
 
 
 def _kth_from_sorted(flat: torch.Tensor, k: int, reuse: MutableMapping[str, Any]) -> tuple[float, int, int]:
@@ -171,8 +236,8 @@ def elect_sign(deltas: Sequence[torch.Tensor], consensus: Consensus) -> torch.Te
     ``sum`` elects the sign of the summed (weighted) task vectors, i.e. the sign with more total
     magnitude; ``count`` elects the sign held by more models.
     """
-    score = torch.zeros_like(deltas[0])
-    for d in deltas:
+    score = deltas[0].clone() if consensus == "sum" else torch.sign(deltas[0])
+    for d in deltas[1:]:
         score.add_(d if consensus == "sum" else torch.sign(d))
     return score.sign_().add_(0.5).sign_()  # maps 0 to +1, keeps +1 and -1
 
@@ -232,7 +297,7 @@ def combine(
                     divisor.add_(d.sign_(), alpha=w if divide_by == "weight" else 1.0)
             mixed.mul_(sign)
             if divisor is not None:
-                divisor.masked_fill_(divisor == 0, 1)
+                divisor.add_(divisor == 0)  # 0 -> 1, the rest unchanged; faster than masked_fill_
                 mixed.div_(divisor)
         if lambda_ != 1:
             mixed.mul_(lambda_)
