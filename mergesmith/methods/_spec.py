@@ -12,6 +12,8 @@ import torch
 from mergesmith.errors import MethodError
 from mergesmith.parameters import ParamInfo, param_infos
 
+__all__ = ["MergeInputs", "Method", "NoParams", "base_of"]
+
 P = TypeVar("P")
 M = TypeVar("M")
 

@@ -17,6 +17,26 @@ import torch
 from mergesmith.errors import MethodError
 from mergesmith.methods._spec import MergeInputs, base_of
 
+__all__ = [
+    "apply_mask",
+    "combine",
+    "combine_sparse",
+    "elect_sign",
+    "is_weight_matrix",
+    "keep_at_least",
+    "orthonormal_factor",
+    "random_mask",
+    "random_mask_like",
+    "require_finite",
+    "row_blocks",
+    "row_ranks",
+    "task_vectors",
+    "top_k_mask",
+    "top_singular",
+    "trim_to_top",
+    "zero_singular_tolerance",
+]
+
 RescaleMode = Literal["none", "l1", "inverse"]
 Consensus = Literal["sum", "count"]
 

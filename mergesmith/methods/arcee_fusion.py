@@ -13,6 +13,8 @@ import torch
 
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 
+__all__ = ["importance", "merge", "order_statistics", "threshold"]
+
 SOFTMAX_FLOOR = 1e-8  # added to both softmaxes before taking the KL divergence
 
 

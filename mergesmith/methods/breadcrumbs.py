@@ -15,6 +15,15 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = [
+    "BreadcrumbsModelParams",
+    "BreadcrumbsParams",
+    "band_mask",
+    "merge_linear",
+    "merge_ties",
+    "row_band_mask",
+]
+
 
 @dataclass(frozen=True)
 class BreadcrumbsParams:

@@ -14,6 +14,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["DareModelParams", "DareParams", "merge_linear", "merge_ties"]
+
 
 @dataclass(frozen=True)
 class DareParams:

@@ -18,6 +18,16 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = [
+    "DellaLinearParams",
+    "DellaModelParams",
+    "DellaParams",
+    "check",
+    "keep_probabilities",
+    "merge_linear",
+    "merge_ties",
+]
+
 
 @dataclass(frozen=True)
 class DellaParams:

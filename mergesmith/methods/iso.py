@@ -17,6 +17,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["IsoCParams", "IsoCtsParams", "IsoModelParams", "merge_c", "merge_cts", "split_rank"]
+
 
 @dataclass(frozen=True)
 class IsoCParams:

@@ -16,6 +16,8 @@ import torch
 from mergesmith.methods._spec import MergeInputs, Method, NoParams
 from mergesmith.parameters import param
 
+__all__ = ["KarcherParams", "karcher_mean", "merge"]
+
 
 @dataclass(frozen=True)
 class KarcherParams:

@@ -18,6 +18,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["KnotsModelParams", "KnotsParams", "merge", "shared_basis", "ties_into"]
+
 
 @dataclass(frozen=True)
 class KnotsParams:

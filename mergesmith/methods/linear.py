@@ -11,6 +11,8 @@ from mergesmith.errors import MethodError
 from mergesmith.methods._spec import MergeInputs, Method
 from mergesmith.parameters import param
 
+__all__ = ["LinearModelParams", "LinearParams", "check", "merge"]
+
 
 @dataclass(frozen=True)
 class LinearParams:

@@ -15,6 +15,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 from mergesmith.parameters import param
 
+__all__ = ["ModelStockParams", "interpolation_ratio", "merge"]
+
 NORM_FLOOR = 1e-6  # the product of two task-vector norms is raised to this before dividing
 SINGULAR = 1e-6  # |1 + (k - 1) cos| below this has no finite ratio: the base is kept
 

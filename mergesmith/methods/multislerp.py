@@ -18,6 +18,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method
 from mergesmith.parameters import param
 
+__all__ = ["MultiSlerpModelParams", "MultiSlerpParams", "check", "merge"]
+
 
 @dataclass(frozen=True)
 class MultiSlerpParams:

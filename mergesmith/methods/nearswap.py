@@ -14,6 +14,8 @@ import torch
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 from mergesmith.parameters import param
 
+__all__ = ["NearSwapParams", "merge", "weight"]
+
 DIFF_FLOOR = 1e-6  # |base - secondary| is raised to this before dividing t by it
 
 

@@ -16,6 +16,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method
 from mergesmith.parameters import param
 
+__all__ = ["NuSlerpModelParams", "NuSlerpParams", "merge", "nuslerp", "position"]
+
 NORM_FLOOR = 1e-7  # norms are raised to this before dividing by them
 COLINEAR_EPS = 1e-8  # directions with 1 - cos^2 <= COLINEAR_EPS^2 are interpolated linearly
 ZERO_TOTAL = 1e-6  # weights summing to less than this in magnitude give t = 0.5

@@ -9,6 +9,8 @@ import torch
 from mergesmith.methods._spec import MergeInputs, Method, NoParams
 from mergesmith.parameters import param
 
+__all__ = ["PassthroughModelParams", "merge"]
+
 
 @dataclass(frozen=True)
 class PassthroughModelParams:

@@ -17,6 +17,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 from mergesmith.parameters import param
 
+__all__ = ["RamParams", "RamPlusParams", "contributions", "merge_ram", "merge_ramplus_tl", "unique_boosts"]
+
 
 @dataclass(frozen=True)
 class RamParams:

@@ -17,6 +17,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 from mergesmith.parameters import param
 
+__all__ = ["SceParams", "energy_weights", "merge", "variance_mask"]
+
 WEIGHT_SUM_FLOOR = 1e-6  # below this summed energy the models are weighed equally
 DIVISOR_FLOOR = 1e-6  # the per-entry sum of agreeing weights is raised to at least this
 _CHUNK = 1 << 20

@@ -10,6 +10,8 @@ import torch
 from mergesmith.methods._spec import MergeInputs, Method, NoParams, base_of
 from mergesmith.parameters import param
 
+__all__ = ["SlerpParams", "merge", "slerp"]
+
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 

@@ -10,6 +10,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["TaskArithmeticModelParams", "TaskArithmeticParams", "merge"]
+
 
 @dataclass(frozen=True)
 class TaskArithmeticParams:

@@ -12,6 +12,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["TiesModelParams", "TiesParams", "merge"]
+
 
 @dataclass(frozen=True)
 class TiesParams:

@@ -17,6 +17,8 @@ from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
+__all__ = ["TsvModelParams", "TsvParams", "kept_directions", "merge"]
+
 
 @dataclass(frozen=True)
 class TsvParams:
