@@ -77,10 +77,7 @@ class Job:
 
     @property
     def nbytes(self) -> int:
-        n = self.out_dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * self.out_dtype.itemsize
 
     def all_inputs(self) -> tuple[InputRef, ...]:
         return ((self.base,) if self.base is not None else ()) + self.inputs
