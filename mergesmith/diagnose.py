@@ -227,7 +227,7 @@ class _SampledReader:
         entries = []
         for ref in job.all_inputs():
             source = plan.models[ref.model]
-            entry = source.entry(ref.name) if hasattr(source, "entry") else None
+            entry = source.entry(ref.name)
             if entry is None:
                 return None
             entries.append(entry)
