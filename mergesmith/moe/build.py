@@ -92,7 +92,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> Mo
         key = str(ref)
         if key in opened:
             return opened[key]
-        from mergesmith.plan import open_models
+        from mergesmith.models import open_models
 
         try:
             opened[key] = open_models([ref])[0]
