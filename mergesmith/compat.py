@@ -12,7 +12,7 @@ from typing import Any
 from mergesmith import vocab
 from mergesmith.architecture import Architecture, compatibility_keys, layer_count_keys
 from mergesmith.config import MergeConfig, ModelRef
-from mergesmith.sources import Checkpoint, TensorInfo
+from mergesmith.sources import ModelSource, TensorInfo
 
 __all__ = ["ALIGN_HINT", "VOCAB_SIZE_KEYS", "Compatibility", "Problems", "get_path", "set_path"]
 
@@ -46,7 +46,7 @@ class Compatibility:
     """The input models' tensors as planning sees them (names with tied weights resolved, the layers
     they hold) and the checks that the models fit together, each problem recorded in ``problem``."""
 
-    def __init__(self, refs: Sequence[ModelRef], models: Sequence[Checkpoint], problem: Problems) -> None:
+    def __init__(self, refs: Sequence[ModelRef], models: Sequence[ModelSource], problem: Problems) -> None:
         self.refs = refs
         self.models = models
         self.problem = problem

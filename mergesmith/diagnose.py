@@ -20,7 +20,6 @@ import functools
 import io
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict, deque
@@ -34,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergesmith import _memory, _output, defaults
+from mergesmith import _memory, _output, _safetensors, defaults
 from mergesmith.api import _config
-from mergesmith.errors import CheckpointError, ConfigError
+from mergesmith.errors import ConfigError
 from mergesmith.execute import read_inputs, to_compute
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.vocab import read_vocab
@@ -56,7 +55,7 @@ UNRELATED = 0.5  # a task vector this large against the base's weights is not a 
 DEFAULT_DENSITY = defaults.DENSITY
 SAMPLE = defaults.SAMPLE  # entries per tensor the figures are computed on; smaller tensors are used whole
 PENDING = 8  # tensors whose (sampled) entries wait for the figures' thread at most
-CHUNK_BYTES = 1 << 20  # a sampled tensor is read in pieces of this size, each into a reused buffer
+CHUNK_BYTES = _safetensors.SAMPLE_CHUNK_BYTES  # a sampled tensor is read in pieces of this size
 
 
 @dataclass
@@ -182,122 +181,37 @@ def _pick(raw: list[torch.Tensor], sample: int) -> tuple[list[torch.Tensor], flo
     return [t.reshape(-1).index_select(0, index) for t in raw], n / sample
 
 
+def _sampled(
+    reader: _safetensors.SampledReader, plan: Plan, job: Job, sample: int
+) -> tuple[list[torch.Tensor], float, list[bool]] | None:
+    """The same ``sample`` entries of each of a job's input tensors, read in pieces straight from
+    their safetensors files, the factor that scales sums over them to the whole tensor, and whether
+    each model's bytes equal the base's; None where an input is not stored as it is read, or the
+    inputs differ in dtype or shape, or have at most ``sample`` entries."""
+    refs = job.all_inputs()
+    entries = []
+    for ref in refs:
+        entry = plan.models[ref.model].entry(ref.name)
+        if entry is None:
+            return None
+        entries.append(entry)
+    n = math.prod(entries[0].shape)
+    if n <= sample:
+        return None
+    found = reader.read(entries, [ref.name for ref in refs], _sample_index(n, sample))
+    if found is None:
+        return None
+    picked, equal = found
+    return picked, n / sample, equal
+
+
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical: the stored bytes compare equal (values, where the dtypes differ)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return a.shape == b.shape and torch.equal(a.double(), b.double())
-    return _same_bytes(
+    return _safetensors.same_bytes(
         a.contiguous().view(-1).view(torch.uint8).numpy(), b.contiguous().view(-1).view(torch.uint8).numpy()
     )
-
-
-def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
-    """Whether two byte arrays hold the same bytes (compared eight at a time: memory speed)."""
-    whole = len(x) - len(x) % 8
-    return bool(
-        np.array_equal(x[:whole].view(np.int64), y[:whole].view(np.int64))
-        and np.array_equal(x[whole:], y[whole:])
-    )
-
-
-_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-class _SampledReader:
-    """Reads a job's input tensors chunk by chunk into small reused buffers, keeping only the sampled
-    entries and whether each model's bytes equal the base's, so memory traffic is the read itself.
-
-    Works where every input is a tensor of a safetensors file; :meth:`read` returns None otherwise.
-    """
-
-    def __init__(self, chunk_bytes: int | None = None) -> None:
-        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-read")
-        self.handles: dict[Path, int] = {}
-        self.seconds = 0.0
-
-    def close(self) -> None:
-        self.helper.shutdown(wait=True)
-        for fd in self.handles.values():
-            os.close(fd)
-        self.handles.clear()
-
-    def read(self, plan: Plan, job: Job, sample: int) -> tuple[list[torch.Tensor], float, list[bool]] | None:
-        entries = []
-        for ref in job.all_inputs():
-            source = plan.models[ref.model]
-            entry = source.entry(ref.name) if hasattr(source, "entry") else None
-            if entry is None:
-                return None
-            entries.append(entry)
-        first = entries[0]
-        n = math.prod(first.shape)
-        if any(e.dtype != first.dtype or e.shape != first.shape for e in entries) or n <= sample:
-            return None
-        if first.dtype.itemsize not in _BITS:
-            return None
-        start_time = time.perf_counter()
-        size = first.dtype.itemsize
-        step = max(1, self.chunk_bytes // size)
-        index = _sample_index(n, sample)
-        bounds = torch.searchsorted(index, torch.arange(0, n + step, step)).tolist()
-        bits = _BITS[size]  # entries are gathered as raw bit patterns: numpy has no bfloat16
-        picked = np.empty((len(entries), sample), dtype=bits)
-        local = (index % step).numpy()  # each sampled entry's place in its piece
-        fds = [self._fd(e.file) for e in entries]
-        names = [ref.name for ref in job.all_inputs()]
-        chunks = -(-n // step)
-        half = chunks // 2 if chunks >= 4 else chunks  # large tensors: the second half on the helper thread
-
-        def scan(part: int, first_chunk: int, end_chunk: int) -> list[bool]:
-            rows = self._buffer(part, len(entries), step * size).numpy()  # a row of bytes per input
-            views = [memoryview(row) for row in rows]
-            words = rows.view(bits)
-            equal = [True] * (len(entries) - 1)
-            for c in range(first_chunk, end_chunk):
-                at = c * step
-                count = min(step, n - at) * size
-                for e, name, view, fd in zip(entries, names, views, fds):
-                    _pread_all(fd, view[:count], e.start + at * size, e.file, name)
-                lo, hi = bounds[c], bounds[c + 1]
-                if hi > lo:
-                    np.take(words, local[lo:hi], axis=1, out=picked[:, lo:hi], mode="clip")
-                for k in range(len(equal)):
-                    if equal[k]:
-                        equal[k] = _same_bytes(rows[0][:count], rows[k + 1][:count])
-            return equal
-
-        second = self.helper.submit(scan, 1, half, chunks) if half < chunks else None
-        equal = scan(0, 0, half)
-        if second is not None:
-            equal = [a and b for a, b in zip(equal, second.result())]
-        self.seconds += time.perf_counter() - start_time
-        return [torch.from_numpy(p).view(first.dtype) for p in picked], n / sample, equal
-
-    def _buffer(self, part: int, inputs: int, nbytes: int) -> torch.Tensor:
-        """A reused ``[inputs, nbytes]`` byte buffer for each part of a tensor read at once."""
-        buf = self.buffers.get(part)
-        if buf is None or buf.shape[0] < inputs or buf.shape[1] != nbytes:
-            buf = self.buffers[part] = torch.empty((inputs, nbytes), dtype=torch.uint8)
-        return buf[:inputs]
-
-    def _fd(self, path: Path) -> int:
-        if path not in self.handles:
-            self.handles[path] = os.open(path, os.O_RDONLY)
-        return self.handles[path]
-
-
-def _pread_all(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
-    got = os.preadv(fd, [view], offset)
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise CheckpointError(
-                f"{path}: the file ended while reading tensor {name!r} at byte {offset + got}; it is shorter "
-                "than its header says (changed while being read, or truncated): copy or download it again"
-            )
-        got += n
 
 
 class _Tally:
@@ -499,14 +413,14 @@ def _measure(
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the per-tensor arithmetic is small: no intra-op pool beside the reader
-    reader = _SampledReader()
+    reader = _safetensors.SampledReader(CHUNK_BYTES)
     read_seconds = 0.0
     pending: deque[Future[None]] = deque()
     bar = _progress_bar(plan, jobs) if progress else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-diagnose") as worker:
         try:
             for job in jobs:
-                found = reader.read(plan, job, sample) if sample > 0 else None
+                found = _sampled(reader, plan, job, sample) if sample > 0 else None
                 if found is None:  # a small tensor, or not in a safetensors file: read it whole
                     start = time.perf_counter()
                     raw = read_inputs(plan, job)

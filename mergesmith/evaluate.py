@@ -161,7 +161,7 @@ def load_model(model: str | Path, device: str = "cpu") -> tuple[Any, Any]:
         ) from None
     if ref.lora is not None:
         from mergesmith.lora import AdaptedCheckpoint
-        from mergesmith.plan import open_models
+        from mergesmith.models import open_models
 
         adapted = open_models([ref])[0]
         assert isinstance(adapted, AdaptedCheckpoint)

@@ -18,7 +18,7 @@ from mergesmith._text import printable
 from mergesmith.errors import CheckpointError, ConfigError, MergesmithError, MethodError
 from mergesmith.methods import MergeInputs
 from mergesmith.plan import COPY, Job, Plan
-from mergesmith.sources import Checkpoint
+from mergesmith.sources import ModelSource
 
 __all__ = [
     "EXECUTORS",
@@ -386,9 +386,9 @@ def execute(
     return warnings
 
 
-def side_files(plan: Plan) -> list[tuple[Checkpoint, tuple[str, ...]]]:
+def side_files(plan: Plan) -> list[tuple[ModelSource, tuple[str, ...]]]:
     """The input files copied into the output: each model with the names copied from it."""
-    out: list[tuple[Checkpoint, tuple[str, ...]]] = [(plan.models[plan.reference], COPIED_FROM_REFERENCE)]
+    out: list[tuple[ModelSource, tuple[str, ...]]] = [(plan.models[plan.reference], COPIED_FROM_REFERENCE)]
     if plan.tokenizer_model is not None:
         out.append((plan.models[plan.tokenizer_model], TOKENIZER_FILES))
     return out

@@ -16,7 +16,7 @@ from mergesmith.compat import Compatibility, Problems, get_path
 from mergesmith.config import MergeConfig, ModelRef, SliceDef
 from mergesmith.methods import Method
 from mergesmith.parameters import is_condition_list
-from mergesmith.sources import Checkpoint
+from mergesmith.sources import ModelSource
 
 __all__ = ["Layout", "Slot", "natural", "uses_gradients"]
 
@@ -52,7 +52,7 @@ class Layout(Generic[J]):
         config: MergeConfig,
         method: Method[Any, Any],
         refs: list[ModelRef],
-        models: list[Checkpoint],
+        models: list[ModelSource],
         reference: int,
         arch: Architecture,
         compat: Compatibility,

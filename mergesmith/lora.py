@@ -24,7 +24,7 @@ from mergesmith import _json, _safetensors
 from mergesmith._text import printable
 from mergesmith.architecture import architecture_for
 from mergesmith.errors import CheckpointError
-from mergesmith.sources import Checkpoint, TensorInfo
+from mergesmith.sources import ModelSource, TensorInfo
 
 __all__ = ["AdaptedCheckpoint", "Adapter", "LoraModule", "check_config", "read_adapter"]
 
@@ -346,17 +346,32 @@ def read_adapter(directory: Path) -> Adapter:
     return adapter
 
 
-class AdaptedCheckpoint(Checkpoint):
-    """A base model checkpoint with a LoRA adapter applied to the tensors it targets."""
+class AdaptedCheckpoint:
+    """A base model with a LoRA adapter applied to the tensors it targets: a :class:`ModelSource`
+    that reads the base's tensors through it, changed where the adapter changes them."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, name: str) -> None:
-        self.__dict__.update(base.__dict__)
+    def __init__(self, base: ModelSource, adapter: Adapter, name: str) -> None:
         self.base = base
         self.adapter = adapter
         self.name = name
         self.weight_files = [*base.weight_files, adapter.file]
         self._base_keys = set(base.keys())
         self._check()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.base.config
+
+    @property
+    def dir(self) -> Path:
+        return self.base.dir
+
+    @property
+    def fp8_scales(self) -> dict[str, str]:
+        return self.base.fp8_scales
+
+    def side_file(self, name: str) -> Path | None:
+        return self.base.side_file(name)
 
     def _check(self) -> None:
         base_keys = self._base_keys

@@ -15,17 +15,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from mergesmith import _hub, _yaml, defaults
+from mergesmith import _yaml, defaults
 from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.architecture import Architecture, architecture_for
 from mergesmith.compat import VOCAB_SIZE_KEYS, Compatibility, Problems, set_path
 from mergesmith.config import MergeConfig, ModelRef
-from mergesmith.errors import CheckpointError, CompatibilityError, ConfigError
+from mergesmith.errors import CompatibilityError, ConfigError
 from mergesmith.layout import Layout, Slot
 from mergesmith.methods import Method
+from mergesmith.models import open_models
 from mergesmith.parameters import REQUIRED, resolve
-from mergesmith.sources import Checkpoint
+from mergesmith.sources import ModelSource
 from mergesmith.vocab import Alignment, RowMap, align_vocabularies, row_map
 
 __all__ = [
@@ -99,7 +100,7 @@ class Plan:
     config: MergeConfig
     method: Method[Any, Any]
     refs: list[ModelRef]
-    models: list[Checkpoint]
+    models: list[ModelSource]
     reference: int
     tokenizer_model: int | None
     arch: Architecture
@@ -287,27 +288,6 @@ def _densities(jobs: Sequence[Job]) -> dict[int, set[float]]:
 # -- building -------------------------------------------------------------------------------------
 
 
-def open_models(refs: Sequence[ModelRef]) -> list[Checkpoint]:
-    """Resolve and open every referenced model, reporting every failure together."""
-    models: list[Checkpoint] = []
-    problems: list[str] = []
-    for ref in refs:
-        try:
-            directory = _hub.resolve(ref.path, ref.revision)
-            model = Checkpoint(directory, name=str(ref))
-            if ref.lora:
-                from mergesmith.lora import AdaptedCheckpoint, read_adapter
-
-                adapter = read_adapter(_hub.resolve(ref.lora))
-                model = AdaptedCheckpoint(model, adapter, name=str(ref))
-            models.append(model)
-        except CheckpointError as exc:
-            problems += exc.problems
-    if problems:
-        raise CheckpointError(problems)
-    return models
-
-
 def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD) -> Plan:
     """Open the inputs' headers and plan every output tensor, or raise with every problem found."""
     method = config.merge_method
@@ -377,7 +357,7 @@ class _Planner:
         config: MergeConfig,
         method: Method[Any, Any],
         refs: list[ModelRef],
-        models: list[Checkpoint],
+        models: list[ModelSource],
         reference: int,
         arch: Architecture,
     ) -> None:

@@ -1,8 +1,10 @@
 """Tensor sources: where a merge reads its inputs from, behind one small interface.
 
 A source has ``keys()``, ``info(name)`` (shape and dtype from headers, no data read) and
-``get(name)`` (the tensor's data, read on demand). :class:`Checkpoint` reads a model directory
-(safetensors single or sharded, or PyTorch ``.bin`` loaded with ``weights_only``).
+``get(name)`` (the tensor's data, read on demand). A :class:`ModelSource` is a whole model as the
+engine reads it: its tensors, ``config.json``, directories, weight files and side files.
+:class:`Checkpoint` reads a model directory (safetensors single or sharded, or PyTorch ``.bin``
+loaded with ``weights_only``); :class:`mergesmith.lora.AdaptedCheckpoint` wraps one with an adapter.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mergesmith._json import read_json
 from mergesmith._text import printable
 from mergesmith.errors import CheckpointError
 
-__all__ = ["Checkpoint", "TensorInfo", "TensorSource"]
+__all__ = ["Checkpoint", "ModelSource", "TensorInfo", "TensorSource"]
 
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -130,6 +132,44 @@ class TensorSource(Protocol):
     def info(self, name: str) -> TensorInfo: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+
+class ModelSource(TensorSource, Protocol):
+    """A model a merge reads: its tensors, its ``config.json`` and the files beside its weights."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The model's ``config.json`` ({} without one)."""
+        ...
+
+    @property
+    def dir(self) -> Path:
+        """The model directory (its config, tokenizer and other side files)."""
+        ...
+
+    @property
+    def dirs(self) -> list[Path]:
+        """Every directory this source reads (never to be written into)."""
+        ...
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """Every file the tensors are read from."""
+        ...
+
+    @property
+    def fp8_scales(self) -> dict[str, str]:
+        """FP8 weights dequantized as they are read: weight name -> its scales' tensor name."""
+        ...
+
+    def entry(self, name: str) -> _safetensors.Entry | None:
+        """Where tensor ``name``'s bytes lie when a safetensors file stores them as they are read;
+        None when the tensor exists only through :meth:`get`."""
+        ...
+
+    def side_file(self, name: str) -> Path | None:
+        """The model's file ``name`` to copy into an output, None when absent."""
+        ...
 
 
 def _link_root(model_dir: Path) -> Path:

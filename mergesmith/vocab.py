@@ -30,7 +30,7 @@ from mergesmith.errors import CheckpointError
 if TYPE_CHECKING:
     from mergesmith.compat import Problems
     from mergesmith.config import MergeConfig, ModelRef
-    from mergesmith.sources import Checkpoint
+    from mergesmith.sources import ModelSource
     from mergesmith.tokenizer_spec import TokenizerSpec
 
 __all__ = [
@@ -253,7 +253,7 @@ class Alignment:
 def align_vocabularies(
     config: MergeConfig,
     refs: Sequence[ModelRef],
-    models: Sequence[Checkpoint],
+    models: Sequence[ModelSource],
     rows: list[int],
     tokenizer_model: Callable[[], int | None],
     problem: Problems,

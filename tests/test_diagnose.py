@@ -257,7 +257,7 @@ def test_diagnose_base_and_models_without_a_config(
 def test_a_file_shorter_than_its_header_names_the_file_and_tensor(tmp_path: Path) -> None:
     import os
 
-    from mergesmith.diagnose import _pread_all
+    from mergesmith._safetensors import _pread_all
     from mergesmith.errors import CheckpointError
 
     path = tmp_path / "model.safetensors"

@@ -504,3 +504,20 @@ def test_eval_json_to_an_unwritable_path_is_one_clear_error(
     err = capsys.readouterr().err
     assert f"error: {target}: cannot write: No such file or directory (errno 2 ENOENT)" in err
     assert "create it or choose another path" in err and "Traceback" not in err
+
+
+def test_evaluation_reads_models_without_the_planner() -> None:
+    import os
+    import subprocess
+    import sys
+
+    import mergesmith
+
+    root = str(Path(mergesmith.__file__).parents[1])  # this checkout's package, not an installed one
+    env = {**os.environ, "PYTHONPATH": root}
+    code = (
+        "import sys, mergesmith.evaluate, mergesmith.models, mergesmith.lora; "
+        "print('mergesmith.plan' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import torch
 import mergesmith
 from mergesmith import CheckpointError
 from mergesmith.lora import AdaptedCheckpoint, read_adapter
-from mergesmith.sources import Checkpoint
+from mergesmith.sources import Checkpoint, ModelSource
 from tests import tiny
 
 LLAMA = {
@@ -50,7 +50,7 @@ def adapter(base: Path, directory: Path, seed: int, **lora: Any) -> dict[str, to
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
-def assert_same_as_peft(view: Checkpoint, expected: dict[str, torch.Tensor]) -> None:
+def assert_same_as_peft(view: ModelSource, expected: dict[str, torch.Tensor]) -> None:
     for name in sorted(view.keys()):
         torch.testing.assert_close(view.get(name), expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -495,3 +495,17 @@ def test_a_whole_tensor_of_another_size_is_refused(adapters: dict[str, Any], tmp
         f"{ad / 'adapter_model.safetensors'}: {stored} has shape (16,), but model.norm.weight is (32,) in "
         f"{adapters['base']}; the adapter was made for a model of another size"
     )
+
+
+def test_an_adapted_model_reads_its_base_through_the_adapter(tmp_path: Path) -> None:
+    base = llama(tmp_path / "base")
+    adapter(base, tmp_path / "adapter", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    plain = Checkpoint(base)
+    view: ModelSource = AdaptedCheckpoint(plain, read_adapter(tmp_path / "adapter"), "base+adapter")
+    assert view.name == "base+adapter" and view.config == plain.config and view.dir == plain.dir
+    assert view.dirs == [base, tmp_path / "adapter"]
+    assert view.weight_files == [*plain.weight_files, tmp_path / "adapter" / "adapter_model.safetensors"]
+    assert view.side_file("config.json") == plain.side_file("config.json") == base / "config.json"
+    changed, kept = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert view.entry(changed) is None and plain.entry(changed) is not None
+    assert view.entry(kept) == plain.entry(kept) is not None

@@ -21,7 +21,7 @@ from mergesmith.errors import ConfigError, MergesmithError
 from mergesmith.moe import gates
 from mergesmith.moe.config import Expert, MoEConfig, read_moe_config
 from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, deepseek_config, out_config
-from mergesmith.sources import Checkpoint
+from mergesmith.sources import ModelSource
 
 if TYPE_CHECKING:
     from mergesmith.plan import Job, Plan
@@ -62,9 +62,9 @@ class MoEPlan:
 
     config: MoEConfig
     layout: Layout
-    base: Checkpoint
-    experts: list[Checkpoint]  # one per config expert, in order
-    shared: list[Checkpoint]
+    base: ModelSource
+    experts: list[ModelSource]  # one per config expert, in order
+    shared: list[ModelSource]
     dtype: torch.dtype
     layers: int
     hidden: int
@@ -84,13 +84,13 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> Mo
     """Open and check every model from its headers; every problem is reported at once, each
     with the config line it comes from."""
     cfg, problems = (config, []) if isinstance(config, MoEConfig) else read_moe_config(config)
-    opened: dict[str, Checkpoint] = {}
+    opened: dict[str, ModelSource] = {}
 
-    def open_ref(ref: ModelRef, where: str) -> Checkpoint | None:
+    def open_ref(ref: ModelRef, where: str) -> ModelSource | None:
         key = str(ref)
         if key in opened:
             return opened[key]
-        from mergesmith.plan import open_models
+        from mergesmith.models import open_models
 
         try:
             opened[key] = open_models([ref])[0]
@@ -243,7 +243,7 @@ def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | No
     return layout
 
 
-def _sizes(base: Checkpoint, problems: list[str]) -> tuple[int, int]:
+def _sizes(base: ModelSource, problems: list[str]) -> tuple[int, int]:
     layers, hidden = base.config.get("num_hidden_layers"), base.config.get("hidden_size")
     if not isinstance(layers, int) or not isinstance(hidden, int) or "intermediate_size" not in base.config:
         problems.append(
@@ -254,7 +254,7 @@ def _sizes(base: Checkpoint, problems: list[str]) -> tuple[int, int]:
     return layers, hidden
 
 
-def _check_base_mlp(base: Checkpoint, layers: int, problems: list[str]) -> None:
+def _check_base_mlp(base: ModelSource, layers: int, problems: list[str]) -> None:
     expected = {f"model.layers.{n}.mlp.{p}.weight" for n in range(layers) for p in SOURCE_MLP}
     keys = set(base.keys())
     extra = sorted(k for k in keys if MLP.match(k) and k not in expected)
@@ -270,8 +270,10 @@ def _check_base_mlp(base: Checkpoint, layers: int, problems: list[str]) -> None:
         )
 
 
-def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, problems: list[str]) -> None:
-    config = _config_of(model)
+def _check_expert(
+    base: ModelSource, model: ModelSource, where: str, layers: int, problems: list[str]
+) -> None:
+    config = model.config  # an adapted model's is its base's
     for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size"):
         if config.get(key) != base.config.get(key):
             problems.append(
@@ -299,7 +301,7 @@ def _check_expert(base: Checkpoint, model: Checkpoint, where: str, layers: int, 
 BIASES = {"qwen2_moe": ("q_proj", "k_proj", "v_proj"), "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
-def _check_biases(base: Checkpoint, layout: Layout, problems: list[str]) -> None:
+def _check_biases(base: ModelSource, layout: Layout, problems: list[str]) -> None:
     """The base's biases must be ones the output class has, or transformers would drop them."""
     kept = BIASES.get(layout.name, ())
     dropped = sorted(
@@ -316,13 +318,7 @@ def _check_biases(base: Checkpoint, layout: Layout, problems: list[str]) -> None
         )
 
 
-def _config_of(model: Checkpoint) -> dict[str, Any]:
-    """config.json of a model, or of the model a LoRA adapter is applied to."""
-    inner = getattr(model, "base", None)
-    return (inner if isinstance(inner, Checkpoint) else model).config
-
-
-def _check_head_dim(base: Checkpoint, problems: list[str]) -> None:
+def _check_head_dim(base: ModelSource, problems: list[str]) -> None:
     cfg = base.config
     head_dim = cfg.get("head_dim")
     heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
@@ -339,7 +335,7 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def _out_dtype(cfg: MoEConfig, base: Checkpoint) -> torch.dtype:
+def _out_dtype(cfg: MoEConfig, base: ModelSource) -> torch.dtype:
     name = cfg.dtype
     if name is None:
         given = base.config.get("dtype") or base.config.get("torch_dtype")
@@ -363,7 +359,7 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
     base, layout, dtype = plan.base, plan.layout, plan.dtype
     out: list[OutTensor] = []
 
-    def copy(model: Checkpoint, name: str) -> Callable[[], torch.Tensor]:
+    def copy(model: ModelSource, name: str) -> Callable[[], torch.Tensor]:
         return lambda: model.get(name).to(dtype)
 
     trunk_jobs = {job.name: job for job in plan.trunk.jobs} if plan.trunk is not None else {}
@@ -414,7 +410,7 @@ def _router(plan: MoEPlan, layer: int, start: int, stop: int) -> Callable[[], to
 
 
 def _expert_tensor(
-    model: Checkpoint, name: str, expert: Expert, dtype: torch.dtype, noise: torch.Generator
+    model: ModelSource, name: str, expert: Expert, dtype: torch.dtype, noise: torch.Generator
 ) -> Callable[[], torch.Tensor]:
     """The expert's tensor with its noise_scale (every MLP tensor) and residual_scale (down_proj,
     which writes to the residual stream) applied, in the source's dtype, then cast."""
@@ -430,7 +426,7 @@ def _expert_tensor(
     return make
 
 
-def _zero_biases(base: Checkpoint, layers: int, dtype: torch.dtype) -> list[OutTensor]:
+def _zero_biases(base: ModelSource, layers: int, dtype: torch.dtype) -> list[OutTensor]:
     """Qwen2-MoE's attention has q, k and v biases; a base without them gets zeros (no change)."""
     out = []
     keys = set(base.keys())

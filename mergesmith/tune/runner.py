@@ -83,7 +83,7 @@ class TrialRunner:
                 key = (str(plan.refs[ref.model]), ref.name)
                 if key not in self.cache:
                     source = plan.models[ref.model]
-                    entry = source.entry(ref.name) if hasattr(source, "entry") else None
+                    entry = source.entry(ref.name)
                     self.cache[key] = (
                         _safetensors.map_tensor(entry, self.maps)
                         if entry is not None
