@@ -28,11 +28,15 @@ __all__ = [
     "os_error",
     "output_lock",
     "staged_output",
+    "stale_summary",
     "write_file",
     "write_marker",
     "written_here",
 ]
 
+MANIFEST = ".mergesmith-progress.json"
+"""The progress file of a staging directory (:mod:`mergesmith.shards`); removed before the output
+is swapped in."""
 PARTIAL = ".mergesmith-partial"
 MARKER = ".mergesmith"
 """The file every output this tool writes holds; ``--force`` replaces only such a directory."""
@@ -420,7 +424,6 @@ def _clean_stale(parent: Path, name: str, resume: bool = False) -> Path | None:
     """Remove staging directories of earlier runs into the same output whose process is gone; with
     ``resume``, keep and return the newest one holding a progress file (None when there is none).
     A removed one that held finished shards is named on stderr."""
-    from mergesmith.shards import MANIFEST, stale_summary
 
     stale = []
     for p in parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
@@ -458,3 +461,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def stale_summary(stage: Path) -> tuple[int, int] | None:
+    """(finished shards, all shards) of a staging directory's progress file, None without one."""
+    try:
+        data = json.loads((stage / MANIFEST).read_text(encoding="utf-8"))
+        return len(data["done"]), int(data["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -4,7 +4,7 @@ Every way of running a merge (one process, ``--workers N`` local processes, ``--
 merges the plan's shards with :func:`run_shards`; the other processes first rebuild the plan from
 a :class:`ShardTask` (:func:`plan_of`), which carries the config text rather than tensors or open
 files. The process that owns the staging directory records each finished shard (name, size,
-sha256, warnings) in :data:`MANIFEST` together with the plan's :func:`fingerprint`, so that
+sha256, warnings) in the progress file (``_output.MANIFEST``) together with the plan's :func:`fingerprint`, so that
 ``--resume`` can keep the shards of a run that was killed.
 """
 
@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from mergesmith import _memory, _output, card
+from mergesmith._output import MANIFEST
 from mergesmith._safetensors import ShardWriter
 from mergesmith.errors import MergesmithError, OutputError
 from mergesmith.plan import Plan
 
 __all__ = [
-    "MANIFEST",
     "Progress",
     "ShardDone",
     "ShardTask",
@@ -42,12 +42,9 @@ __all__ = [
     "plan_of",
     "run_shards",
     "run_task",
-    "stale_summary",
     "task_for",
 ]
 
-MANIFEST = ".mergesmith-progress.json"
-"""The progress file in a staging directory; removed before the output is swapped in."""
 
 _ASPECTS = {
     "version": "the mergesmith version differs",
@@ -232,7 +229,7 @@ def run_shards(
 
 
 class Progress:
-    """The :data:`MANIFEST` of a staging directory: the plan's fingerprint, the whole-model
+    """The progress file (``_output.MANIFEST``) of a staging directory: the plan's fingerprint, the whole-model
     thresholds and every finished shard, rewritten atomically as each one is recorded."""
 
     def __init__(self, stage: Path, fp: Mapping[str, str], total: int) -> None:
@@ -342,15 +339,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def stale_summary(stage: Path) -> tuple[int, int] | None:
-    """(finished shards, all shards) of a staging directory's progress file, None without one."""
-    try:
-        data = json.loads((stage / MANIFEST).read_text(encoding="utf-8"))
-        return len(data["done"]), int(data["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 # -- tasks for other processes ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 
 import mergesmith
 from mergesmith import _output
-from mergesmith.shards import MANIFEST
+from mergesmith._output import MANIFEST
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
