@@ -10,7 +10,8 @@ In one run, on three synthetic Llama-shaped bf16 checkpoints (made and cached by
 2. the merge (``--method``, TIES by default) through the CLI in its own process, once per setting:
    ``--workers 1``, ``--workers 2`` (or the counts ``--workers`` lists) and, unless ``--no-ray``,
    ``--executor ray`` on a local Ray cluster the CLI starts (its start-up is part of the time), each
-   with a warm page cache, as ``merge_speed`` measures;
+   with a warm page cache, as ``merge_speed`` measures; where a CUDA device is present, also
+   ``--device cuda`` with one worker;
 3. a table: setting, wall s, floor s, merge/floor, speed-up over one worker, peak RSS of the driver;
 4. the estimate: the merge's throughput per node (input plus output bytes per second of the best
    setting measured here) applied to the exact byte counts of three Llama-3.1-405B-shaped
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import merge_speed as ms  # noqa: E402
+import torch  # noqa: E402
 
 from mergesmith.api import validate  # noqa: E402
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {f"{n} worker{'s' if n > 1 else ''}": ["--workers", str(n)] for n in counts}
     if not args.no_ray:
         settings["ray, local, 2 CPUs"] = ["--executor", "ray", "--threads", "1"]
+    if torch.cuda.is_available():  # the GPU path: inputs copied ahead on a copy stream
+        settings["1 worker, cuda"] = ["--device", "cuda"]
     out_root = work / "out"
     out_root.mkdir(parents=True, exist_ok=True)
     floors: list[float] = []
