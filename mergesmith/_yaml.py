@@ -28,6 +28,7 @@ __all__ = [
     "load",
     "load_all",
     "load_file",
+    "read_file",
     "read_text",
     "shown",
 ]
@@ -169,6 +170,18 @@ for _cls in _LOADERS:
     _cls.add_constructor("tag:yaml.org,2002:int", _cls.construct_bounded_int)
     _cls.add_constructor("tag:yaml.org,2002:timestamp", _cls.construct_checked_timestamp)
 _LOADER = _LOADERS[0]
+
+
+def read_file(path: Path) -> str:
+    """The text of the config file at ``path``: a ConfigError when there is none, else as
+    :func:`read_text` reads it."""
+    try:
+        found = path.is_file()
+    except OSError:  # a name the file system refuses (too long)
+        found = False
+    if not found:
+        raise ConfigError(f"config file {excerpt(str(path), 200)} does not exist")
+    return read_text(path)
 
 
 def read_text(path: Path, *, what: str = "config") -> str:

@@ -188,13 +188,7 @@ def load_config(source: str | Path | Mapping[str, Any], *, name: str | None = No
             ) from None
     elif isinstance(source, Path) or ("\n" not in source and not source.lstrip().startswith("{")):
         path = Path(source)
-        try:
-            found = path.is_file()
-        except OSError:  # a name the file system refuses (too long)
-            found = False
-        if not found:
-            raise ConfigError(f"config file {_yaml.excerpt(str(path), 200)} does not exist")
-        text = _yaml.read_text(path)
+        text = _yaml.read_file(path)
         where = name or str(path)
     else:
         text = source

@@ -79,10 +79,7 @@ def load_multi(
     stage, references, cycles. ``text`` is the config's text when it is not read from ``source``."""
     where = str(source)
     if text is None:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {_yaml.excerpt(where, 200)} does not exist")
-        text = _yaml.read_text(path)
+        text = _yaml.read_file(Path(source))
     docs = [d for d in _yaml.load_all(text, where=where) if d is not None]
     items: list[Any] = docs
     lines: list[int] = [getattr(d, "line", 0) for d in docs]

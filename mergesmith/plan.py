@@ -36,6 +36,7 @@ __all__ = [
     "build_plan",
     "describe_job",
     "open_models",
+    "pack",
     "parse_size",
     "whole_model_jobs",
 ]
@@ -308,7 +309,7 @@ def build_plan(config: MergeConfig, *, max_shard_size: int | str = DEFAULT_SHARD
     planner = _Planner(config, method, refs, models, reference, arch)
     plan = planner.build()
     plan.shard_limit = parse_size(max_shard_size)
-    plan.shards = _pack(plan.jobs, plan.shard_limit)
+    plan.shards = pack([job.nbytes for job in plan.jobs], plan.shard_limit)
     from mergesmith.execute import PROCESSOR_FILES, side_files
 
     for model, names in side_files(plan):  # the files a merge copies must be safe to copy
@@ -647,13 +648,15 @@ def _layout(config: MergeConfig) -> MergeConfig:
     )
 
 
-def _pack(jobs: Sequence[Job], limit: int) -> list[list[int]]:
+def pack(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of tensors of these byte sizes, in order, cut into shards of at most ``limit``
+    bytes (a larger tensor alone)."""
     shards: list[list[int]] = [[]]
     size = 0
-    for i, job in enumerate(jobs):
-        if shards[-1] and size + job.nbytes > limit:
+    for i, n in enumerate(sizes):
+        if shards[-1] and size + n > limit:
             shards.append([])
             size = 0
         shards[-1].append(i)
-        size += job.nbytes
+        size += n
     return shards

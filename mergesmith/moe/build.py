@@ -446,15 +446,9 @@ def _zeros(rows: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
 
 def pack(tensors: Sequence[OutTensor], limit: int) -> list[list[OutTensor]]:
     """Tensors in order, cut into shards of at most ``limit`` bytes (a larger tensor alone)."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
+    from mergesmith.plan import pack as pack_sizes
+
+    return [[tensors[i] for i in shard] for shard in pack_sizes([t.nbytes for t in tensors], limit)]
 
 
 def moe(

@@ -106,10 +106,7 @@ def read_moe_config(source: str | Path, *, text: str | None = None) -> tuple[MoE
     cannot be read at all, or is no mapping, is a ConfigError at once."""
     where = str(source)
     if text is None:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {_yaml.excerpt(where, 200)} does not exist")
-        text = _yaml.read_text(path)
+        text = _yaml.read_file(Path(source))
     doc = _yaml.load(text, where=where)
     if not isinstance(doc, Mapping):
         raise ConfigError(
