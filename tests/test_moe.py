@@ -226,7 +226,108 @@ def test_deepseek_with_an_ungated_shared_expert(tmp_path: Path) -> None:
     assert out["auto_map"]["AutoModelForCausalLM"].startswith("deepseek-ai/deepseek-moe-16b-base--")
     cfg.write_text(cfg.read_text() + "    positive_prompts: ['so abc=']\narchitecture: deepseek\n")
     with pytest.raises(
-        ConfigError, match=r"line 10: shared_experts\[0\]: deepseek's shared expert has no gate"
+        ConfigError, match=r"line 10: shared_experts\[0\]: deepseek's shared experts have no gate"
+    ):
+        plan_moe(cfg)
+
+
+def qwen2(root: Path) -> tuple[Path, ...]:
+    """A tiny Qwen2 base (q, k and v biases) and three fine-tunes of it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=len(tiny.VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in Qwen2ForCausalLM(cfg).state_dict().items()}
+    config = {**cfg.to_dict(), "architectures": ["Qwen2ForCausalLM"], "torch_dtype": "float32"}
+    base = tiny.save(root / "q2-base", state, config, tokenizer=True)
+    return (base, *(tiny.save(root / f"q2-{i}", tiny.finetune(state, i), config) for i in (1, 2, 3)))
+
+
+def _joined_mlp(states: list[dict[str, torch.Tensor]], layers: int) -> dict[str, torch.Tensor]:
+    """The MLPs of several models as one: gate and up rows stacked, down columns side by side."""
+    out = {}
+    for n in range(layers):
+        for part, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            name = f"model.layers.{n}.mlp.{part}.weight"
+            out[name] = torch.cat([s[name].float() for s in states], dim=axis)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_glm4_moe_with_several_shared_experts_runs_in_transformers(family: str, tmp_path: Path) -> None:
+    """DeepSeek-V3's MoE block with Llama (or Qwen2) attention. Both routed experts are one model,
+    so whatever the router picks, each token's MLP output is that model's plus every shared
+    expert's: what a dense model computes whose MLP joins the three MLPs' rows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family == "llama":
+        base, a, b, c = ZOO / "base", ZOO / "add", ZOO / "sort", ZOO / "shift"
+    else:
+        base, a, b, c = qwen2(tmp_path)
+    cfg = tmp_path / "glm.yml"
+    cfg.write_text(
+        f"base_model: {base}\narchitecture: glm4_moe\ngate_mode: hidden\nexperts_per_token: 2\n"
+        f"dtype: float32\nexperts:\n"
+        f"  - source_model: {a}\n    positive_prompts: ['ad 1+2=']\n"
+        f"  - source_model: {a}\n    positive_prompts: ['rv abc=']\n"
+        f"shared_experts:\n  - source_model: {b}\n  - source_model: {c}\n"
+    )
+    plan = moe(cfg, tmp_path / "out")
+    assert plan.layout.name == "glm4_moe"
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out_cfg["architectures"] == ["Glm4MoeForCausalLM"]
+    assert (out_cfg["n_routed_experts"], out_cfg["n_shared_experts"], out_cfg["first_k_dense_replace"]) == (
+        2,
+        2,
+        0,
+    )
+    assert out_cfg["attention_bias"] is (family == "qwen2")
+    state = tiny.load_state(tmp_path / "out")
+    sources = [tiny.load_state(p) for p in (base, a, b, c)]
+    layers = int(out_cfg["num_hidden_layers"])
+    joined = _joined_mlp(sources[2:], layers)
+    for n in range(layers):
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            src = f"model.layers.{n}.mlp.{part}.weight"
+            assert torch.equal(state[f"model.layers.{n}.mlp.experts.1.{part}.weight"], sources[1][src])
+            assert torch.equal(state[f"model.layers.{n}.mlp.shared_experts.{part}.weight"], joined[src])
+        assert not state[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].any()
+    got = load(tmp_path / "out")
+    dense = AutoConfig.from_pretrained(base)
+    dense.intermediate_size *= 3
+    hand = AutoModelForCausalLM.from_config(dense, dtype=torch.float32).eval()
+    own = {k: v.float() for k, v in sources[0].items() if ".mlp." not in k}
+    hand.load_state_dict({**own, **_joined_mlp([sources[1], *sources[2:]], layers)}, strict=False)
+    ids = torch.tensor([[1, 5, 9, 12, 20, 30, 7]])
+    with torch.no_grad():
+        assert torch.allclose(got(ids).logits, hand(ids).logits, atol=1e-4)
+    if family == "llama":  # the routing report reads its router's choices
+        from mergesmith.evaluate import load_task
+        from mergesmith.moe.routing import routing
+
+        task = tmp_path / "t.jsonl"
+        task.write_text('{"prompt": "ad 4+3=", "answer": "7"}\n')
+        shares = routing(tmp_path / "out", [load_task(task)], ["a", "a2"]).shares["t"]
+        assert shares == [[1.0, 1.0]] * layers  # two experts per token, out of two
+
+
+def test_glm4_moe_is_picked_for_several_shared_experts_and_refuses_their_prompts(tmp_path: Path) -> None:
+    cfg = tmp_path / "glm.yml"
+    cfg.write_text(
+        f"base_model: {ZOO / 'base'}\ngate_mode: random\nexperts:\n"
+        f"  - source_model: {ZOO / 'add'}\n  - source_model: {ZOO / 'rev'}\n"
+        f"shared_experts:\n  - source_model: {ZOO / 'sort'}\n  - source_model: {ZOO / 'shift'}\n"
+    )
+    assert plan_moe(cfg).layout.name == "glm4_moe"
+    cfg.write_text(cfg.read_text() + "    positive_prompts: ['sh abc=']\n")
+    with pytest.raises(ConfigError, match=r"line 1: no output architecture .* glm4_moe .* without prompts"):
+        plan_moe(cfg)
+    cfg.write_text(cfg.read_text() + "architecture: glm4_moe\n")
+    with pytest.raises(
+        ConfigError, match=r"line 8: shared_experts\[1\]: glm4_moe's shared experts have no gate"
     ):
         plan_moe(cfg)
 
@@ -396,16 +497,19 @@ def test_the_command_line_reports_errors_without_a_traceback(
     assert not (tmp_path / "x").exists()
 
 
-def test_the_zoo_example_config_is_valid() -> None:
+@pytest.mark.parametrize("name, layout", [("zoo_moe", "mixtral"), ("zoo_glm4_moe", "glm4_moe")])
+def test_the_zoo_example_configs_are_valid(name: str, layout: str) -> None:
     import os
 
     here = Path.cwd()
     os.chdir(ROOT)
     try:
-        plan = plan_moe(ROOT / "examples" / "moe" / "zoo_moe.yml")
+        plan = plan_moe(ROOT / "examples" / "moe" / f"{name}.yml")
     finally:
         os.chdir(here)
     assert [e.label for e in plan.config.experts] == list(SKILLS)
+    assert plan.layout.name == layout
+    assert sorted(p.stem for p in (ROOT / "examples" / "moe").glob("*.yml")) == ["zoo_glm4_moe", "zoo_moe"]
 
 
 def _bench() -> object:

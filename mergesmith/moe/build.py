@@ -20,7 +20,15 @@ from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError, MergesmithError
 from mergesmith.moe import gates
 from mergesmith.moe.config import Expert, MoEConfig, read_moe_config
-from mergesmith.moe.layout import LAYOUTS, SOURCE_MLP, Layout, choose, deepseek_config, out_config
+from mergesmith.moe.layout import (
+    LAYOUTS,
+    SOURCE_MLP,
+    Layout,
+    choose,
+    deepseek_config,
+    glm4_moe_config,
+    out_config,
+)
 from mergesmith.sources import ModelSource
 
 if TYPE_CHECKING:
@@ -151,7 +159,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> Mo
         dtype,
         layers,
         hidden,
-        _out_config(cfg, layout, base.config, _dtype_name(dtype)),
+        _out_config(cfg, layout, base.config, _dtype_name(dtype), _attention_biased(base)),
         trunk=trunk,
     )
     plan.tensors = _tensors(plan, torch.Generator().manual_seed(seed))
@@ -190,10 +198,14 @@ def _trunk_plan(cfg: MoEConfig, problems: list[str]) -> Plan | None:
         return None
 
 
-def _out_config(cfg: MoEConfig, layout: Layout, base: dict[str, Any], dtype: str) -> dict[str, Any]:
+def _out_config(
+    cfg: MoEConfig, layout: Layout, base: dict[str, Any], dtype: str, biased: bool
+) -> dict[str, Any]:
     experts, per_token = len(cfg.experts), cfg.experts_per_token
     if layout.name == "deepseek":
         return deepseek_config(base, experts, len(cfg.shared_experts), per_token, dtype)
+    if layout.name == "glm4_moe":
+        return glm4_moe_config(base, experts, len(cfg.shared_experts), per_token, dtype, biased)
     return out_config(layout, base, experts, per_token, dtype)
 
 
@@ -219,7 +231,8 @@ def _layout(cfg: MoEConfig, model_type: str, problems: list[str]) -> Layout | No
                 f"with {len(cfg.shared_experts)} shared expert(s): mixtral takes llama or mistral models "
                 "and no shared expert, deepseek llama or mistral models and at most one shared expert "
                 "without prompts, qwen2_moe llama, mistral or qwen2 models and one shared expert, "
-                "qwen3_moe qwen3 models and no shared expert"
+                "qwen3_moe qwen3 models and no shared expert, glm4_moe llama, mistral or qwen2 models "
+                "and one or more shared experts without prompts"
             )
             return None
     layout = LAYOUTS[name]
@@ -298,7 +311,11 @@ def _check_expert(
                 return
 
 
-BIASES = {"qwen2_moe": ("q_proj", "k_proj", "v_proj"), "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
+BIASES = {
+    "qwen2_moe": ("q_proj", "k_proj", "v_proj"),
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "glm4_moe": ("q_proj", "k_proj", "v_proj"),
+}
 
 
 def _check_biases(base: ModelSource, layout: Layout, problems: list[str]) -> None:
@@ -314,7 +331,7 @@ def _check_biases(base: ModelSource, layout: Layout, problems: list[str]) -> Non
         problems.append(
             f"base_model {base.name}: has biases ({dropped[0]}{more}), which {layout.class_name} does "
             "not have and would drop; use a base without them"
-            + (", or architecture qwen2_moe (q, k and v biases)" if layout.name != "qwen2_moe" else "")
+            + (", or architecture qwen2_moe (q, k and v biases)" if layout.name not in BIASES else "")
         )
 
 
@@ -367,17 +384,24 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
         if not MLP.match(name):
             make = _merged(plan, trunk_jobs[name]) if name in trunk_jobs else copy(base, name)
             out.append(OutTensor(name, base.info(name).shape, dtype, make))
-    if layout.name == "qwen2_moe":
+    if layout.name == "qwen2_moe" or (layout.name == "glm4_moe" and _attention_biased(base)):
         out += _zero_biases(base, plan.layers, dtype)
     cfg = plan.config
     for n in range(plan.layers):
         routed = len(cfg.experts)
         out.append(OutTensor(layout.gate(n), (routed, plan.hidden), dtype, _router(plan, n, 0, routed), n))
+        if layout.router_bias:
+            out.append(
+                OutTensor(layout.gate_bias(n), (routed,), torch.float32, _zeros(routed, torch.float32), n)
+            )
         for e, (expert, model) in enumerate(zip(cfg.experts, plan.experts)):
             for part in SOURCE_MLP:
                 src = f"model.layers.{n}.mlp.{part}.weight"
                 make = _expert_tensor(model, src, expert, dtype, noise)
                 out.append(OutTensor(layout.expert(n, e, part), model.info(src).shape, dtype, make, n))
+        if layout.shared_joined and plan.shared:
+            out += _joined_shared(plan, n, noise)
+            continue
         for expert, model in zip(cfg.shared_experts, plan.shared):  # at most one: Layout.shared
             for part in SOURCE_MLP:
                 src = f"model.layers.{n}.mlp.{part}.weight"
@@ -386,6 +410,31 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
             if layout.shared_gated:
                 gate = _router(plan, n, routed, routed + 1)
                 out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
+    return out
+
+
+def _attention_biased(base: ModelSource) -> bool:
+    """Whether the base's attention has q, k or v biases (Qwen2's has all three)."""
+    return any(re.search(r"\.self_attn\.[qkv]_proj\.bias$", k) for k in list(base.keys()))
+
+
+def _joined_shared(plan: MoEPlan, layer: int, noise: torch.Generator) -> list[OutTensor]:
+    """The shared experts of one layer as one gated MLP: their gate and up rows stacked, their
+    down columns side by side, so the MLP's output is the sum of theirs."""
+    out = []
+    pairs = list(zip(plan.config.shared_experts, plan.shared))
+    for part in SOURCE_MLP:
+        src = f"model.layers.{layer}.mlp.{part}.weight"
+        makes = [_expert_tensor(model, src, expert, plan.dtype, noise) for expert, model in pairs]
+        shapes = [model.info(src).shape for _, model in pairs]
+        axis = 1 if part == "down_proj" else 0
+        shape = list(shapes[0])
+        shape[axis] = sum(s[axis] for s in shapes)
+
+        def make(makes: list[Callable[[], torch.Tensor]] = makes, axis: int = axis) -> torch.Tensor:
+            return torch.cat([m() for m in makes], dim=axis)
+
+        out.append(OutTensor(plan.layout.shared_expert(layer, part), tuple(shape), plan.dtype, make, layer))
     return out
 
 

@@ -7,10 +7,11 @@
     dtype: bfloat16             # optional; default the base's
     experts_per_token: 2        # experts each token is routed to
     architecture: mixtral       # optional: mixtral | qwen2_moe (qwen) | qwen3_moe (qwen3) | deepseek
+                                #           | glm4_moe (DeepSeek-V3-style, several shared experts)
     experts:                    # each: source_model, positive_prompts, negative_prompts,
       - source_model: PATH      #       noise_scale, residual_scale
         positive_prompts: [...]
-    shared_experts: [...]       # same fields; qwen2_moe takes exactly one
+    shared_experts: [...]       # same fields; qwen2_moe takes exactly one, glm4_moe one or more
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mergesmith import _yaml
 from mergesmith._text import printable
 from mergesmith.config import DTYPES, ModelRef
 from mergesmith.errors import ConfigError
+from mergesmith.moe.layout import MAX_SHARED
 
 __all__ = ["ARCHITECTURES", "GATE_MODES", "Expert", "MoEConfig", "load_moe_config", "read_moe_config"]
 
@@ -36,6 +38,7 @@ ARCHITECTURES = {
     "qwen3_moe": "qwen3_moe",
     "qwen3": "qwen3_moe",
     "deepseek": "deepseek",
+    "glm4_moe": "glm4_moe",
 }
 TOP_KEYS = (
     "base_model",
@@ -364,8 +367,15 @@ class _Reader:
                 "shared_experts",
                 f"qwen2_moe has exactly one shared expert, the config lists {len(shared)}; keep one",
             )
-        elif arch == "deepseek":
-            if len(shared) > 1:
+        elif arch in ("deepseek", "glm4_moe"):
+            if arch == "glm4_moe" and len(shared) > MAX_SHARED:
+                self.add(
+                    doc,
+                    "shared_experts",
+                    "shared_experts",
+                    f"glm4_moe takes at most {MAX_SHARED} shared experts, the config lists {len(shared)}",
+                )
+            if arch == "deepseek" and len(shared) > 1:
                 self.add(
                     doc,
                     "shared_experts",
@@ -375,7 +385,7 @@ class _Reader:
             for i, e in enumerate(shared):
                 if e.positive_prompts or e.negative_prompts:
                     self.problems.append(
-                        f"line {e.line}: shared_experts[{i}]: deepseek's shared expert has no gate, so "
+                        f"line {e.line}: shared_experts[{i}]: {arch}'s shared experts have no gate, so "
                         "no prompts; remove them (or use architecture: qwen2_moe, whose shared expert has one)"
                     )
 

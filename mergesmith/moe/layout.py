@@ -11,6 +11,11 @@ Source MLP tensors are ``model.layers.N.mlp.{gate,up,down}_proj.weight``; in the
 - ``qwen3_moe`` (Qwen3MoeForCausalLM): as qwen2_moe, without a shared expert.
 - ``deepseek`` (DeepseekForCausalLM, DeepSeek-MoE's own code): as qwen2_moe, with at most one
   shared expert at ``...mlp.shared_experts.{gate,up,down}_proj.weight`` and no gate for it.
+- ``glm4_moe`` (Glm4MoeForCausalLM, in transformers): DeepSeek-V3's MoE block (sigmoid router,
+  ungated shared experts) with Llama attention. Names as qwen2_moe; the router's
+  ``...mlp.gate.e_score_correction_bias`` is zero, and the shared experts are one MLP at
+  ``...mlp.shared_experts.{gate,up,down}_proj.weight`` whose intermediate rows are theirs end to end
+  (a sum of gated MLPs is one gated MLP of their joined rows).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "choose", "deepseek_config", "out_config"]
+__all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "choose", "deepseek_config", "glm4_moe_config", "out_config"]
 
 SOURCE_MLP = ("gate_proj", "up_proj", "down_proj")
+MAX_SHARED = 64
 CARRIED = (
     "vocab_size",
     "hidden_size",
@@ -57,6 +63,8 @@ class Layout:
     shared: tuple[int, int]  # the fewest and most shared experts it takes
     shared_name: str = "shared_expert"
     shared_gated: bool = False  # whether its shared expert has a gate of its own
+    shared_joined: bool = False  # whether its shared experts are one MLP of their joined rows
+    router_bias: bool = False  # whether its router has a selection bias (written as zeros)
 
     def gate(self, layer: int) -> str:
         return f"{self.block.format(layer)}.gate.weight"
@@ -70,6 +78,9 @@ class Layout:
 
     def shared_gate(self, layer: int) -> str:
         return f"{self.block.format(layer)}.shared_expert_gate.weight"
+
+    def gate_bias(self, layer: int) -> str:
+        return f"{self.block.format(layer)}.gate.e_score_correction_bias"
 
 
 LAYOUTS = {
@@ -111,6 +122,18 @@ LAYOUTS = {
         (0, 1),
         shared_name="shared_experts",
     ),
+    "glm4_moe": Layout(
+        "glm4_moe",
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
+        ("llama", "mistral", "qwen2"),
+        "model.layers.{}.mlp",
+        SOURCE_MLP,
+        (1, MAX_SHARED),
+        shared_name="shared_experts",
+        shared_joined=True,
+        router_bias=True,
+    ),
 }
 # DeepSeek-MoE's configuration and modelling code, which transformers runs with trust_remote_code
 DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
@@ -118,13 +141,14 @@ DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
 
 def choose(model_type: str, shared: int, shared_prompts: bool, gate_mode: str) -> str | None:
     """The architecture mergekit-moe picks when the config names none: the first that takes the
-    models in the order mixtral, deepseek, qwen2_moe, qwen3_moe."""
-    for name in ("mixtral", "deepseek", "qwen2_moe", "qwen3_moe"):
+    models in the order mixtral, deepseek, qwen2_moe, qwen3_moe; then glm4_moe, which takes
+    several shared experts."""
+    for name in ("mixtral", "deepseek", "qwen2_moe", "qwen3_moe", "glm4_moe"):
         layout = LAYOUTS[name]
         low, high = layout.shared
         if model_type not in layout.inputs or not low <= shared <= high:
             continue
-        if name == "deepseek" and shared_prompts:
+        if name in ("deepseek", "glm4_moe") and shared_prompts:
             continue  # its shared expert has no gate to make from prompts
         if name == "qwen2_moe" and not shared_prompts and gate_mode in ("hidden", "cheap_embed"):
             continue
@@ -183,4 +207,40 @@ def deepseek_config(
         torch_dtype=dtype,
     )
     cfg.pop("dtype", None)
+    return cfg
+
+
+def glm4_moe_config(
+    base: dict[str, Any], experts: int, shared: int, per_token: int, dtype: str, biased: bool
+) -> dict[str, Any]:
+    """config.json of a GLM-4-MoE output: the base's sizes, every layer a MoE layer, rotary
+    embedding on the whole head and no q/k norms (Llama's attention), a plain top-k router over all
+    experts (one group, no scaling), and q, k and v biases where the base has them."""
+    cfg: dict[str, Any] = {"architectures": [LAYOUTS["glm4_moe"].class_name], "model_type": "glm4_moe"}
+    cfg.update({k: base[k] for k in CARRIED if k in base})
+    rope = dict(base.get("rope_parameters") or {"rope_type": "default"})
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = base.get("rope_theta", 10000.0)
+    if isinstance(base.get("rope_scaling"), dict):
+        rope.update(base["rope_scaling"])
+    rope["partial_rotary_factor"] = 1.0
+    for key in ("rope_theta", "rope_scaling"):
+        cfg.pop(key, None)
+    cfg.update(
+        rope_parameters=rope,
+        partial_rotary_factor=1.0,
+        n_routed_experts=experts,
+        n_shared_experts=shared,
+        num_experts_per_tok=per_token,
+        moe_intermediate_size=base["intermediate_size"],
+        first_k_dense_replace=0,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        use_qk_norm=False,
+        attention_bias=biased,
+        num_mtp_layers=0,
+        dtype=dtype,
+    )
     return cfg
