@@ -13,6 +13,8 @@ good at one skill (add, rev, sort, shift), plus a LoRA adapter per skill. The de
 4. builds mixtures of experts of the four fine-tunes (examples/moe/zoo_moe.yml: each fine-tune's MLP
    an expert, hidden-state gates; 2 or 1 experts per token; attention from the base or merged from
    the experts'), evaluates them on every skill and prints where the router sends each skill's tokens;
+   beside them, the most such a mixture could reach with perfect routing (each skill scored on a
+   dense model of its own MLP with the base's or the merged attention);
 5. prints the table of normalized accuracy (merged accuracy / the parent's own accuracy) and writes
    demo-out/report.{md,json,png}.
 """
@@ -53,6 +55,28 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
         "base_merge": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}}
     },
 }
+
+# What a mixture of these MLP experts could reach with perfect routing: for each skill, a dense
+# model of that skill's own MLP (weight 1 on its MLP tensors) with the base's attention, or with
+# attention merged as base_merge merges it (task_arithmetic, 0.5 each).
+CEILINGS: dict[str, float] = {"base attention": 0.0, "merged attention": 0.5}
+
+
+def ceiling_config(skill: str, others_weight: float) -> dict[str, Any]:
+    def weight(own: float) -> list[dict[str, Any]]:
+        return [{"filter": "mlp", "value": own}, {"value": others_weight}]
+
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(ZOO / "models" / "base"),
+        "models": [
+            {"model": str(ZOO / "models" / s), "parameters": {"weight": weight(1.0 if s == skill else 0.0)}}
+            for s in SKILLS
+        ],
+        "dtype": "float32",
+        "out_dtype": "float16",
+    }
+
 
 # Each method with the settings a user would start from.
 METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # method: (merge-wide, per model)
@@ -112,7 +136,8 @@ def main() -> int:
     started = time.perf_counter()
     groups = [*itertools.combinations(SKILLS, 2), tuple(SKILLS)]
     examples = sorted((ROOT / "examples").glob("*.yml"))
-    merges = len(groups) * (len(METHODS) + 1) + len(examples) + len(MOE_VARIANTS)
+    ceilings = len(CEILINGS) * len(SKILLS)
+    merges = len(groups) * (len(METHODS) + 1) + len(examples) + len(MOE_VARIANTS) + ceilings
     score = Scorer(1 + 2 * len(SKILLS) + merges)
     base = Entry("base", str(ZOO / "models" / "base"), score(ZOO / "models" / "base", SKILLS))
     parents = [Entry(s, str(ZOO / "models" / s), score(ZOO / "models" / s, SKILLS)) for s in SKILLS]
@@ -170,8 +195,23 @@ def main() -> int:
         moe(config_file, out, force=True)
         merge_seconds += time.perf_counter() - start
         merged.append(Entry(f"{'+'.join(SKILLS)} MoE {variant}", str(out), score(out, SKILLS), SKILLS, "moe"))
+    made = len(merged)
+    for attention, others in CEILINGS.items():
+        scores = {}
+        for skill in SKILLS:
+            made += 1
+            out = OUT / "moe" / f"ceiling-{attention.replace(' ', '-')}-{skill}"
+            say(f"merge {made}/{merges}: {skill}'s own MLP with {attention}")
+            start = time.perf_counter()
+            mergesmith.merge(ceiling_config(skill, others), out, force=True, progress=False)
+            merge_seconds += time.perf_counter() - start
+            scores.update(score(out, [skill]))
+        name = f"MoE ceiling: own MLP, {attention}"
+        merged.append(Entry(name, str(OUT / "moe"), scores, tuple(SKILLS), "moe"))
     routed = routing(
-        merged[-len(MOE_VARIANTS)].path, [load_task(ZOO / "tasks" / f"{s}.jsonl") for s in SKILLS], SKILLS
+        merged[-len(MOE_VARIANTS) - len(CEILINGS)].path,
+        [load_task(ZOO / "tasks" / f"{s}.jsonl") for s in SKILLS],
+        SKILLS,
     )
 
     report = build_report(SKILLS, [*parents, *adapters], merged, base=base, owners={s: s for s in SKILLS})
@@ -180,10 +220,14 @@ def main() -> int:
     print()
     print(side_by_side(report, groups))
     print(
-        f"\n{len(merged)} merges in {merge_seconds:.1f} s; {score.models} evaluations in {score.seconds:.1f} s; "
+        f"\n{made} merges in {merge_seconds:.1f} s; {score.models} evaluations in {score.seconds:.1f} s; "
         f"total {time.perf_counter() - started:.1f} s"
     )
     print(moe_routing(routed))
+    print(
+        "A mixture of MLP experts keeps the trunk's attention, so it reaches at most the 'MoE ceiling' rows "
+        "(perfect routing: each skill on its own MLP); the zoo's fine-tunes learnt in attention too."
+    )
     best_pair = max((m for m in merged if len(m.parents) == 2), key=lambda m: report.average.get(m.name, 0.0))
     print(f"best two-skill merge: {best_pair.name}, {report.average[best_pair.name]:.1%} normalized accuracy")
     print("report: " + ", ".join(str(p.relative_to(ROOT)) for p in written))
