@@ -698,3 +698,34 @@ def test_a_base_merge_with_a_bad_method_or_parameter_is_refused_with_its_line(tm
     )
     with pytest.raises(ConfigError, match=r"base_merge\.paramters: unknown key"):
         plan_moe(cfg)
+
+
+def test_the_output_is_written_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming: when a tensor reaches the writer, no tensor written before it is still alive, so
+    the output holds one tensor in memory at a time whatever the model's size (the inputs are
+    memory-mapped, the router rows are layers x experts x hidden)."""
+    import gc
+    import weakref
+
+    from mergesmith._safetensors import ShardWriter
+
+    written: list[weakref.ref[torch.Tensor]] = []
+    alive_at_write: list[int] = []
+    original = ShardWriter.write
+
+    def write(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        gc.collect()
+        alive_at_write.append(sum(ref() is not None for ref in written))
+        written.append(weakref.ref(tensor))
+        original(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    cfg = zoo_config(tmp_path, "random", skills=SKILLS, dtype="float32")  # float32: every tensor a new one
+    cfg.write_text(
+        cfg.read_text()
+        + f"shared_experts:\n  - source_model: {ZOO / 'base'}\n  - source_model: {ZOO / 'add'}\n"
+    )
+    plan = moe(cfg, tmp_path / "out", max_shard_size="2MB")
+    assert plan.layout.name == "glm4_moe"
+    assert len(written) == len(plan.tensors) > 90 and len(list((tmp_path / "out").glob("*.safetensors"))) > 2
+    assert max(alive_at_write) == 0, alive_at_write
