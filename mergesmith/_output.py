@@ -42,6 +42,9 @@ MARKER = ".mergesmith"
 """The file every output this tool writes holds; ``--force`` replaces only such a directory."""
 completed: list[Path] = []
 """The outputs this process has put in place, for an interrupted command to say what it left."""
+kept: list[tuple[Path, int, int]] = []
+"""Staging directories an interrupt left in place (path, finished shards, all shards), for
+``--resume`` to continue from."""
 
 
 def check_inside(out_dir: Path, inputs: Sequence[Path]) -> None:
@@ -260,7 +263,9 @@ def staged_output(
 ) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success it replaces ``out_dir``.
 
-    On any failure the staging directory is removed and ``out_dir`` is left as it was. The whole
+    On any failure the staging directory is removed and ``out_dir`` is left as it was, except that
+    an interrupt (Ctrl-C, or SIGTERM/SIGHUP through the command line) leaves a staging directory
+    whose progress file records finished shards, for ``--resume`` (listed in :data:`kept`). The whole
     time, ``out_dir`` is locked against other merges (:func:`output_lock`); under the lock the
     output is checked (:func:`check_output`) first and again just before it is swapped in. A
     non-empty directory at ``out_dir`` other than the one ``seen`` there when the caller first
@@ -323,8 +328,12 @@ def _staged(
         write_marker(stage, kind)
         _check_again(out_dir, inputs, force, seen)
         _replace(stage, out_dir.resolve(), out_dir, force, seen)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException as exc:
+        summary = stale_summary(stage) if isinstance(exc, KeyboardInterrupt) else None
+        if summary is not None and summary[0]:
+            kept.append((stage, *summary))  # interrupted with finished shards: --resume takes them up
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
 
 

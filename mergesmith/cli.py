@@ -138,8 +138,15 @@ def _interrupted(args: argparse.Namespace, previous: bool) -> str:
     if out is not None:
         done = any(os.path.realpath(p) == os.path.realpath(out) for p in _output.completed)
         if not done:
-            kept = f"; the previous contents of {out} were left untouched" if previous else ""
-            return "no output was written" + kept
+            said = "no output was written"
+            if previous:
+                said += f"; the previous contents of {out} were left untouched"
+            for stage, finished, shards in _output.kept:
+                said += (
+                    f"; {finished} of {shards} finished shards were kept in {stage}: run the same command "
+                    "with --resume to continue from them (without it, the next run removes them)"
+                )
+            return said
     said = COMMANDS[args.command].interrupted
     if said is not None:
         return said(args)

@@ -153,6 +153,71 @@ def test_a_killed_merge_resumes_to_the_same_bytes(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
 
 
+def interrupt_when(
+    cfg: Path, out: Path, ready: Callable[[Path], bool], sig: int
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Start the slowed CLI merge and send it ``sig`` once ``ready(stage)``; return the stage it
+    had and what it printed and returned on the way out."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(cfg), str(out), "--max-shard-size", SHARD, "--no-progress", "--no-diagnose"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    stage = stage_of(out, child.pid)
+    deadline = time.monotonic() + 120
+    try:
+        while not ready(stage):
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "the merge never reached the point to interrupt it at"
+            time.sleep(0.01)
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return stage, subprocess.CompletedProcess(child.args, child.returncode, "", err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_merge_keeps_its_finished_shards_for_resume(
+    models: dict[str, Path], reference: dict[str, bytes], tmp_path: Path, sig: int
+) -> None:
+    """Ctrl-C or SIGTERM: the stage with its finished shards stays (the output does not appear),
+    the message says how to go on, and --resume finishes with the same bytes."""
+    cfg = write_config(tmp_path / "merge.yml", models)
+    out = tmp_path / "out"
+    stage, ended = interrupt_when(cfg, out, after(4), sig)
+    assert ended.returncode == 128 + sig, ended.stderr
+    kept = len(done_shards(stage))
+    assert stage.is_dir() and not out.exists() and 4 <= kept < 16
+    assert (
+        f"interrupted: no output was written; {kept} of 16 finished shards were kept in {stage}"
+        in ended.stderr
+    )
+    assert "--resume" in ended.stderr and "Traceback" not in ended.stderr
+    done = cli(str(cfg), str(out), "--max-shard-size", SHARD, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert f"resume: kept {kept} of 16 shards" in done.stderr
+    assert files(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
+
+
+def test_an_interrupt_before_any_shard_is_finished_leaves_nothing(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "merge.yml", models)
+    out = tmp_path / "out"
+    stage, ended = interrupt_when(
+        cfg, out, lambda s: (s / MANIFEST).is_file() and not done_shards(s), signal.SIGINT
+    )
+    assert ended.returncode == 130, ended.stderr
+    assert "interrupted: no output was written\n" in ended.stderr or ended.stderr.endswith(
+        "no output was written"
+    )
+    assert not stage.exists() and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml"]
+
+
 def test_a_resumed_merge_keeps_the_finished_shards_files(
     models: dict[str, Path], reference: dict[str, bytes], tmp_path: Path
 ) -> None:
