@@ -138,15 +138,15 @@ def _interrupted(args: argparse.Namespace, previous: bool) -> str:
     if out is not None:
         done = any(os.path.realpath(p) == os.path.realpath(out) for p in _output.completed)
         if not done:
-            said = "no output was written"
+            left = "no output was written"
             if previous:
-                said += f"; the previous contents of {out} were left untouched"
+                left += f"; the previous contents of {out} were left untouched"
             for stage, finished, shards in _output.kept:
-                said += (
+                left += (
                     f"; {finished} of {shards} finished shards were kept in {stage}: run the same command "
                     "with --resume to continue from them (without it, the next run removes them)"
                 )
-            return said
+            return left
     said = COMMANDS[args.command].interrupted
     if said is not None:
         return said(args)
