@@ -160,6 +160,8 @@ def _ray(address: str | None) -> Iterator[Any]:
     started = not ray.is_initialized()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if started:
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, log_to_driver=False)
@@ -173,6 +175,25 @@ def _ray(address: str | None) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster address of the form [ray://]HOST:PORT must accept a connection within ``timeout``
+    seconds: Ray itself retries an unreachable one for minutes before it gives up."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and other forms Ray resolves itself
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--executor ray: nothing answers at the Ray cluster address {address} ({why} within "
+            f"{timeout:g} s); start the cluster (`ray start --head` prints its address) or give the "
+            "address of its head node with --ray-address or RAY_ADDRESS"
+        ) from None
 
 
 def _ray_thresholds(task: ShardTask) -> tuple[str, Any]:

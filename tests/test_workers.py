@@ -235,6 +235,24 @@ def test_ray_is_named_with_its_install_command_when_missing(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unreachable_ray_address_is_refused_at_once(models: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: bound, then closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=rf"nothing answers at the Ray cluster address {address} "):
+            mergesmith.merge(
+                config(tmp_path, models, "linear"), tmp_path / "out", executor="ray", ray_address=address
+            )
+    assert time.monotonic() - start < 15
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_worker_options_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
     cfg = config(tmp_path, models, "linear")
     with pytest.raises(ConfigError, match="workers"):
