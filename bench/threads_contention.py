@@ -2,14 +2,14 @@
 
     python bench/threads_contention.py [--competitors N] [--settle S] [--repeats R]
 
-Times a fixed workload shaped like an evaluation's forward pass (a batch of activations through
-a stack of matmuls, a softmax over the vocabulary) alone with every core, then starts N CPU-bound
-competing processes (default: one per core, a machine fully booked by other work), lets the load
-average see them for S seconds, and times it again with torch set to every core, then to the
-thread count the default policy picks (mergesmith._threads.default_threads), alternating, R times
-each. Prints the medians side by side, their ratios (every core over the policy, and each under
-load over alone), the load average and the policy's choice. The competitors are stopped at the
-end, however the run ends.
+Times a fixed workload shaped like an evaluation's forward pass (a batch of activations through a
+stack of matmuls, a softmax over the vocabulary) alone with every core, then starts N CPU-bound
+competing processes (default: one per core, a machine fully booked by other work), waits S seconds
+(the policy counts running tasks, so it sees them at once; the load average would take a minute),
+and times it again with torch set to every core, then to the thread count the default policy picks
+(mergesmith._threads.default_threads), alternating, R times each. Prints the medians side by side,
+their ratios (every core over the policy, and each under load over alone), the load average and the
+policy's choice. The competitors are stopped at the end, however the run ends.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> int:
     cores = _threads.cores()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--competitors", type=int, default=cores, help=f"busy processes (default {cores})")
-    parser.add_argument("--settle", type=float, default=20.0, help="seconds before measuring (default 20)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds before measuring (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per setting (default 5)")
     args = parser.parse_args()
 

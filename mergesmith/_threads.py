@@ -2,20 +2,23 @@
 
 torch starts one intra-op thread per core. On a machine whose cores are already busy, those
 threads wait on each other at every parallel operation and the work runs slower than on fewer
-threads. The default is therefore the cores left idle by the load of the last minute:
-``max(1, min(cores, cores - round(load average)))``, one thread where the machine is
-oversubscribed. ``--threads N`` (or ``threads=N``) sets it.
+threads. The default is therefore the cores left idle by other work: ``max(1, cores - busy)``, one
+thread where the machine is oversubscribed, with ``busy`` the larger of the one-minute load average
+(rounded) and the number of other tasks running right now (``procs_running`` in /proc/stat, the
+median of a few samples: the load average takes a minute to see a process that just started).
+``--threads N`` (or ``threads=N``) sets it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["cores", "default_threads", "positive_threads", "using_threads"]
+__all__ = ["cores", "default_threads", "others_running", "positive_threads", "using_threads"]
 
 
 def cores() -> int:
@@ -27,13 +30,33 @@ def cores() -> int:
 
 
 def default_threads() -> int:
-    """The cores left idle by the one-minute load average; all of them where it is unknown."""
+    """The cores other work leaves idle (see the module's text); all of them where neither the
+    load average nor the running tasks are known."""
     n = cores()
     try:
-        load = os.getloadavg()[0]
+        busy = round(os.getloadavg()[0])
     except (AttributeError, OSError):
-        return n
-    return max(1, min(n, n - round(load)))
+        busy = 0
+    busy = max(busy, others_running() or 0)
+    return max(1, min(n, n - busy))
+
+
+def others_running(samples: int = 5, gap: float = 0.005) -> int | None:
+    """Tasks running or runnable now other than this one: the median over ``samples`` readings of
+    /proc/stat's ``procs_running`` (which counts the reader), None where there is no such file."""
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", "rb") as f:
+                line = next((ln for ln in f if ln.startswith(b"procs_running ")), None)
+        except OSError:
+            return None
+        if line is None:
+            return None
+        seen.append(int(line.split()[1]) - 1)
+        if i + 1 < samples:
+            time.sleep(gap)
+    return sorted(seen)[len(seen) // 2]
 
 
 def positive_threads(threads: int | None) -> int:

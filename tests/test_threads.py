@@ -22,7 +22,40 @@ def test_the_default_is_the_cores_the_load_average_leaves_idle(
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "others_running", lambda: 0)
     assert _threads.default_threads() == want
+
+
+@pytest.mark.parametrize(("load", "running", "want"), [(0.0, 1, 7), (0.1, 5, 3), (6.0, 1, 2), (0.0, 9, 1)])
+def test_a_process_the_load_average_has_not_seen_yet_counts(
+    load: float, running: int, want: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The busier of the two: the load average lags a process that started seconds ago."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "others_running", lambda: running)
+    assert _threads.default_threads() == want
+
+
+def test_running_tasks_are_read_from_proc_stat_without_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    readings = iter([b"4", b"2", b"9", b"2", b"3"])
+    real_open = builtins.open
+
+    def fake_open(path: object, *args: object, **kwargs: object) -> object:
+        if path == "/proc/stat":
+            stat = tmp_path / "stat"
+            stat.write_bytes(b"cpu  1 2 3\nprocs_running " + next(readings) + b"\nprocs_blocked 0\n")
+            return real_open(stat, *args, **kwargs)  # type: ignore[call-overload]
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert _threads.others_running(gap=0) == 2  # the median of 3, 1, 8, 1, 2
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert _threads.others_running(gap=0) is None
 
 
 def test_without_a_load_average_or_affinity_every_core_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,6 +65,7 @@ def test_without_a_load_average_or_affinity_every_core_is_used(monkeypatch: pyte
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", unknown)
+    monkeypatch.setattr(_threads, "others_running", lambda: None)
     assert _threads.default_threads() == 4
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     assert _threads.default_threads() == 1
