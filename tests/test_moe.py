@@ -113,7 +113,9 @@ def test_transformers_runs_it_as_base_attention_with_the_expert_mlp(tmp_path: Pa
         f"  - source_model: {ZOO / 'add'}\n    positive_prompts: ['ad 1+2=']\n"
         f"  - source_model: {ZOO / 'add'}\n    positive_prompts: ['rv abc=']\n"
     )
-    moe(cfg, tmp_path / "out")
+    said: list[str] = []
+    moe(cfg, tmp_path / "out", say=said.append)
+    assert [ln for ln in said if "warning: all 2 experts are the same model" in ln]
     got = load(tmp_path / "out")
     hand = AutoModelForCausalLM.from_pretrained(ZOO / "base", dtype=torch.float32).eval()
     add = tiny.load_state(ZOO / "add")

@@ -553,6 +553,13 @@ def moe(
                 "same for every expert (condition number above 5): those layers will route poorly; "
                 "give each expert prompts that differ more, especially in their last token"
             )
+        sources = {tuple(d.resolve() for d in m.dirs) for m in plan.experts}
+        if len(plan.experts) > 1 and len(sources) == 1:
+            tell(
+                f"moe: warning: all {len(plan.experts)} experts are the same model ({cfg.experts[0].source}): "
+                "every token gets the same MLP whatever the routing, so the model computes what that one "
+                "model's MLP computes, at a larger size; this is useful only as a start for training"
+            )
         if plan.trunk is not None:
             from mergesmith.execute import whole_model_thresholds
 
