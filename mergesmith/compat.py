@@ -14,7 +14,15 @@ from mergesmith.architecture import Architecture, compatibility_keys, layer_coun
 from mergesmith.config import MergeConfig, ModelRef
 from mergesmith.sources import ModelSource, TensorInfo
 
-__all__ = ["ALIGN_HINT", "VOCAB_SIZE_KEYS", "Compatibility", "Problems", "get_path", "set_path"]
+__all__ = [
+    "ALIGN_HINT",
+    "EXTRA_LAYER_KEYS",
+    "VOCAB_SIZE_KEYS",
+    "Compatibility",
+    "Problems",
+    "get_path",
+    "set_path",
+]
 
 ALIGN_HINT = (
     "Set tokenizer_source (base, union or one model's name) to match embedding rows by token, or "
@@ -23,6 +31,11 @@ ALIGN_HINT = (
 
 # where config.json holds the vocabulary size: the top level, or a vision-language model's text_config
 VOCAB_SIZE_KEYS = ("vocab_size", "text_config.vocab_size")
+
+# config.json keys that count layers a checkpoint stores after the ``num_hidden_layers`` decoder
+# layers, under the next layer numbers: the multi-token-prediction layers of DeepSeek-V3, GLM-4.5
+# and MiMo (``model.layers.61`` of DeepSeek-V3's 61 layers). transformers does not build them.
+EXTRA_LAYER_KEYS = ("num_nextn_predict_layers",)
 
 
 class Problems:
@@ -150,11 +163,27 @@ class Compatibility:
             expected += 1
         return expected if expected < end else None
 
+    def declared_layers(self, arch: Architecture, model: int) -> int | None:
+        """config.json's count of ``model``'s layers in ``arch``'s stack, the extra layers after
+        them (:data:`EXTRA_LAYER_KEYS`) left out."""
+        return arch.num_layers(self.models[model].config)
+
+    def extra_layers(self, arch: Architecture, model: int) -> int:
+        """Layers ``model`` stores after its decoder layers (:data:`EXTRA_LAYER_KEYS`), in the main
+        stack only."""
+        if arch.num_layers_key not in ("num_hidden_layers", "text_config.num_hidden_layers"):
+            return 0
+        config = self.models[model].config
+        section = get_path(config, arch.num_layers_key.rpartition(".")[0])
+        counts = [section.get(k) for k in EXTRA_LAYER_KEYS]
+        return sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0)
+
     def check_layer_count(self, arch: Architecture, model: int, why: str) -> None:
-        """Where layer positions matter, config.json's layer count must match the tensors'."""
-        declared = arch.num_layers(self.models[model].config)
+        """Where layer positions matter, config.json's layer count (extra layers after them
+        included) must match the tensors'."""
+        declared = self.declared_layers(arch, model)
         have = self.layer_count(arch, model)
-        if declared is None or declared == have:
+        if declared is None or have in (declared, declared + self.extra_layers(arch, model)):
             return
         self.problem(
             f"{self.models[model].dir / 'config.json'}: {arch.num_layers_key} is {declared}, but the "

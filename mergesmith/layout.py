@@ -175,15 +175,19 @@ class Layout(Generic[J]):
         ref_idx = base if base is not None else inputs[0]
         self.reference = ref_idx
         names = self.tensor_names(ref_idx)
-        # gradients run over the layers the tensors hold
+        # gradients run over the layers the tensors hold; extra layers stored after the decoder
+        # layers (multi-token prediction) take the gradient's last value
         n_layers = self.compat.layer_count(self.arch, ref_idx)
+        extra = self.compat.extra_layers(self.arch, ref_idx)
+        if extra and self.compat.declared_layers(self.arch, ref_idx) == n_layers - extra:
+            n_layers -= extra
         if uses_gradients(cfg):
             for m in ([base] if base is not None else []) + inputs:
                 self.compat.check_layer_count(self.arch, m, "gradients")
         jobs = []
         for name in natural(names, self.arch):
             layer = self.arch.layer_of(name)
-            t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
+            t = 0.0 if layer is None else (min(1.0, layer / (n_layers - 1)) if n_layers > 1 else 1.0)
             job = self.job(
                 out_name=name,
                 base=(base, name) if base is not None else None,

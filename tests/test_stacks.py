@@ -219,3 +219,53 @@ def test_diagnose_keeps_the_layers_of_each_stack_apart(tmp_path: Path) -> None:
     assert sorted(stacked) == sorted(
         [f"model.layers {i}" for i in range(3)] + [f"visual.blocks {i}" for i in range(2)]
     )
+
+
+def test_multi_token_prediction_layers_after_the_decoder_take_the_gradients_last_value(
+    tmp_path: Path,
+) -> None:
+    """DeepSeek-V3 stores its multi-token-prediction layer as ``model.layers.N`` after its N
+    decoder layers (``num_nextn_predict_layers: 1``): the gradient spreads over the N decoder layers
+    as for any model, and the extra layer takes its last value."""
+    import json
+
+    from safetensors.torch import save_file
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_tiny("deepseek_v3", tmp_path / name, seed=seed)
+        state = tiny.load_state(tmp_path / name)
+        extra = {
+            k.replace("model.layers.2.", "model.layers.3."): v + 1
+            for k, v in state.items()
+            if ".layers.2." in k
+        }
+        extra["model.layers.3.eh_proj.weight"] = torch.randn(
+            32, 64, generator=torch.Generator().manual_seed(seed)
+        )
+        save_file({**state, **extra}, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    config = (
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: [1, 0]}}\n"
+    )
+    config += f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: [0, 1]}}\ndtype: float32\n"
+
+    def count_extra(n: int) -> None:
+        for name in ("a", "b"):
+            cfg_file = tmp_path / name / "config.json"
+            cfg_file.write_text(
+                json.dumps({**json.loads(cfg_file.read_text()), "num_nextn_predict_layers": n})
+            )
+
+    count_extra(0)  # a config that does not count the extra layer: a layer-count mismatch
+    with pytest.raises(
+        mergesmith.MergesmithError, match=r"num_hidden_layers is 3, but the tensors of .* hold 4"
+    ):
+        mergesmith.validate(config)
+    count_extra(1)  # as DeepSeek-V3's config.json says
+    mergesmith.merge(config, tmp_path / "out")
+    a, b, merged = (tiny.load_state(tmp_path / n) for n in ("a", "b", "out"))
+    assert any(k.startswith("model.layers.3.") for k in merged)
+    for name, value in merged.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        t = 0.0 if layer is None else min(1.0, layer / 2)
+        expected = (1 - t) * a[name].double() + t * b[name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6, msg=name)
