@@ -395,11 +395,18 @@ def side_files(plan: Plan) -> list[tuple[ModelSource, tuple[str, ...]]]:
 
 
 def input_chat_template(directory: Path) -> str | None:
-    """A model's chat template as transformers loads it: chat_template.jinja, else the
-    tokenizer_config.json entry (the ``default`` one of a list of named templates); None without one."""
+    """A model's chat template as transformers loads it: chat_template.jinja, else a processor's
+    chat_template.json, else the tokenizer_config.json entry (the ``default`` one of a list of
+    named templates); None without one."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
+    processor = directory / "chat_template.json"
+    if processor.is_file():
+        data = read_json(processor, fix="repair chat_template.json or download the model again")
+        value = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(value, str) and value:
+            return value
     cfg_file = directory / "tokenizer_config.json"
     if not cfg_file.is_file():
         return None

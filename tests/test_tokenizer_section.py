@@ -313,6 +313,27 @@ def test_auto_chat_template_is_the_most_common_among_the_inputs(
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "Y:hi"
 
 
+def test_auto_chat_template_reads_a_processors_chat_template_json(
+    templated: dict[str, Path], tmp_path: Path
+) -> None:
+    """A multimodal model keeps its template in chat_template.json (its processor's); it counts
+    like one in tokenizer_config.json."""
+    import shutil
+
+    models = {}
+    for name in ("a", "b"):
+        models[name] = tmp_path / name
+        shutil.copytree(templated["none"], models[name])
+        (models[name] / "chat_template.json").write_text(
+            json.dumps({"chat_template": "{{ 'P:' + messages[0]['content'] }}"})
+        )
+    models["x"] = templated["x"]
+    out = tmp_path / "out"
+    mergesmith.merge(linear_of(models, ["x", "a", "b"], "chat_template: auto\n"), out)
+    assert (out / "chat_template.jinja").read_text() == "{{ 'P:' + messages[0]['content'] }}"
+    assert not (out / "chat_template.json").exists()
+
+
 def test_inline_chat_template_is_written_verbatim(templated: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
