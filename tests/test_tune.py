@@ -548,3 +548,65 @@ def test_tune_in_a_program_sets_back_the_threads_and_leaves_the_allocator(
     assert calls == []
     tune(cfg, tasks, tmp_path / "tuned", trials=1, write_best=False, progress=None, tune_memory=True)
     assert calls
+
+
+def test_a_search_range_the_parameter_refuses_part_of_is_a_config_error_before_any_trial(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "tune.yml"
+    cfg.write_text(
+        f"merge_method: ties\nbase_model: {ZOO / 'models' / 'base'}\nmodels:\n"
+        f"  - model: {ZOO / 'models' / 'add'}\n"
+        "    parameters:\n      weight: 1.0\n      density: {search: [0.5, 3.0], default: 0.9}\n"
+        f"  - model: {ZOO / 'models' / 'rev'}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        tune(cfg, [str(ZOO / "tasks" / "add.jsonl")], tmp_path / "out", progress=None)
+    assert info.value.problems == [
+        "line 7: models[0].parameters.density: 3 is outside (0, 1] (the search range [0.5, 3] of add.density "
+        "reaches 3; keep it within the values the parameter takes)"
+    ]
+    assert str(info.value).startswith(f"{cfg}: line 7: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trial_whose_values_together_are_refused_names_the_values(tmp_path: Path) -> None:
+    """Each range is valid at its ends, but two values together are not (linear weights summing
+    to 0 with normalize): the error names the trial's values, not lines of a rendered config."""
+    cfg = tmp_path / "tune.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n"
+        f"  - model: {ZOO / 'models' / 'add'}\n    parameters: {{weight: {{search: [-1, 1], default: 0.5}}}}\n"
+        f"  - model: {ZOO / 'models' / 'rev'}\n    parameters: {{weight: {{search: [-1, 1], default: 0.5}}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        tune(
+            cfg, [str(ZOO / "tasks" / "add.jsonl")], tmp_path / "out", trials=9, sampler="grid", progress=None
+        )
+    (problem,) = info.value.problems
+    assert problem.startswith("trial values add.weight=") and "rev.weight=" in problem
+    assert "the weights sum to 0" in problem and "line " not in problem and "<config>" not in str(info.value)
+
+
+def test_a_config_warning_is_printed_once_for_the_whole_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesmith.cli import main
+
+    cfg = tmp_path / "tune.yml"
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {ZOO / 'models' / 'base'}\nmodels:\n"
+        f"  - model: {ZOO / 'models' / 'add'}\n"
+        "    parameters:\n      weight: {search: [0.2, 2.0], default: 1.0}\n      density: 0.5\n"
+        f"  - model: {ZOO / 'models' / 'rev'}\n    parameters: {{weight: 1.0}}\n"
+    )
+    args = ["tune", str(cfg), "--tasks", str(ZOO / "tasks" / "add.jsonl"), "--trials", "2"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--no-best"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warned == [
+        f"warning: {cfg}: line 7: models[0].parameters.density: task_arithmetic does not use density, so it "
+        "has no effect for "
+        + str(ZOO / "models" / "add")
+        + " (mergekit accepts and ignores it too); remove it "
+        "to silence this warning"
+    ]

@@ -4,6 +4,7 @@ merges one set of values into the model and scores it on the tasks."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from mergesmith import defaults
 from mergesmith.errors import ConfigError
 from mergesmith.evaluate import Encoded, quiet_transformers
 from mergesmith.tune.objective import Objective, optimistic
-from mergesmith.tune.space import midpoint, search_space, substitute
+from mergesmith.tune.space import midpoint, search_space, trial_config
+
+_LINE = re.compile(r"^line \d+: ")
 
 if TYPE_CHECKING:
     from mergesmith.plan import Plan
@@ -56,7 +59,6 @@ class TrialRunner:
         the starting values); each trial resolves its own values' parameters against it.
         ``tune_memory`` tunes this process's C allocator as a merge command does (``_memory.tune``)."""
         from mergesmith import _memory, _safetensors
-        from mergesmith.config import load_config
         from mergesmith.evaluate import check_examples, load_task
         from mergesmith.plan import build_plan
 
@@ -72,7 +74,7 @@ class TrialRunner:
         self.add_special_tokens = add_special_tokens
         self.objective = objective
         if plan is None:
-            plan = build_plan(load_config(substitute(doc, self.space, midpoint(self.space))))
+            plan = build_plan(trial_config(doc, self.space, midpoint(self.space)))
         self.plan = plan
         # the parents' tensors: views of their safetensors files mapped copy-on-write where they
         # can be (the page cache holds them once for every worker), else read into memory
@@ -102,10 +104,14 @@ class TrialRunner:
         self.keeps = most <= (free // 2 if free is not None else KEEP_UNKNOWN)
 
     def merged_state(self, values: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        from mergesmith.config import load_config
         from mergesmith.execute import merge_job, whole_model_thresholds
 
-        plan = self.plan.with_parameters(load_config(substitute(self.doc, self.space, values)))
+        try:
+            config = trial_config(self.doc, self.space, values)
+            plan = self.plan.with_parameters(config)
+        except ConfigError as exc:  # the lines are those of the rendered trial config: left out
+            shown = ", ".join(f"{k}={v:g}" for k, v in values.items())
+            raise ConfigError([f"trial values {shown}: {_LINE.sub('', p)}" for p in exc.problems]) from None
         thresholds = whole_model_thresholds(plan, self.device)
         state = {}
         for job in plan.jobs:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergesmith import _yaml, defaults
 from mergesmith._text import printable
-from mergesmith.errors import ConfigError
+from mergesmith.errors import ConfigError, ConfigWarning
+
+if TYPE_CHECKING:
+    from mergesmith.config import MergeConfig
 
 __all__ = [
     "MAX_GRID",
@@ -24,6 +28,7 @@ __all__ = [
     "search_space",
     "substitute",
     "substitute_lined",
+    "trial_config",
 ]
 
 SAMPLERS = ("tpe", "cmaes", "grid")
@@ -201,6 +206,21 @@ def check_options(
             problems.append(f"--task-weight {_shown(task)} must be a finite number, found {_shown(weight)}")
     if problems:
         raise ConfigError(problems)
+
+
+def trial_config(
+    doc: Any, space: Sequence[Dimension], values: Mapping[str, float], name: str | None = None
+) -> MergeConfig:
+    """The merge config at ``values``, read without repeating the config's warnings: the study
+    shows them once, when it first reads the tune config. ``doc`` as read by
+    :mod:`mergesmith._yaml` (with ``name``, its path) keeps the tune config's lines in errors."""
+    from mergesmith.config import load_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        if name is not None:
+            return load_config(substitute_lined(doc, space, values), name=name)
+        return load_config(substitute(doc, space, values))
 
 
 def substitute(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergesmith import defaults
 from mergesmith._output import atomic_write
@@ -30,9 +30,13 @@ from mergesmith.tune.space import (
     search_space,
     substitute,
     substitute_lined,
+    trial_config,
 )
 
-__all__ = ["EXECUTORS", "TuneResult", "tune"]
+if TYPE_CHECKING:
+    from mergesmith.plan import Plan
+
+__all__ = ["EXECUTORS", "TuneResult", "check_range_ends", "tune"]
 
 EXECUTORS = ("local", "ray")
 
@@ -96,11 +100,10 @@ def _reference_scores(
 ) -> dict[str, Any]:
     """Scores of the base and each parent on every task (``TaskScore`` fields), evaluated once per
     study: the objective normalizes by them and the best merge's report reuses them."""
-    from mergesmith.config import load_config
     from mergesmith.evaluate import evaluate, load_task
 
     space = search_space(doc)
-    cfg = load_config(substitute(doc, space, midpoint(space)))
+    cfg = trial_config(doc, space, midpoint(space))
     loaded = [load_task(t) for t in tasks]
     base = str(cfg.base_model) if cfg.base_model else None
     parents = [str(r) for r in cfg.referenced_models() if str(r) != base]
@@ -192,6 +195,7 @@ def tune(
     )
     # every check, no weights; the errors name the tune config's lines
     plan = build_plan(load_config(substitute_lined(lined, space, midpoint(space)), name=str(path)))
+    check_range_ends(plan, lined, space, str(path))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -303,6 +307,27 @@ def tune(
         say(f"merging and evaluating the best values into {out / 'best'}")
         files += _write_best(out, files[0], tasks, ref, batch_size, device, add_special_tokens)
     return TuneResult(dict(best.params), best_value, default, count, seconds, out, files, stopped)
+
+
+def check_range_ends(plan: Plan, lined: Any, space: Sequence[Dimension], name: str) -> None:
+    """Each searched value must be a valid parameter value at both ends of its range (the others
+    at their starting values): a range the method refuses part of is a config error before any
+    trial, naming the tune config's lines, not a failed trial later."""
+    start = midpoint(space)
+    problems: list[str] = []
+    for dim in space:
+        for end in dict.fromkeys((dim.low, dim.high)):
+            try:
+                config = trial_config(lined, space, {**start, dim.name: end}, name)
+                plan.with_parameters(config)
+            except ConfigError as exc:
+                problems += [
+                    f"{p} (the search range [{dim.low:g}, {dim.high:g}] of {dim.name} reaches {end:g}; keep it "
+                    "within the values the parameter takes)"
+                    for p in exc.problems
+                ]
+    if problems:
+        raise ConfigError(problems, name)
 
 
 def _complete(study: Any) -> list[Any]:
