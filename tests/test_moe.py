@@ -731,3 +731,22 @@ def test_the_output_is_written_one_tensor_at_a_time(tmp_path: Path, monkeypatch:
     assert plan.layout.name == "glm4_moe"
     assert len(written) == len(plan.tensors) > 90 and len(list((tmp_path / "out").glob("*.safetensors"))) > 2
     assert max(alive_at_write) == 0, alive_at_write
+
+
+def test_a_base_whose_config_asks_for_a_billion_layers_is_refused_at_once(tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ZOO / "base", base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    moe_cfg = tmp_path / "moe.yml"
+    moe_cfg.write_text(
+        f"base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {base}\n  - source_model: {ZOO / 'add'}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        plan_moe(moe_cfg)
+    assert info.value.problems == [
+        f"{base}/config.json: num_hidden_layers is 1000000000, but the tensors of {base} hold 4 layers "
+        "(model.layers.N); use the config.json that goes with these weights"
+    ]

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 DEFAULT_SHARD = 5 * 1000**3
 COPIED = ("generation_config.json",)
 
@@ -130,7 +131,8 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> Mo
     layers, hidden = _sizes(base, problems)
     named = [(f"experts[{i}]", e, m) for i, (e, m) in enumerate(zip(cfg.experts, routed))]
     named += [(f"shared_experts[{i}]", e, m) for i, (e, m) in enumerate(zip(cfg.shared_experts, shared))]
-    _check_base_mlp(base, layers, problems)
+    if layers:  # else config.json and the tensors disagree, reported above
+        _check_base_mlp(base, layers, problems)
     for label, expert, model in named:
         if model is not None and layers:
             _check_expert(base, model, f"line {expert.line}: {label} ({model.name})", layers, problems)
@@ -262,6 +264,14 @@ def _sizes(base: ModelSource, problems: list[str]) -> tuple[int, int]:
         problems.append(
             f"{base.dir}/config.json: needs num_hidden_layers, hidden_size and intermediate_size; "
             "repair config.json"
+        )
+        return 0, 0
+    found = {int(m.group(1)) for k in list(base.keys()) if (m := LAYER.match(k))}
+    have = max(found) + 1 if found else 0
+    if layers != have:
+        problems.append(
+            f"{base.dir}/config.json: num_hidden_layers is {layers}, but the tensors of {base.name} hold "
+            f"{have} layers (model.layers.N); use the config.json that goes with these weights"
         )
         return 0, 0
     return layers, hidden
