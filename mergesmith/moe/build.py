@@ -441,8 +441,17 @@ def _joined_shared(plan: MoEPlan, layer: int, noise: torch.Generator) -> list[Ou
         shape = list(shapes[0])
         shape[axis] = sum(s[axis] for s in shapes)
 
-        def make(makes: list[Callable[[], torch.Tensor]] = makes, axis: int = axis) -> torch.Tensor:
-            return torch.cat([m() for m in makes], dim=axis)
+        def make(
+            makes: list[Callable[[], torch.Tensor]] = makes, axis: int = axis, shape: list[int] = shape
+        ) -> torch.Tensor:
+            out = torch.empty(shape, dtype=plan.dtype)  # filled one source at a time
+            at = 0
+            for m in makes:
+                part = m()
+                out.narrow(axis, at, part.shape[axis]).copy_(part)
+                at += part.shape[axis]
+                del part
+            return out
 
         out.append(OutTensor(plan.layout.shared_expert(layer, part), tuple(shape), plan.dtype, make, layer))
     return out

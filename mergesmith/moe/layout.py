@@ -26,7 +26,7 @@ from typing import Any
 __all__ = ["LAYOUTS", "SOURCE_MLP", "Layout", "choose", "deepseek_config", "glm4_moe_config", "out_config"]
 
 SOURCE_MLP = ("gate_proj", "up_proj", "down_proj")
-MAX_SHARED = 64
+MAX_SHARED = 8  # joined into one MLP tensor in memory while it is written
 CARRIED = (
     "vocab_size",
     "hidden_size",
