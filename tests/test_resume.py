@@ -95,23 +95,48 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def kill_when(cfg: Path, out: Path, ready: Callable[[Path], bool], *extra: str) -> Path:
-    """Start the slowed CLI merge, SIGKILL it once ``ready(stage)``; return the stage it left."""
+def signal_when(
+    cfg: Path, out: Path, ready: Callable[[Path], bool], sig: int, *extra: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Start the slowed CLI merge and send it ``sig`` once ``ready(stage)``; return the stage it
+    had and what it printed and returned on the way out."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [str(cfg), str(out), "--max-shard-size", SHARD, "--no-progress", "--no-diagnose", *extra]
-    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
     stage = stage_of(out, child.pid)
     deadline = time.monotonic() + 120
     try:
         while not ready(stage):
-            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
-            assert time.monotonic() < deadline, "the merge never reached the point to kill it at"
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "the merge never reached the point to signal it at"
             time.sleep(0.01)
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    return stage, subprocess.CompletedProcess(child.args, child.returncode, "", err)
+
+
+def kill_when(cfg: Path, out: Path, ready: Callable[[Path], bool], *extra: str) -> Path:
+    """Start the slowed CLI merge, SIGKILL it once ``ready(stage)``; return the stage it left."""
+    stage, _ = signal_when(cfg, out, ready, signal.SIGKILL, *extra)
     assert stage.is_dir() and not out.exists()
     return stage
+
+
+def resumes_to_the_reference(
+    cfg: Path, out: Path, kept: int, reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """``--resume`` keeps the ``kept`` finished shards and writes the uninterrupted run's bytes."""
+    done = cli(str(cfg), str(out), "--max-shard-size", SHARD, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert f"resume: kept {kept} of 16 shards" in done.stderr
+    assert files(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
 
 
 def after(k: int) -> Callable[[Path], bool]:
@@ -145,37 +170,7 @@ def test_a_killed_merge_resumes_to_the_same_bytes(
     cfg = write_config(tmp_path / "merge.yml", models)
     out = tmp_path / "out"
     stage = kill_when(cfg, out, lambda s: (s / MANIFEST).is_file() and point(s))
-    kept = len(done_shards(stage))
-    done = cli(str(cfg), str(out), "--max-shard-size", SHARD, "--resume")
-    assert done.returncode == 0, done.stderr
-    assert f"resume: kept {kept} of 16 shards" in done.stderr
-    assert files(out) == reference
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
-
-
-def interrupt_when(
-    cfg: Path, out: Path, ready: Callable[[Path], bool], sig: int
-) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """Start the slowed CLI merge and send it ``sig`` once ``ready(stage)``; return the stage it
-    had and what it printed and returned on the way out."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [str(cfg), str(out), "--max-shard-size", SHARD, "--no-progress", "--no-diagnose"]
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    stage = stage_of(out, child.pid)
-    deadline = time.monotonic() + 120
-    try:
-        while not ready(stage):
-            assert child.poll() is None, child.stderr.read() if child.stderr else ""
-            assert time.monotonic() < deadline, "the merge never reached the point to interrupt it at"
-            time.sleep(0.01)
-        child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    return stage, subprocess.CompletedProcess(child.args, child.returncode, "", err)
+    resumes_to_the_reference(cfg, out, len(done_shards(stage)), reference, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -186,7 +181,7 @@ def test_an_interrupted_merge_keeps_its_finished_shards_for_resume(
     the message says how to go on, and --resume finishes with the same bytes."""
     cfg = write_config(tmp_path / "merge.yml", models)
     out = tmp_path / "out"
-    stage, ended = interrupt_when(cfg, out, after(4), sig)
+    stage, ended = signal_when(cfg, out, after(4), sig)
     assert ended.returncode == 128 + sig, ended.stderr
     kept = len(done_shards(stage))
     assert stage.is_dir() and not out.exists() and 4 <= kept < 16
@@ -195,11 +190,7 @@ def test_an_interrupted_merge_keeps_its_finished_shards_for_resume(
         in ended.stderr
     )
     assert "--resume" in ended.stderr and "Traceback" not in ended.stderr
-    done = cli(str(cfg), str(out), "--max-shard-size", SHARD, "--resume")
-    assert done.returncode == 0, done.stderr
-    assert f"resume: kept {kept} of 16 shards" in done.stderr
-    assert files(out) == reference
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "out"]
+    resumes_to_the_reference(cfg, out, kept, reference, tmp_path)
 
 
 def test_an_interrupt_before_any_shard_is_finished_leaves_nothing(
@@ -207,7 +198,7 @@ def test_an_interrupt_before_any_shard_is_finished_leaves_nothing(
 ) -> None:
     cfg = write_config(tmp_path / "merge.yml", models)
     out = tmp_path / "out"
-    stage, ended = interrupt_when(
+    stage, ended = signal_when(
         cfg, out, lambda s: (s / MANIFEST).is_file() and not done_shards(s), signal.SIGINT
     )
     assert ended.returncode == 130, ended.stderr
