@@ -60,6 +60,8 @@ def config_for(method: str, zoo: dict[str, Path], extra: str = "") -> str:
         lines.append("parameters: {t: [0.2, 0.8]}")
     if method == "nearswap":
         lines.append("parameters: {t: 0.01}")
+    if method == "pcb":
+        lines.append("parameters: {density: 0.5}")
     lines.append("dtype: float32")
     return "\n".join(lines) + "\n" + extra
 

@@ -18,6 +18,7 @@ from mergesmith.methods import (
     nearswap,
     nuslerp,
     passthrough,
+    pcb,
     ram,
     sce,
     slerp,
@@ -54,6 +55,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         knots.METHOD,
         ram.RAM,
         ram.RAMPLUS_TL,
+        pcb.METHOD,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,
