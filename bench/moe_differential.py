@@ -65,6 +65,7 @@ def config(
     return text
 
 
+NOISE = "    noise_scale: 0.01\n    residual_scale: 0.9\n"
 CASES: dict[str, tuple[str, str]] = {
     "hidden": (config("hidden", per_token=1), "mixtral"),
     "cheap_embed": (config("cheap_embed"), "mixtral"),
@@ -86,6 +87,17 @@ CASES: dict[str, tuple[str, str]] = {
     ),
     "deepseek_random": (
         config("random", skills=("add", "rev", "sort"), shared="base", shared_prompts=False),
+        "deepseek",
+    ),
+    # noise_scale: the same draws from the seeded stream, in mergekit-moe's order of tensors
+    "noise_random": (config("random", skills=("add", "rev"), extra=NOISE), "mixtral"),
+    "noise_hidden": (config("hidden", skills=("add", "rev", "sort"), extra=NOISE), "mixtral"),
+    "noise_qwen2_moe": (
+        config("uniform_random", architecture="qwen", skills=("add", "rev"), shared="base", extra=NOISE),
+        "qwen2_moe",
+    ),
+    "noise_deepseek": (
+        config("random", skills=("add", "rev"), shared="base", shared_prompts=False, extra=NOISE),
         "deepseek",
     ),
 }

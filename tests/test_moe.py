@@ -167,6 +167,16 @@ def test_noise_and_residual_scale(tmp_path: Path) -> None:
     assert torch.equal(state[f"{prefix}.0.w1.weight"], add["model.layers.1.mlp.gate_proj.weight"])
     diff = (state[f"{prefix}.1.w1.weight"].float() - rev["model.layers.1.mlp.gate_proj.weight"].float()).std()
     assert 0.008 < diff.item() < 0.012
+    # mergekit-moe's draws: one stream seeded with the seed, the random router rows first, then
+    # each noisy tensor in its dtype, per layer and expert in the order gate, down, up
+    stream = torch.Generator().manual_seed(0)
+    torch.randn((4, 2, 128), generator=stream)
+    for n in range(4):
+        for part, out_name in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            src = rev[f"model.layers.{n}.mlp.{part}.weight"]
+            expected = src + torch.randn(src.shape, dtype=src.dtype, generator=stream) * 0.01
+            got = state[f"model.layers.{n}.block_sparse_moe.experts.1.{out_name}.weight"]
+            assert torch.equal(got, expected.to(got.dtype)), (n, part)
 
 
 def test_qwen2_moe_with_a_shared_expert(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def plan_moe(config: MoEConfig | str | Path, *, seed: int = defaults.SEED) -> Mo
         _out_config(cfg, layout, base.config, _dtype_name(dtype), _attention_biased(base)),
         trunk=trunk,
     )
-    plan.tensors = _tensors(plan, torch.Generator().manual_seed(seed))
+    plan.tensors = _tensors(plan, _noise_stream(plan, seed))
     return plan
 
 
@@ -382,6 +382,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _gated(cfg: MoEConfig) -> list[Expert]:
+    """The experts that get router rows: the routed ones, and as mergekit-moe does, the shared
+    ones when they have prompts or the rows are random (which changes the random draw even where
+    their rows go unused)."""
+    out = list(cfg.experts)
+    if any(e.positive_prompts for e in cfg.shared_experts) or cfg.gate_mode.endswith("random"):
+        out += list(cfg.shared_experts)
+    return out
+
+
+def _noise_stream(plan: MoEPlan, seed: int) -> torch.Generator:
+    """The random stream noise_scale draws from: mergekit-moe's, seeded with ``seed``, after the
+    random router rows (if any) were drawn from it."""
+    stream = torch.Generator().manual_seed(seed)
+    cfg = plan.config
+    noisy = any(e.noise_scale is not None for e in (*cfg.experts, *cfg.shared_experts))
+    if noisy and cfg.gate_mode in ("random", "uniform_random"):
+        shape = (plan.layers, len(_gated(cfg)), plan.hidden)
+        drawn = torch.randn if cfg.gate_mode == "random" else torch.rand
+        drawn(shape, generator=stream)
+    return stream
+
+
 def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
     base, layout, dtype = plan.base, plan.layout, plan.dtype
     out: list[OutTensor] = []
@@ -404,22 +427,28 @@ def _tensors(plan: MoEPlan, noise: torch.Generator) -> list[OutTensor]:
             out.append(
                 OutTensor(layout.gate_bias(n), (routed,), torch.float32, _zeros(routed, torch.float32), n)
             )
-        for e, (expert, model) in enumerate(zip(cfg.experts, plan.experts)):
-            for part in SOURCE_MLP:
-                src = f"model.layers.{n}.mlp.{part}.weight"
-                make = _expert_tensor(model, src, expert, dtype, noise)
-                out.append(OutTensor(layout.expert(n, e, part), model.info(src).shape, dtype, make, n))
-        if layout.shared_joined and plan.shared:
+        # in mergekit-moe's order, which is the order noise_scale's noise is drawn in
+        joined = layout.shared_joined and bool(plan.shared)
+        pairs: list[tuple[int | None, Expert, ModelSource]] = [
+            (e, expert, model) for e, (expert, model) in enumerate(zip(cfg.experts, plan.experts))
+        ]
+        if not joined:  # at most one: Layout.shared
+            pairs += [(None, expert, model) for expert, model in zip(cfg.shared_experts, plan.shared)]
+        steps = (
+            [(part, pair) for part in layout.parts for pair in pairs]
+            if layout.part_major
+            else [(part, pair) for pair in pairs for part in layout.parts]
+        )
+        for part, (e, expert, model) in steps:
+            src = f"model.layers.{n}.mlp.{part}.weight"
+            make = _expert_tensor(model, src, expert, dtype, noise)
+            name = layout.expert(n, e, part) if e is not None else layout.shared_expert(n, part)
+            out.append(OutTensor(name, model.info(src).shape, dtype, make, n))
+        if joined:
             out += _joined_shared(plan, n, noise)
-            continue
-        for expert, model in zip(cfg.shared_experts, plan.shared):  # at most one: Layout.shared
-            for part in SOURCE_MLP:
-                src = f"model.layers.{n}.mlp.{part}.weight"
-                make = _expert_tensor(model, src, expert, dtype, noise)
-                out.append(OutTensor(layout.shared_expert(n, part), model.info(src).shape, dtype, make, n))
-            if layout.shared_gated:
-                gate = _router(plan, n, routed, routed + 1)
-                out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
+        if layout.shared_gated and plan.shared:
+            gate = _router(plan, n, routed, routed + 1)
+            out.append(OutTensor(layout.shared_gate(n), (1, plan.hidden), dtype, gate, n))
     return out
 
 
@@ -485,8 +514,8 @@ def _expert_tensor(
 
     def make() -> torch.Tensor:
         t = model.get(name)
-        if expert.noise_scale is not None:
-            t = t + (torch.randn(t.shape, generator=noise) * expert.noise_scale).to(t.dtype)
+        if expert.noise_scale is not None:  # drawn in the tensor's dtype, as mergekit-moe draws it
+            t = t + torch.randn(t.shape, dtype=t.dtype, generator=noise) * expert.noise_scale
         if expert.residual_scale is not None and name.endswith("down_proj.weight"):
             t = t * expert.residual_scale
         return t.to(dtype)
@@ -549,14 +578,9 @@ def moe(
         _output.staged_output(out, plan.inputs, force=force, seen=seen, kind="moe") as stage,
     ):
         cfg = plan.config
-        gated = list(cfg.experts)
-        # as mergekit-moe: shared experts get rows when they have prompts or the rows are random
-        # (which changes the random draw even where their rows go unused)
-        if any(e.positive_prompts for e in cfg.shared_experts) or cfg.gate_mode.endswith("random"):
-            gated += list(cfg.shared_experts)
         plan.router = gates.gate_rows(
             cfg.gate_mode,
-            gated,
+            _gated(cfg),
             layers=plan.layers,
             hidden=plan.hidden,
             base_dir=str(plan.base.dir),

@@ -65,6 +65,11 @@ class Layout:
     shared_gated: bool = False  # whether its shared expert has a gate of its own
     shared_joined: bool = False  # whether its shared experts are one MLP of their joined rows
     router_bias: bool = False  # whether its router has a selection bias (written as zeros)
+    # the order mergekit-moe writes (and draws noise_scale's noise for) a layer's expert tensors:
+    # these source parts, each expert's three in turn, or with part_major each part for every
+    # expert (then the shared one) in turn
+    parts: tuple[str, str, str] = SOURCE_MLP
+    part_major: bool = False
 
     def gate(self, layer: int) -> str:
         return f"{self.block.format(layer)}.gate.weight"
@@ -92,6 +97,7 @@ LAYOUTS = {
         "model.layers.{}.block_sparse_moe",
         ("w1", "w3", "w2"),
         (0, 0),
+        parts=("gate_proj", "down_proj", "up_proj"),
     ),
     "qwen2_moe": Layout(
         "qwen2_moe",
@@ -102,6 +108,8 @@ LAYOUTS = {
         SOURCE_MLP,
         (1, 1),
         shared_gated=True,
+        parts=("down_proj", "gate_proj", "up_proj"),
+        part_major=True,
     ),
     "qwen3_moe": Layout(
         "qwen3_moe",
@@ -121,6 +129,8 @@ LAYOUTS = {
         SOURCE_MLP,
         (0, 1),
         shared_name="shared_experts",
+        parts=("up_proj", "gate_proj", "down_proj"),
+        part_major=True,
     ),
     "glm4_moe": Layout(
         "glm4_moe",
