@@ -7,6 +7,7 @@ from typing import Any
 from mergesmith.methods import (
     arcee_fusion,
     breadcrumbs,
+    cabs,
     dare,
     della,
     iso,
@@ -54,6 +55,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         knots.METHOD,
         ram.RAM,
         ram.RAMPLUS_TL,
+        cabs.METHOD,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,
