@@ -588,6 +588,12 @@ def _resolve_params(
         trouble = check(*_build(method, shared, per_model))
         if trouble:
             problem(f"{out_name}: {trouble}", f"check:{trouble}")
+    check_names = method.check_names
+    if check_names is not None and all(v is not REQUIRED for v in shared.values()):
+        names = [refs[m].name for m, _, _ in source.inputs]
+        trouble = check_names(method.build_params(shared), names, [r.name for r in refs])
+        if trouble:
+            problem(f"{out_name}: {trouble}", f"check:{trouble}")
     return shared, per_model
 
 

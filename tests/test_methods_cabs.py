@@ -12,8 +12,8 @@ import torch
 import mergesmith
 from mergesmith import ConfigError, load_config
 from mergesmith.errors import MethodError
-from mergesmith.methods import REGISTRY
-from mergesmith.methods.cabs import CabsModelParams, CabsParams, n_m_keep
+from mergesmith.methods import REGISTRY, MergeInputs
+from mergesmith.methods.cabs import CabsModelParams, CabsParams, n_m_keep, pruning_sequence
 from tests import tiny
 from tests.test_merge import states
 from tests.test_methods import run
@@ -198,6 +198,39 @@ def test_n_equal_to_m_keeps_every_entry_not_yet_taken_and_n_zero_keeps_none() ->
     np.testing.assert_array_equal(out, base)
 
 
+def merge_named(
+    models: list[np.ndarray], names: list[str], order: tuple[str, ...], weights: list[float]
+) -> np.ndarray:
+    method = REGISTRY["cabs"]
+    inputs: MergeInputs[Any, Any] = MergeInputs(
+        tensor_name="model.layers.0.mlp.up_proj.weight",
+        base=torch.zeros(models[0].shape),
+        tensors=[torch.tensor(m) for m in models],
+        params=CabsParams(default_n_val=1, default_m_val=2, pruning_order=order),
+        model_params=[CabsModelParams(weight=w) for w in weights],
+        models=names,
+    )
+    return method.merge(inputs).numpy()
+
+
+def test_named_models_go_sorted_by_name_or_in_pruning_order() -> None:
+    a = np.array([2, 1], dtype=np.float32)
+    b = np.array([3, 0.5], dtype=np.float32)
+    np.testing.assert_array_equal(merge_named([b, a], ["y", "x"], (), [1.0, 1.0]), [2, 0.5])
+    np.testing.assert_array_equal(merge_named([a, b], ["x", "y"], ("y", "x"), [1.0, 1.0]), [3, 1])
+    np.testing.assert_array_equal(
+        merge_named([a, b], ["x", "y"], ("base", "y", "x", "y"), [1.0, 1.0]), [3, 1]
+    )
+
+
+def test_pruning_sequence() -> None:
+    assert pruning_sequence(["m/b", "m/a", "m/c"], ()) == [1, 0, 2]
+    assert pruning_sequence(["m/b", "m/a", "m/b"], ()) == [1, 0, 2]  # equal names keep their order
+    assert pruning_sequence(["m/b", "m/a", "m/c"], ("m/c", "base", "m/b", "m/a")) == [2, 0, 1]
+    assert pruning_sequence(["x", "y", "x"], ("y", "x", "y")) == [1, 0, 2]
+    assert pruning_sequence([], ()) == []
+
+
 def test_the_order_of_the_models_decides_who_keeps_a_shared_entry() -> None:
     base = np.zeros(2, dtype=np.float32)
     a = np.array([2, 1], dtype=np.float32)
@@ -312,7 +345,7 @@ def test_the_merge_function_refuses_sizes_that_skipped_the_check() -> None:
 # -- end to end -------------------------------------------------------------------------------------
 
 
-def test_tiny_llama_merge_matches_numpy(zoo: dict[str, Path], tmp_path: Path) -> None:
+def tiny_config(zoo: dict[str, Path], order: list[str] | None = None) -> str:
     text = (
         f"merge_method: cabs\nbase_model: {zoo['base']}\nmodels:\n"
         f"  - model: {zoo['c']}\n    parameters: {{weight: 0.8}}\n"
@@ -320,18 +353,70 @@ def test_tiny_llama_merge_matches_numpy(zoo: dict[str, Path], tmp_path: Path) ->
         f"  - model: {zoo['b']}\n    parameters:\n      weight: 0.6\n"
         "parameters:\n  default_n_val: 2\n  default_m_val: 8\n"
         "  n_val: [{filter: layernorm, value: 1}]\n  m_val: [{filter: layernorm, value: 4}]\n"
-        "dtype: float32\n"
     )
+    if order is not None:
+        text += "  pruning_order:\n" + "".join(f"    - {zoo[m]}\n" for m in order)
+    return text + "dtype: float32\n"
+
+
+@pytest.mark.parametrize("order", [None, ["c", "b", "base", "a"]])
+def test_tiny_llama_merge_matches_numpy(
+    order: list[str] | None, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    assert sorted(str(zoo[m]) for m in "abc") == [str(zoo[m]) for m in "abc"]
     out = tmp_path / "out"
-    plan = mergesmith.merge(text, out)
+    plan = mergesmith.merge(tiny_config(zoo, order), out)
     merged = tiny.load_state(out)
     src = states(zoo, ["base", "a", "b", "c"])
     assert sorted(merged) == sorted(j.name for j in plan.jobs)
-    weights = [0.8, 1.3, 0.6]
+    # without pruning_order the models go sorted by name (a, b, c), whatever the config's order
+    sequence = [m for m in (order or ["a", "b", "c"]) if m != "base"]
+    weight = {"c": 0.8, "a": 1.3, "b": 0.6}
     for name in merged:
         norm = "layernorm" in name
-        sizes = [(1, 4), (3, 8), (1, 4)] if norm else [(2, 8), (3, 8), (2, 8)]
+        size = {"a": (3, 8), "b": (1, 4) if norm else (2, 8), "c": (1, 4) if norm else (2, 8)}
         base = src["base"][name].numpy()
-        expected, kept = numpy_cabs(base, [src[m][name].numpy() for m in "cab"], weights, sizes)
+        expected, kept = numpy_cabs(
+            base,
+            [src[m][name].numpy() for m in sequence],
+            [weight[m] for m in sequence],
+            [size[m] for m in sequence],
+        )
         np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
         assert (sum(k.astype(int) for k in kept) <= 1).all()
+
+
+def test_the_merge_order_changes_the_result(zoo: dict[str, Path], tmp_path: Path) -> None:
+    mergesmith.merge(tiny_config(zoo), tmp_path / "sorted")
+    mergesmith.merge(tiny_config(zoo, ["c", "b", "a"]), tmp_path / "given")
+    name = "model.layers.0.mlp.up_proj.weight"
+    first, second = tiny.load_state(tmp_path / "sorted")[name], tiny.load_state(tmp_path / "given")[name]
+    assert not torch.equal(first, second)
+
+
+def test_pruning_order_must_name_models_of_the_merge(zoo: dict[str, Path]) -> None:
+    text = tiny_config(zoo, ["c", "a"]).replace(f"    - {zoo['a']}\n", f"    - {zoo['a']}\n    - ./nowhere\n")
+    with pytest.raises(ConfigError) as info:
+        mergesmith.validate(text)
+    assert "pruning_order names './nowhere', which is not a model of this merge" in str(info.value)
+    assert str(zoo["b"]) in str(info.value)  # the names it could have used
+
+
+def test_pruning_order_must_list_every_model(zoo: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError) as info:
+        mergesmith.validate(tiny_config(zoo, ["c", "a"]))
+    assert f"pruning_order leaves out {str(zoo['b'])!r}; list every model besides the base" in str(info.value)
+
+
+def test_pruning_order_is_a_list_of_names_for_the_whole_merge() -> None:
+    head = "merge_method: cabs\nbase_model: a\nmodels:\n  - model: b\n  - model: c\n"
+    found = problems(head + "parameters:\n  pruning_order: b\n")
+    assert found == ["line 7: parameters.pruning_order: expected a list of model names, found 'b'"]
+    found = problems(head + "parameters:\n  pruning_order: [b, 3]\n")
+    assert found == ["line 7: parameters.pruning_order: expected a list of model names, found ['b', 3]"]
+    found = problems(
+        head.replace("  - model: c\n", "  - model: c\n    parameters: {pruning_order: [c, b]}\n")
+    )
+    assert len(found) == 1 and "pruning_order applies to the whole merge, not to one model" in found[0]
+    config = load_config(head + "parameters:\n  pruning_order: [c, b]\n")
+    assert config.method == "cabs"

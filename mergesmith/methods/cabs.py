@@ -1,6 +1,7 @@
 """CABS: conflict-aware, balanced (n:m) sparsification of task vectors, then their weighted sum.
 
-Per tensor, the models are taken in config order. Each model's task vector is cut into blocks of
+Per tensor, the models are taken in turn: in the order ``pruning_order`` names them, else sorted
+by name (mergekit's default). Each model's task vector is cut into blocks of
 ``m`` consecutive entries (in the tensor's flattened order) and, in every block, keeps its ``n``
 largest-magnitude entries among those no earlier model has kept (balanced sparsification). The
 entries it keeps are then taken: no later model may keep them (conflict-aware sparsification), so
@@ -19,7 +20,7 @@ from mergesmith.errors import MethodError
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
 
-__all__ = ["CabsModelParams", "CabsParams", "block_sizes", "merge", "n_m_keep"]
+__all__ = ["CabsModelParams", "CabsParams", "block_sizes", "merge", "n_m_keep", "pruning_sequence"]
 
 UNSET_N = -1  # a model's n_val that takes default_n_val
 UNSET_M = 0  # a model's m_val that takes default_m_val
@@ -30,6 +31,11 @@ _CHUNK = 1 << 18  # entries of one model handled at a time (rounded down to whol
 class CabsParams:
     default_n_val: int = param(1, doc="entries kept per block (n of n:m), for models without n_val", lo=0)
     default_m_val: int = param(4, doc="block size (m of n:m), for models without m_val", lo=1)
+    pruning_order: tuple[str, ...] = param(
+        (),
+        doc="model names in the order they choose their entries (empty: sorted by name); "
+        "every model but the base must be listed",
+    )
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,33 @@ def n_m_keep(magnitude: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep & (magnitude > 0)
 
 
+def pruning_sequence(names: Sequence[str], order: Sequence[str]) -> list[int]:
+    """The positions of the models named ``names`` in the order they are pruned.
+
+    With ``order`` (model names), the models in the order it names them; each name takes every
+    model of that name, in the given order, and names of no model here are passed over. Without
+    ``order``, the models sorted by name (equal names keep their order).
+    """
+    if not order:
+        return sorted(range(len(names)), key=lambda i: names[i])
+    out: list[int] = []
+    for name in dict.fromkeys(order):
+        out += [i for i, n in enumerate(names) if n == name]
+    return out
+
+
 def merge(inputs: MergeInputs[CabsParams, CabsModelParams]) -> torch.Tensor:
     base = base_of(inputs)
     params = inputs.params
     flat_base = base.reshape(-1)
     count = flat_base.numel()
     taken = torch.zeros(count, dtype=torch.bool, device=base.device)
-    for tensor, mp in zip(inputs.tensors, inputs.model_params):
+    if inputs.models:
+        sequence = pruning_sequence(inputs.models, params.pruning_order)
+    else:
+        sequence = list(range(len(inputs.tensors)))
+    for i in sequence:
+        tensor, mp = inputs.tensors[i], inputs.model_params[i]
         n, m = block_sizes(params, mp)
         _check_sizes(inputs.tensor_name, n, m)
         flat = tensor.reshape(-1)
@@ -125,6 +151,25 @@ def _check(params: CabsParams, model_params: Sequence[CabsModelParams]) -> str |
     return None
 
 
+def _check_names(params: CabsParams, names: Sequence[str], every: Sequence[str]) -> str | None:
+    order = params.pruning_order
+    if not order:
+        return None
+    unknown = [n for n in order if n not in every]
+    if unknown:
+        return (
+            f"cabs: pruning_order names {unknown[0]!r}, which is not a model of this merge; "
+            f"use the names as the config writes them: {', '.join(dict.fromkeys(every))}"
+        )
+    missing = [n for n in dict.fromkeys(names) if n not in order]
+    if missing:
+        return (
+            f"cabs: pruning_order leaves out {missing[0]!r}; list every model besides the base "
+            "(mergekit would leave it out of the merge), or remove pruning_order to sort them by name"
+        )
+    return None
+
+
 METHOD = Method(
     name="cabs",
     title="CABS (conflict-aware and balanced sparsification)",
@@ -134,4 +179,5 @@ METHOD = Method(
     model_params=CabsModelParams,
     merge=merge,
     check=_check,
+    check_names=_check_names,
 )
