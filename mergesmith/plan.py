@@ -223,6 +223,8 @@ def describe_job(job: Job, refs: Sequence[ModelRef]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, tuple):  # a list of model names
+        return "[" + ", ".join(map(str, v)) + "]"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

@@ -394,6 +394,11 @@ def test_the_merge_order_changes_the_result(zoo: dict[str, Path], tmp_path: Path
     assert not torch.equal(first, second)
 
 
+def test_validate_shows_the_pruning_order(zoo: dict[str, Path]) -> None:
+    text = mergesmith.validate(tiny_config(zoo, ["b", "c", "a"])).describe()
+    assert f"pruning_order=[{zoo['b']}, {zoo['c']}, {zoo['a']}]" in text
+
+
 def test_pruning_order_must_name_models_of_the_merge(zoo: dict[str, Path]) -> None:
     text = tiny_config(zoo, ["c", "a"]).replace(f"    - {zoo['a']}\n", f"    - {zoo['a']}\n    - ./nowhere\n")
     with pytest.raises(ConfigError) as info:
