@@ -256,6 +256,13 @@ def test_large_tensors_are_handled_in_chunks_with_the_same_result() -> None:
     close(out, expected.reshape(base.shape).numpy())
 
 
+def test_a_nan_in_a_task_vector_is_kept_so_that_it_reaches_the_result() -> None:
+    base = np.zeros(4, dtype=np.float32)
+    model = np.array([5, np.nan, 1, 2], dtype=np.float32)
+    out = run("cabs", [model], {}, model_params([1.0], [(1, 4)]), base=base)
+    assert np.isnan(out[1]) and (out[[0, 2, 3]] == 0).all()
+
+
 def test_n_m_keep_on_a_hand_built_block() -> None:
     magnitude = torch.tensor([0.5, 3.0, -1.0, 3.0, 0.0, 0.0, 2.0])
     assert n_m_keep(magnitude, 2, 4).tolist() == [False, True, False, True, False, False, True]

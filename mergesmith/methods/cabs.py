@@ -1,9 +1,9 @@
 """CABS: conflict-aware, balanced (n:m) sparsification of task vectors, then their weighted sum.
 
 Per tensor, the models are taken in turn: in the order ``pruning_order`` names them, else sorted
-by name (mergekit's default). Each model's task vector is cut into blocks of
-``m`` consecutive entries (in the tensor's flattened order) and, in every block, keeps its ``n``
-largest-magnitude entries among those no earlier model has kept (balanced sparsification). The
+by name (mergekit's default). Each model's task vector is cut into blocks of ``m`` consecutive
+entries (in the tensor's flattened order) and, in every block, keeps its ``n`` largest-magnitude
+entries among those no earlier model has kept (balanced sparsification). The
 entries it keeps are then taken: no later model may keep them (conflict-aware sparsification), so
 the kept task vectors never overlap. The merge adds each kept task vector, times the model's
 weight, to the base.
@@ -115,7 +115,8 @@ def merge(inputs: MergeInputs[CabsParams, CabsModelParams]) -> torch.Tensor:
         for start in range(0, count, step):
             stop = min(count, start + step)
             delta = flat[start:stop].sub_(flat_base[start:stop])
-            magnitude = delta.abs().masked_fill_(taken[start:stop], -1.0)
+            # NaN counts as the largest magnitude, so that it reaches the result and is reported
+            magnitude = delta.abs().nan_to_num_(nan=float("inf")).masked_fill_(taken[start:stop], -1.0)
             keep = n_m_keep(magnitude, n, m)
             del magnitude
             taken[start:stop] |= keep
