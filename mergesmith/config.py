@@ -81,9 +81,13 @@ class ModelRef:
             return cls(path, rev or None)
         return cls(text)
 
+    @property
+    def name(self) -> str:
+        """The model as mergekit names it: the path, with @revision when given, without a LoRA."""
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
     def __str__(self) -> str:
-        text = f"{self.path}@{self.revision}" if self.revision else self.path
-        return f"{text}+{self.lora}" if self.lora else text
+        return f"{self.name}+{self.lora}" if self.lora else self.name
 
 
 def _exists(text: str) -> bool:

@@ -28,10 +28,13 @@ def _param_line(info: ParamInfo, scope: str) -> str:
         if info.required
         else repr(info.default).lower()
         if isinstance(info.default, bool)
+        else repr(list(info.default))
+        if info.is_names
         else repr(info.default)
     )
     bounds = f" in {info.bounds_text()}" if info.bounds_text() else ""
-    return f"    {info.key:<10} {scope:<9} {info.type.__name__:<5} default {default}{bounds}: {info.doc}"
+    kind = "list" if info.is_names else info.type.__name__
+    return f"    {info.key:<10} {scope:<9} {kind:<5} default {default}{bounds}: {info.doc}"
 
 
 def method_text(method: Method[object, object]) -> str:

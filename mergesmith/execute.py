@@ -185,6 +185,7 @@ def merge_job(
                 seed=plan.config.seed,
                 thresholds=[job_thresholds[i] for i in members] if job_thresholds is not None else None,
                 reuse=[reuse[i] for i in members] if reuse is not None and rows is None else None,
+                models=[plan.refs[job.inputs[i].model].name for i in members],
             )
         )
 

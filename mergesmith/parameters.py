@@ -74,6 +74,11 @@ class ParamInfo:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def is_names(self) -> bool:
+        """Whether the value is a list of model names (type ``tuple[str, ...]``), given whole."""
+        return typing.get_origin(self.type) is tuple
+
     def bounds_text(self) -> str:
         if self.choices:
             return " | ".join(self.choices)
@@ -165,6 +170,10 @@ def is_condition_list(setting: Any) -> bool:
 
 def check_setting(info: ParamInfo, setting: Any) -> list[str]:
     """Problems with a setting written for ``info``: its shape and every value in it."""
+    if info.is_names:
+        if isinstance(setting, list) and all(isinstance(v, str) for v in setting):
+            return []
+        return [f": expected a list of model names, found {shown(setting)}"]
     if isinstance(setting, list):
         if not setting:
             return [": an empty list gives no value"]
@@ -207,8 +216,11 @@ def evaluate(info: ParamInfo, setting: Any, tensor_name: str, t: float) -> Any:
 
     Returns None when a condition list has no entry matching the tensor.
     A numeric list is a gradient: the value is linearly interpolated at ``t`` between its
-    evenly spaced points. A list of non-numbers picks the entry at ``t``.
+    evenly spaced points. A list of non-numbers picks the entry at ``t``. A list of model names
+    (see :attr:`ParamInfo.is_names`) is the value itself.
     """
+    if info.is_names:
+        return tuple(setting)
     if isinstance(setting, list):
         if is_condition_list(setting):
             for cond in setting:

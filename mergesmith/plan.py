@@ -223,6 +223,8 @@ def describe_job(job: Job, refs: Sequence[ModelRef]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, tuple):  # a list of model names
+        return "[" + ", ".join(map(str, v)) + "]"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -586,6 +588,12 @@ def _resolve_params(
     resolved = all(v is not REQUIRED for mp in [shared, *per_model] for v in mp.values())
     if check is not None and resolved:
         trouble = check(*_build(method, shared, per_model))
+        if trouble:
+            problem(f"{out_name}: {trouble}", f"check:{trouble}")
+    check_names = method.check_names
+    if check_names is not None and all(v is not REQUIRED for v in shared.values()):
+        names = [refs[m].name for m, _, _ in source.inputs]
+        trouble = check_names(method.build_params(shared), names, [r.name for r in refs])
         if trouble:
             problem(f"{out_name}: {trouble}", f"check:{trouble}")
     return shared, per_model

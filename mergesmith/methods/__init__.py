@@ -7,6 +7,7 @@ from typing import Any
 from mergesmith.methods import (
     arcee_fusion,
     breadcrumbs,
+    cabs,
     dare,
     della,
     iso,
@@ -56,6 +57,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         ram.RAM,
         ram.RAMPLUS_TL,
         pcb.METHOD,
+        cabs.METHOD,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,

@@ -46,6 +46,9 @@ class MergeInputs(Generic[P, M]):
     # parameters (tuning trials); None in a one-off merge. Steps keep there what depends on that
     # input's task vector alone, such as its sorted magnitudes (see _steps.trim_to_top).
     reuse: Sequence[MutableMapping[str, Any]] | None = None
+    # The models of ``tensors``, as mergekit names them (path, with @revision when given); empty
+    # where the tensors do not come from named models.
+    models: Sequence[str] = ()
 
     def store(self, index: int) -> MutableMapping[str, Any] | None:
         """The store of input ``index`` (see ``reuse``), or None."""
@@ -75,6 +78,9 @@ class Method(Generic[P, M]):
     max_models: int | None = None
     random: bool = False
     check: Callable[[P, Sequence[M]], str | None] | None = None
+    # Checks the merge-wide parameters against model names (see MergeInputs.models): those of one
+    # tensor's inputs besides the base, in config order, and those of every model in the merge.
+    check_names: Callable[[P, Sequence[str], Sequence[str]], str | None] | None = None
     # With these params, trim each model by a magnitude threshold over its whole task vector: the
     # executor computes it first (mergesmith.whole_model) and passes it as MergeInputs.thresholds.
     # The method's per-model parameters must then include one ``density`` for the whole model.
