@@ -75,7 +75,7 @@ def merge(
     names the inputs that hold them; ``on_nonfinite="warn"`` writes it anyway, with a warning on
     stderr and in the model card. Two merges into the same ``out_dir`` at once are refused.
     ``before`` is called with the validated plan just before the first tensor is merged.
-    ``threads``: torch's threads for the merge (default: the cores the load average leaves idle,
+    ``threads``: torch's threads for the merge (default: the cores other work leaves idle,
     see ``mergesmith._threads``); the previous setting is restored afterwards.
     ``copy_tokenizer=False`` leaves the tokenizer files out unless the config's tokenizer_source
     asks for a tokenizer, and ``write_model_card=False`` leaves README.md out (as mergekit's

@@ -76,7 +76,7 @@ def threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=at_least_1,
-        help="torch threads (default: the cores the 1-minute load average leaves idle, at least 1)",
+        help="torch threads (default: the cores other work leaves idle, by the 1-minute load average and the tasks running now; at least 1)",
     )
 
 
