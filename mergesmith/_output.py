@@ -27,6 +27,7 @@ __all__ = [
     "identity",
     "os_error",
     "output_lock",
+    "resumable",
     "staged_output",
     "stale_summary",
     "write_file",
@@ -43,8 +44,8 @@ MARKER = ".mergesmith"
 completed: list[Path] = []
 """The outputs this process has put in place, for an interrupted command to say what it left."""
 kept: list[tuple[Path, int, int]] = []
-"""Staging directories an interrupt left in place (path, finished shards, all shards), for
-``--resume`` to continue from."""
+"""The staging directory an interrupt of the latest merge left in place (path, finished shards,
+all shards), for ``--resume`` to continue from."""
 
 
 def check_inside(out_dir: Path, inputs: Sequence[Path]) -> None:
@@ -279,6 +280,7 @@ def staged_output(
     finished shards named on stderr.
     """
     parent = out_dir.resolve().parent
+    kept.clear()  # what an interrupt of this merge leaves
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -460,6 +462,17 @@ def _clean_stale(parent: Path, name: str, resume: bool = False) -> Path | None:
             )
         shutil.rmtree(p, ignore_errors=True)
     return adopted
+
+
+def resumable(out_dir: Path) -> bool:
+    """Whether a dead run into ``out_dir`` left a staging directory with a progress file, which
+    ``--resume`` would take over."""
+    name = out_dir.resolve().name
+    for p in out_dir.resolve().parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)) and (p / MANIFEST).is_file():
+            return True
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -352,8 +352,13 @@ def multi(
     merge into ``out_path``. Every stage is checked before the first is merged (:func:`load_multi`,
     :func:`check`). With ``lazy`` a stage already finished (:func:`finished`), and whose stages are
     all finished too, is skipped. ``options`` are passed to :func:`mergesmith.api.merge` for each
-    stage. Returns the stages merged, in order."""
+    stage; with ``resume=True``, a stage an earlier run was interrupted in
+    (:func:`mergesmith._output.resumable`) goes on from its finished shards. Returns the stages
+    merged, in order."""
+    from mergesmith import _output
     from mergesmith.api import merge
+
+    resume = bool(options.pop("resume", False))
 
     plan = load_multi(config, out_dir, out_path=out_path)
     skip = check(plan, lazy=lazy)
@@ -365,7 +370,8 @@ def multi(
             _tell(say, f"stage {i}/{total}: {stage.label} (finished earlier in {stage.out_dir}; skipped)")
             continue
         _tell(say, f"stage {i}/{total}: {stage.label} -> {stage.out_dir}")
-        merge(stage.config, stage.out_dir, force=True, **options)
+        again = resume and _output.resumable(Path(stage.out_dir))
+        merge(stage.config, stage.out_dir, force=True, resume=again, **options)
         merged.append(stage)
         written.append(stage.out_dir)
     return merged
@@ -393,9 +399,13 @@ def stages_dir(given: str | None, intermediate: str | None) -> str:
 
 def interrupted() -> str:
     """What an interrupted ``multi`` leaves, for the command line."""
+    from mergesmith import _output
+
     done = ", ".join(str(p) for p in written)
-    return (
-        (f"the stages written to {done} are complete" if done else "no stage was written in this run")
-        + "; the stage being merged was not written (its previous output, if any, was left as it was): "
-        "run the same command again to go on, finished stages are skipped"
-    )
+    said = (
+        f"the stages written to {done} are complete" if done else "no stage was written in this run"
+    ) + "; the stage being merged was not written (its previous output, if any, was left as it was)"
+    for stage, finished, shards in _output.kept:
+        said += f", {finished} of its {shards} shards were kept in {stage}"
+    resume = " with --resume" if _output.kept else ""
+    return said + f": run the same command again{resume} to go on, finished stages are skipped"

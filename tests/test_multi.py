@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -375,3 +377,77 @@ def test_load_all_reads_every_document_with_the_same_bounds() -> None:
         _yaml.load_all(deep)
     with pytest.raises(ConfigError, match=r"^<config>:2: holds several YAML documents"):
         _yaml.load("a: 1\n---\nb: 2\n")  # a single config stays one document
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    """The files of a merged model, its card and config copy aside (they name the stage's path)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.name not in ("README.md", "mergesmith_config.yml")
+    }
+
+
+def test_an_interrupted_stage_resumes_from_its_finished_shards_and_workers_change_no_byte(
+    zoo: dict[str, Path],
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergesmith import _safetensors
+
+    config = write_config(two_stages(zoo))
+
+    def args(name: str, *extra: str) -> list[str]:
+        out = tmp_path / name
+        return [
+            "multi",
+            str(config),
+            str(out / "stages"),
+            "--out-path",
+            str(out / "final"),
+            "--max-shard-size",
+            "6KB",
+            *extra,
+        ]
+
+    assert main(args("reference")) == 0
+    reference = files_of(tmp_path / "reference" / "final")
+    shards = len([n for n in reference if n.endswith(".safetensors")])
+    assert shards >= 6
+    assert main(args("two-workers", "--workers", "2")) == 0
+    assert files_of(tmp_path / "two-workers" / "final") == reference
+
+    real = _safetensors.ShardWriter.__init__
+    started: list[Path] = []
+
+    def stop_at_the_fourth_final_shard(self: Any, path: Path, *rest: Any, **kw: Any) -> None:
+        if Path(path).parent.name.startswith(".final"):
+            started.append(Path(path))
+            if len(started) == 4:  # three finished and recorded
+                raise KeyboardInterrupt
+        real(self, path, *rest, **kw)
+
+    monkeypatch.setattr(_safetensors.ShardWriter, "__init__", stop_at_the_fourth_final_shard)
+    capsys.readouterr()
+    assert main(args("run")) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    stage = started[0].parent
+    assert last == (
+        f"interrupted: the stages written to {tmp_path / 'run' / 'stages' / 'ab'} are complete; the stage being "
+        f"merged was not written (its previous output, if any, was left as it was), 3 of its {shards} shards "
+        f"were kept in {stage}: run the same command again with --resume to go on, finished stages are skipped"
+    )
+    monkeypatch.setattr(_safetensors.ShardWriter, "__init__", real)
+    # the interrupted command's process has exited: its staging directory names a process gone
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stage = stage.rename(stage.with_name(stage.name.rsplit("-", 1)[0] + f"-{int(gone.stdout)}"))
+    assert main(args("run", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "(finished earlier in " + str(tmp_path / "run" / "stages" / "ab") + "; skipped)" in err
+    assert f"resume: kept 3 of {shards} shards" in err
+    assert files_of(tmp_path / "run" / "final") == reference
+    assert not stage.exists()

@@ -23,6 +23,7 @@ __all__ = [
     "paths",
     "print_report",
     "say",
+    "scale_options",
     "settle",
     "threads_option",
 ]
@@ -77,6 +78,35 @@ def threads_option(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=at_least_1,
         help="torch threads (default: the cores other work leaves idle, by the 1-minute load average and the tasks running now; at least 1)",
+    )
+
+
+def scale_options(p: argparse.ArgumentParser, what: str = "merge") -> None:
+    """--resume, --workers, --executor and --ray-address: how a merge is spread and restarted."""
+    from mergesmith import defaults
+
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"take over what a killed {what} into OUT_DIR left and keep its finished shards (same plan only)",
+    )
+    p.add_argument(
+        "--workers",
+        type=at_least_1,
+        default=defaults.WORKERS,
+        help=f"merge the shards in N processes, each with --threads/N torch threads (default {defaults.WORKERS})",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=defaults.EXECUTOR,
+        help=f"local processes or Ray tasks, one per shard (pip install 'mergesmith[ray]') "
+        f"(default {defaults.EXECUTOR})",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="--executor ray: the cluster to join (default: $RAY_ADDRESS, else start a local one)",
     )
 
 

@@ -11,11 +11,11 @@ from mergesmith._mergekit_flags import add_mergekit_flags, apply_mergekit_flags
 from mergesmith.commands._common import (
     Command,
     Subparsers,
-    at_least_1,
     eval_options,
     force_option,
     print_report,
     say,
+    scale_options,
     settle,
     threads_option,
 )
@@ -64,29 +64,7 @@ def add_parser(sub: Subparsers) -> None:
         help="after merging, evaluate base, parents and merged model on these JSONL tasks and write "
         "eval_report.{md,json,png} beside the model",
     )
-    m.add_argument(
-        "--resume",
-        action="store_true",
-        help="take over what a killed merge into OUT_DIR left and keep its finished shards (same plan only)",
-    )
-    m.add_argument(
-        "--workers",
-        type=at_least_1,
-        default=defaults.WORKERS,
-        help=f"merge the shards in N processes, each with --threads/N torch threads (default {defaults.WORKERS})",
-    )
-    m.add_argument(
-        "--executor",
-        choices=["local", "ray"],
-        default=defaults.EXECUTOR,
-        help=f"local processes or Ray tasks, one per shard (pip install 'mergesmith[ray]') "
-        f"(default {defaults.EXECUTOR})",
-    )
-    m.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        help="--executor ray: the cluster to join (default: $RAY_ADDRESS, else start a local one)",
-    )
+    scale_options(m)
     eval_options(m, defaults.BATCH_SIZE)
     threads_option(m)
     add_mergekit_flags(m)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mergesmith import defaults
-from mergesmith.commands._common import Command, Subparsers, say, threads_option
+from mergesmith.commands._common import Command, Subparsers, say, scale_options, threads_option
 
 __all__ = ["add_parser", "interrupted", "run"]
 
@@ -36,6 +36,7 @@ def add_parser(sub: Subparsers) -> None:
         help=f"device for the arithmetic: cpu or cuda (default {defaults.DEVICE})",
     )
     mu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale_options(mu, "stage")
     threads_option(mu)
 
 
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=False if args.no_progress else None,
         threads=args.threads,
+        resume=args.resume,
+        workers=args.workers,
+        executor=args.executor,
+        ray_address=args.ray_address,
         tune_memory=True,
     )
     print(
