@@ -23,6 +23,7 @@ from mergesmith.methods import (
     ram,
     sce,
     slerp,
+    star,
     task_arithmetic,
     ties,
     tsv,
@@ -62,6 +63,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         tsv.METHOD,
         iso.ISO_C,
         iso.ISO_CTS,
+        star.METHOD,
         # layer surgery
         passthrough.METHOD,
     )
