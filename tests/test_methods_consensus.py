@@ -12,7 +12,8 @@ import torch
 
 import mergesmith
 from mergesmith import ConfigError, load_config
-from mergesmith.methods import REGISTRY
+from mergesmith.errors import MethodError
+from mergesmith.methods import REGISTRY, MergeInputs
 from mergesmith.methods.consensus import (
     ConsensusTaModelParams,
     ConsensusTaParams,
@@ -231,6 +232,49 @@ def test_a_higher_threshold_keeps_a_subset() -> None:
     assert kept[1].sum() > kept[3].sum() > kept[5].sum()  # entries do get dropped step by step
 
 
+def np_paper_ties_vector(trimmed: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
+    """The authors' TIES on task vectors already trimmed: weighted sign election, disjoint sum, or
+    with ``normalize`` the mean over the agreeing models' count."""
+    u = [w * d for d, w in zip(trimmed, weights)]
+    sign = np.where(sum(u) >= 0, 1.0, -1.0)
+    agree = [(x * sign > 0).astype(np.float64) for x in u]
+    merged = sum(a * x for a, x in zip(agree, u))
+    assert isinstance(merged, np.ndarray)
+    if normalize:
+        merged = merged / np.maximum(sum(agree), 1.0)
+    return merged
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_paper_mode_trims_at_the_given_thresholds(normalize: bool) -> None:
+    base = normal(6, 7)
+    models = [base + normal(6, 7) for _ in range(3)]
+    weights, lambdas, thresholds = [1.0, 0.5, 1.5], [0.4, 0.3, 0.5], [0.8, 1.2, 0.0]
+    method = REGISTRY["consensus_ties"]
+    inputs: MergeInputs[Any, Any] = MergeInputs(
+        tensor_name="model.layers.0.mlp.up_proj.weight",
+        base=torch.tensor(base),
+        tensors=[torch.tensor(m) for m in models],
+        params=ConsensusTiesParams(mode="paper", normalize=normalize, lambda_=0.8),
+        model_params=[
+            ConsensusTiesModelParams(weight=w, tall_lambda=lam) for w, lam in zip(weights, lambdas)
+        ],
+        thresholds=thresholds,
+    )
+    out = method.merge(inputs).numpy()
+    deltas = [m - base for m in models]  # float32, as the method sees them
+    trimmed = [np.where(np.abs(d) >= t, d, 0).astype(np.float64) for d, t in zip(deltas, thresholds)]
+    merged = np_paper_ties_vector(trimmed, weights, normalize)
+    count = sum(m.astype(int) for m in np_masks([d.astype(np.float64) for d in deltas], merged, lambdas))
+    close(out, base + 0.8 * np.where(np.asarray(count) >= 2, merged, 0.0))
+
+
+def test_paper_mode_needs_the_thresholds() -> None:
+    params = {"mode": "paper"}
+    with pytest.raises(MethodError, match="consensus_ties in paper mode needs the whole-model thresholds"):
+        run("consensus_ties", [normal(2, 3), normal(2, 3)], params, [{}] * 2, base=normal(2, 3))
+
+
 # -- edge cases -------------------------------------------------------------------------------------
 
 
@@ -405,3 +449,44 @@ def test_tiny_llama_merge_matches_numpy(method: str, zoo: dict[str, Path], tmp_p
     assert dropped > 0  # the consensus mask did drop entries of the merge
     layer2 = next(j for j in plan.jobs if j.name == "model.layers.2.mlp.up_proj.weight")
     assert layer2.built_model_params[0].tall_lambda == pytest.approx(0.6)
+
+
+def test_paper_mode_refuses_rescale() -> None:
+    check = REGISTRY["consensus_ties"].check
+    assert check is not None
+    trouble = check(ConsensusTiesParams(mode="paper", rescale=True), [ConsensusTiesModelParams()] * 2)
+    assert (
+        trouble is not None and "consensus_ties mode: paper keeps the trimmed entries as they are" in trouble
+    )
+
+
+def test_paper_mode_trims_over_the_whole_model(zoo: dict[str, Path], tmp_path: Path) -> None:
+    text = (
+        f"merge_method: consensus_ties\nbase_model: {zoo['base']}\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {{density: 0.3}}\n"
+        f"  - model: {zoo['b']}\n    parameters: {{density: 0.3, weight: 0.5, tall_lambda: 0.3}}\n"
+        f"  - model: {zoo['c']}\n    parameters: {{density: 0.2}}\n"
+        "parameters: {mode: paper, lambda: 0.9}\ndtype: float32\n"
+    )
+    out = tmp_path / "out"
+    mergesmith.merge(text, out)
+    merged = tiny.load_state(out)
+    src = states(zoo, ["base", "a", "b", "c"])
+    names = sorted(src["base"])
+    deltas = {m: {n: (src[m][n] - src["base"][n]).numpy() for n in names} for m in "abc"}
+    thresholds = []
+    for m, density in zip("abc", (0.3, 0.3, 0.2)):
+        flat = np.sort(np.concatenate([np.abs(deltas[m][n]).ravel() for n in names]))[::-1]
+        thresholds.append(float(flat[int(density * flat.size)]))  # the (keep + 1)-th largest
+    for n in names:
+        ds = [deltas[m][n] for m in "abc"]
+        trimmed = [np.where(np.abs(d) >= t, d, 0).astype(np.float64) for d, t in zip(ds, thresholds)]
+        vector = np_paper_ties_vector(trimmed, [1.0, 0.5, 1.0], False)
+        count = sum(
+            k.astype(int) for k in np_masks([d.astype(np.float64) for d in ds], vector, [0.4, 0.3, 0.4])
+        )
+        expected = src["base"][n].numpy() + 0.9 * np.where(np.asarray(count) >= 2, vector, 0.0)
+        np.testing.assert_allclose(merged[n].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=n)
+    # the trim is over the whole model: the share of a model's entries kept varies across tensors
+    kept = [float((np.abs(deltas["a"][n]) >= thresholds[0]).mean()) for n in names]
+    assert max(kept) - min(kept) > 0.2

@@ -11,12 +11,13 @@ against its own multi-task vector.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from mergesmith.errors import MethodError
 from mergesmith.methods import _steps
 from mergesmith.methods._spec import MergeInputs, Method, base_of
 from mergesmith.parameters import param
@@ -61,6 +62,12 @@ class ConsensusTiesParams:
     )
     lambda_: float = param(1.0, doc="scale of the masked multi-task vector", key="lambda")
     rescale: bool = param(False, doc="rescale trimmed task vectors to keep their L1 norm")
+    mode: str = param(
+        "mergekit",
+        doc="mergekit: trim each tensor, as ties does by default; paper: trim over the whole model, "
+        "count-averaged disjoint mean, as the authors' code",
+        choices=("mergekit", "paper"),
+    )
 
 
 @dataclass(frozen=True)
@@ -134,11 +141,18 @@ def merge_ties(inputs: MergeInputs[ConsensusTiesParams, ConsensusTiesModelParams
     base = base_of(inputs)
     params = inputs.params
     rescale: _steps.RescaleMode = "l1" if params.rescale else "none"
+    paper = params.mode == "paper"
+    if paper and inputs.thresholds is None:
+        raise MethodError(
+            f"{inputs.tensor_name}: consensus_ties in paper mode needs the whole-model thresholds"
+        )
     deltas = _steps.task_vectors(base, inputs.tensors)
     trimmed = []
     for i, (delta, mp) in enumerate(zip(deltas, inputs.model_params)):
         copy = delta.clone()
-        if mp.density < 1:
+        if paper and inputs.thresholds is not None:
+            _steps.keep_at_least(copy, inputs.thresholds[i])
+        elif mp.density < 1:
             _steps.trim_to_top(copy, mp.density, rescale, reuse=inputs.store(i))
         trimmed.append(copy)
     merged = _steps.combine(
@@ -148,23 +162,38 @@ def merge_ties(inputs: MergeInputs[ConsensusTiesParams, ConsensusTiesModelParams
         consensus="sum",
         normalize=params.normalize,
         lambda_=1.0,
+        divide_by="count" if paper else "weight",
     )
     return _add_consensus(base, deltas, merged, params, inputs.model_params)
 
 
-def _checker(name: str) -> Callable[[_Shared, Sequence[object]], str | None]:
-    def check(params: _Shared, model_params: Sequence[object]) -> str | None:
-        k, count = params.min_agreement, len(model_params)
-        if k > count:
-            models = f"{count} model{'s' if count != 1 else ''}"
-            return (
-                f"{name}: min_agreement: {k} keeps the entries that at least {k} models mark as "
-                f"important, but this tensor is merged from {models} besides the base, so nothing "
-                f"would be kept; set min_agreement to at most {count}, or merge more models"
-            )
-        return None
+def _check_agreement(name: str, params: _Shared, model_params: Sequence[object]) -> str | None:
+    k, count = params.min_agreement, len(model_params)
+    if k > count:
+        models = f"{count} model{'s' if count != 1 else ''}"
+        return (
+            f"{name}: min_agreement: {k} keeps the entries that at least {k} models mark as "
+            f"important, but this tensor is merged from {models} besides the base, so nothing "
+            f"would be kept; set min_agreement to at most {count}, or merge more models"
+        )
+    return None
 
-    return check
+
+def _check_ta(params: ConsensusTaParams, model_params: Sequence[ConsensusTaModelParams]) -> str | None:
+    return _check_agreement("consensus_ta", params, model_params)
+
+
+def _check_ties(params: ConsensusTiesParams, model_params: Sequence[ConsensusTiesModelParams]) -> str | None:
+    if params.mode == "paper" and params.rescale:
+        return (
+            "consensus_ties mode: paper keeps the trimmed entries as they are; "
+            "remove rescale: true or use mode: mergekit"
+        )
+    return _check_agreement("consensus_ties", params, model_params)
+
+
+def _whole_model(params: ConsensusTiesParams) -> bool:
+    return params.mode == "paper"
 
 
 _TITLE = "Consensus merging ({}, with TALL masks)"
@@ -178,7 +207,7 @@ CONSENSUS_TA = Method(
     params=ConsensusTaParams,
     model_params=ConsensusTaModelParams,
     merge=merge_ta,
-    check=_checker("consensus_ta"),
+    check=_check_ta,
 )
 
 CONSENSUS_TIES = Method(
@@ -189,5 +218,6 @@ CONSENSUS_TIES = Method(
     params=ConsensusTiesParams,
     model_params=ConsensusTiesModelParams,
     merge=merge_ties,
-    check=_checker("consensus_ties"),
+    check=_check_ties,
+    whole_model_trim=_whole_model,
 )
