@@ -8,6 +8,7 @@ from mergesmith.methods import (
     arcee_fusion,
     breadcrumbs,
     cabs,
+    consensus,
     dare,
     della,
     iso,
@@ -59,6 +60,8 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         ram.RAMPLUS_TL,
         pcb.METHOD,
         cabs.METHOD,
+        consensus.CONSENSUS_TA,
+        consensus.CONSENSUS_TIES,
         # subspace methods
         tsv.METHOD,
         iso.ISO_C,
