@@ -87,6 +87,22 @@ def knots_factors(
     return left.contiguous(), combine(factors).contiguous()
 
 
+def _basis_params(
+    method: str, weights: Sequence[float], densities: Sequence[float], params: Mapping[str, Any]
+) -> tuple[Any, Any, list[Any]]:
+    """The method that merges in the shared basis, its merge-wide parameters and one set of
+    per-model parameters for each adapter (its weight and density)."""
+    m = REGISTRY["ties" if method == "knots_ties" else method]  # KnOTS-TIES is TIES in this basis
+    shared = m.build_params({i.key: params.get(i.key, i.default) for i in m.param_infos})
+    per = [
+        m.build_model_params(
+            {i.key: {"weight": w, "density": d}.get(i.key, i.default) for i in m.model_param_infos}
+        )
+        for w, d in zip(weights, densities)
+    ]
+    return m, shared, per
+
+
 def _in_basis(
     method: str,
     module: str,
@@ -96,18 +112,14 @@ def _in_basis(
     seed: int,
 ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """A merge of the factors ``V_i^T`` in the shared basis with ``method`` (base: zero update)."""
-    m = REGISTRY["ties" if method == "knots_ties" else method]  # KnOTS-TIES is TIES in this basis
-    shared = m.build_params({i.key: params.get(i.key, i.default) for i in m.param_infos})
+    m, shared, per = _basis_params(method, weights, densities, params)
     if m.whole_model_trim is not None and m.whole_model_trim(shared):
         raise ConfigError(
             f"{method} with these parameters trims over a whole model, which one adapter merge cannot"
         )
-    per = [
-        m.build_model_params(
-            {i.key: {"weight": w, "density": d}.get(i.key, i.default) for i in m.model_param_infos}
-        )
-        for w, d in zip(weights, densities)
-    ]
+    trouble = m.check(shared, per) if m.check is not None else None
+    if trouble:  # the adapters that change this module are fewer than the method needs
+        raise ConfigError(f"{module}: {trouble} ({len(per)} of the adapters change this module)")
     return lambda f: m.merge(MergeInputs(module, torch.zeros_like(f[0]), f, shared, per, seed))
 
 
@@ -180,6 +192,11 @@ def merge_adapters(
         raise ConfigError(f"lambda must be a finite number, found {lambda_}")
     if rank is not None and rank < 1:
         raise ConfigError(f"rank must be at least 1, found {rank}")
+    if method != "linear":  # the method's own checks, as a merge config's get them at plan time
+        m, shared, per = _basis_params(method, weights, densities or [1.0] * len(adapters), settings)
+        trouble = m.check(shared, per) if m.check is not None else None
+        if trouble:
+            raise ConfigError(trouble)
     read: list[Adapter] = []
     problems = []
     for p in adapters:

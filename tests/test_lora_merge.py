@@ -215,6 +215,21 @@ def test_unavailable_methods_and_parameters_are_refused(three: dict[str, Any], t
     assert not (tmp_path / "x").exists()
 
 
+def test_a_methods_own_checks_apply_to_adapter_merges(three: dict[str, Any], tmp_path: Path) -> None:
+    """consensus_ta keeps entries at least min_agreement (2) task vectors mark: one adapter, or a
+    module only one adapter changes (up_proj, by the second), would silently merge to nothing."""
+    ads = three["adapters"]
+    with pytest.raises(mergesmith.ConfigError, match=r"min_agreement: 2 .* merged from 1 model"):
+        merge_adapters(ads[:1], tmp_path / "x", method="consensus_ta")
+    with pytest.raises(
+        mergesmith.ConfigError, match=r"up_proj.weight: .*min_agreement: 2 .*\(1 of the adapters change"
+    ):
+        merge_adapters(ads, tmp_path / "x", method="consensus_ta")
+    assert not (tmp_path / "x").exists()
+    merge_adapters(ads, tmp_path / "x", method="consensus_ta", params={"min_agreement": 1})
+    assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
+
+
 def poisoned(source: Path, directory: Path, value: float) -> tuple[Path, str]:
     """A copy of adapter ``source`` with one value of one factor set to ``value``."""
     import shutil
