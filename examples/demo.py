@@ -43,7 +43,7 @@ from mergesmith.report import Entry, build_report, write_report  # noqa: E402
 OUT = ROOT / "demo-out"
 ZOO = ROOT / "zoo"
 SKILLS = ["add", "rev", "sort", "shift"]
-EXAMPLE_PARENTS = {"zoo/models/add": "add", "zoo/models/rev": "rev", "zoo/models/sort": "sort"}
+EXAMPLE_PARENTS = {f"zoo/models/{s}": s for s in ("add", "rev", "sort", "shift")}
 
 # The four fine-tunes as the experts of one mixture of experts (examples/moe/zoo_moe.yml), with
 # their own MLPs; attention and the rest from the base, or merged from the experts' (base_merge).

@@ -7,6 +7,7 @@ thread where the machine is oversubscribed, with ``busy`` the larger of the one-
 (rounded) and the number of other tasks running right now (``procs_running`` in /proc/stat, the
 median of a few samples: the load average takes a minute to see a process that just started).
 ``--threads N`` (or ``threads=N``) sets it.
+On a process kept to ``cores`` of the machine's CPUs, ``busy`` is scaled by their share.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ def default_threads() -> int:
     load average nor the running tasks are known."""
     n = cores()
     try:
-        busy = round(os.getloadavg()[0])
+        busy = os.getloadavg()[0]
     except (AttributeError, OSError):
-        busy = 0
+        busy = 0.0
     busy = max(busy, others_running() or 0)
-    return max(1, min(n, n - busy))
+    # Both count the whole machine's tasks; on a process kept to some of its cores (a cpuset),
+    # the share expected on those cores.
+    machine = os.cpu_count() or n
+    if machine > n:
+        busy *= n / machine
+    return max(1, min(n, n - round(busy)))
 
 
 def others_running(samples: int = 5, gap: float = 0.005) -> int | None:

@@ -21,6 +21,7 @@ def test_the_default_is_the_cores_the_load_average_leaves_idle(
     load: float, want: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
     monkeypatch.setattr(_threads, "others_running", lambda: 0)
     assert _threads.default_threads() == want
@@ -32,6 +33,7 @@ def test_a_process_the_load_average_has_not_seen_yet_counts(
 ) -> None:
     """The busier of the two: the load average lags a process that started seconds ago."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
     monkeypatch.setattr(_threads, "others_running", lambda: running)
     assert _threads.default_threads() == want
@@ -123,3 +125,15 @@ def test_tune_runners_share_the_threads_and_get_the_batch_size(monkeypatch: pyte
     assert args.kwargs(3)["batch_size"] == 7 and args.kwargs(3)["add_special_tokens"] is False
     monkeypatch.setattr(_threads, "default_threads", lambda: 3)
     assert _RunnerArgs({}, [], "cpu", Objective({})).kwargs(2)["threads"] == 1
+
+
+def test_on_a_few_of_the_machines_cpus_the_machine_wide_load_counts_by_their_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "getloadavg", lambda: (32.0, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "others_running", lambda: 8)
+    assert _threads.default_threads() == 4  # 32 busy of 64: 4 of these 8
+    monkeypatch.setattr(_threads, "others_running", lambda: 64)
+    assert _threads.default_threads() == 1  # every CPU of the machine busy
