@@ -7,27 +7,66 @@ thread where the machine is oversubscribed, with ``busy`` the larger of the one-
 (rounded) and the number of other tasks running right now (``procs_running`` in /proc/stat, the
 median of a few samples: the load average takes a minute to see a process that just started).
 ``--threads N`` (or ``threads=N``) sets it.
-On a process kept to ``cores`` of the machine's CPUs, ``busy`` is scaled by their share.
+``cores`` are those the process's affinity allows, no more than its cgroup's CPU quota; where
+they are fewer than the machine's CPUs, ``busy`` is scaled by their share.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-__all__ = ["cores", "default_threads", "others_running", "positive_threads", "using_threads"]
+__all__ = [
+    "CGROUP_V1",
+    "CGROUP_V2",
+    "cores",
+    "default_threads",
+    "others_running",
+    "positive_threads",
+    "quota_cores",
+    "using_threads",
+]
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on: those its affinity allows, no more than its cgroup's
+    CPU quota (a container started with ``--cpus 2`` on a large machine gets 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    quota = quota_cores()
+    return min(n, quota) if quota is not None else n
+
+
+# where the cgroup CPU quota is: cgroup v2's "QUOTA PERIOD" file, or v1's two files
+CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def quota_cores() -> int | None:
+    """The CPUs the cgroup's quota allows, rounded up (at least 1); None without a quota."""
+    try:
+        if CGROUP_V2.is_file():
+            quota, _, period = CGROUP_V2.read_text().strip().partition(" ")
+            if quota == "max":
+                return None
+            q, per = int(quota), int(period or 100_000)
+        elif CGROUP_V1[0].is_file():
+            q, per = (int(f.read_text().strip()) for f in CGROUP_V1)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    if q <= 0 or per <= 0:  # v1 writes -1 for no quota
+        return None
+    return max(1, math.ceil(q / per))
 
 
 def default_threads() -> int:

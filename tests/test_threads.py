@@ -12,6 +12,14 @@ from mergesmith import _threads
 from mergesmith.errors import ConfigError
 from tests import tiny
 
+REAL_QUOTA_CORES = _threads.quota_cores
+
+
+@pytest.fixture(autouse=True)
+def no_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine running the tests may have a CPU quota; these tests set the cores themselves."""
+    monkeypatch.setattr(_threads, "quota_cores", lambda: None)
+
 
 @pytest.mark.parametrize(
     ("load", "want"),
@@ -137,3 +145,36 @@ def test_on_a_few_of_the_machines_cpus_the_machine_wide_load_counts_by_their_sha
     assert _threads.default_threads() == 4  # 32 busy of 64: 4 of these 8
     monkeypatch.setattr(_threads, "others_running", lambda: 64)
     assert _threads.default_threads() == 1  # every CPU of the machine busy
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "want"),
+    [
+        ("200000 100000\n", None, 2),
+        ("150000 100000\n", None, 2),  # 1.5 CPUs: rounded up
+        ("max 100000\n", None, None),
+        (None, ("400000", "100000"), 4),
+        (None, ("-1", "100000"), None),  # cgroup v1 without a quota
+        (None, None, None),
+        ("garbage", None, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_caps_the_cores(
+    v2: str | None,
+    v1: tuple[str, str] | None,
+    want: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_quota = REAL_QUOTA_CORES  # not the fixture's stand-in
+    monkeypatch.setattr(_threads, "CGROUP_V2", tmp_path / "cpu.max")
+    monkeypatch.setattr(_threads, "CGROUP_V1", (tmp_path / "quota", tmp_path / "period"))
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (tmp_path / "quota").write_text(v1[0])
+        (tmp_path / "period").write_text(v1[1])
+    assert read_quota() == want
+    monkeypatch.setattr(_threads, "quota_cores", read_quota)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _threads.cores() == (want if want is not None else 64)
