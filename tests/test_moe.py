@@ -216,8 +216,12 @@ def test_deepseek_with_an_ungated_shared_expert(tmp_path: Path) -> None:
         f"  - source_model: {ZOO / 'rev'}\n    positive_prompts: {json.dumps(PROMPTS['rev'])}\n"
         f"shared_experts:\n  - source_model: {ZOO / 'sort'}\n"
     )
-    plan = moe(cfg, tmp_path / "out")  # one shared expert without prompts: deepseek, as mergekit-moe picks
+    said: list[str] = []
+    plan = moe(
+        cfg, tmp_path / "out", say=said.append
+    )  # one shared expert without prompts: deepseek, as mergekit-moe picks
     assert plan.layout.name == "deepseek"
+    assert [ln for ln in said if ln.startswith("moe: note: the deepseek output") and "glm4_moe" in ln]
     state = tiny.load_state(tmp_path / "out")
     sort, rev = tiny.load_state(ZOO / "sort"), tiny.load_state(ZOO / "rev")
     for n in range(4):

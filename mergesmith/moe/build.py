@@ -596,6 +596,12 @@ def moe(
                 "same for every expert (condition number above 5): those layers will route poorly; "
                 "give each expert prompts that differ more, especially in their last token"
             )
+        if plan.layout.name == "deepseek":
+            tell(
+                "moe: note: the deepseek output is DeepSeek-MoE's own class, which transformers runs only with "
+                "trust_remote_code=True and that model's code from the Hub; architecture: glm4_moe writes a "
+                "DeepSeek-style model (shared experts) that transformers runs without it"
+            )
         sources = {tuple(d.resolve() for d in m.dirs) for m in plan.experts}
         if len(plan.experts) > 1 and len(sources) == 1:
             tell(
