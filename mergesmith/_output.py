@@ -435,12 +435,7 @@ def _clean_stale(parent: Path, name: str, resume: bool = False) -> Path | None:
     """Remove staging directories of earlier runs into the same output whose process is gone; with
     ``resume``, keep and return the newest one holding a progress file (None when there is none).
     A removed one that held finished shards is named on stderr."""
-
-    stale = []
-    for p in parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.append(p)
+    stale = _stale(parent, name)
     adopted = None
     if resume:
         with_progress = [p for p in stale if (p / MANIFEST).is_file()]
@@ -464,15 +459,21 @@ def _clean_stale(parent: Path, name: str, resume: bool = False) -> Path | None:
     return adopted
 
 
+def _stale(parent: Path, name: str) -> list[Path]:
+    """The staging directories of earlier runs into output ``name`` whose process is gone."""
+    found = []
+    for p in parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            found.append(p)
+    return found
+
+
 def resumable(out_dir: Path) -> bool:
     """Whether a dead run into ``out_dir`` left a staging directory with a progress file, which
     ``--resume`` would take over."""
-    name = out_dir.resolve().name
-    for p in out_dir.resolve().parent.glob(f".{glob.escape(name)}{PARTIAL}-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)) and (p / MANIFEST).is_file():
-            return True
-    return False
+    out = out_dir.resolve()
+    return any((p / MANIFEST).is_file() for p in _stale(out.parent, out.name))
 
 
 def _alive(pid: int) -> bool:
