@@ -22,7 +22,7 @@ def test_unknown_method_lists_the_known_ones() -> None:
     (p,) = problems("merge_method: tie\nmodels:\n  - model: a\n")
     assert "line 1: merge_method: unknown method 'tie' (did you mean 'ties'?)" in p
     assert p.endswith("; known methods: " + ", ".join(REGISTRY))
-    assert len(REGISTRY) == 29
+    assert len(REGISTRY) == 30
 
 
 def test_misspelled_keys_are_rejected_with_a_suggestion() -> None:

@@ -8,6 +8,7 @@ from mergesmith.methods import (
     arcee_fusion,
     breadcrumbs,
     cabs,
+    cart,
     consensus,
     dare,
     della,
@@ -67,6 +68,7 @@ REGISTRY: dict[str, Method[Any, Any]] = {
         iso.ISO_C,
         iso.ISO_CTS,
         star.METHOD,
+        cart.METHOD,
         # layer surgery
         passthrough.METHOD,
     )
