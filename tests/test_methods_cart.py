@@ -67,7 +67,9 @@ def cart(models: list[np.ndarray], params: dict[str, Any], name: str = MATRIX) -
         (7, 0.5, 3),
     ],
 )
-def test_kept_rank_is_the_floor_of_the_fraction_and_at_least_one(rank: int, ratio: float, expected: int) -> None:
+def test_kept_rank_is_the_floor_of_the_fraction_and_at_least_one(
+    rank: int, ratio: float, expected: int
+) -> None:
     assert kept_rank(rank, ratio) == expected
 
 
@@ -198,7 +200,9 @@ def test_float64_inputs_stay_float64() -> None:
 def test_non_finite_model_is_a_clear_error() -> None:
     bad = normal(8, 6)
     bad[1, 2] = np.inf
-    with pytest.raises(MethodError, match=r"up_proj\.weight: the centered task vector of model 1 .*NaN or infinite"):
+    with pytest.raises(
+        MethodError, match=r"up_proj\.weight: the centered task vector of model 1 .*NaN or infinite"
+    ):
         cart([bad, normal(8, 6), normal(8, 6)], {"rank_ratio": 0.3})
 
 
