@@ -103,6 +103,15 @@ def _basis_params(
     return m, shared, per
 
 
+def _basis_trouble(method: str, m: Any, shared: Any, per: Sequence[Any]) -> str | None:
+    """Why ``method`` cannot merge these adapters in the shared basis, or None: a trim over whole
+    models, or what the method's own plan-time check refuses."""
+    if m.whole_model_trim is not None and m.whole_model_trim(shared):
+        return f"{method} with these parameters trims over a whole model, which one adapter merge cannot"
+    trouble: str | None = m.check(shared, per) if m.check is not None else None
+    return trouble
+
+
 def _in_basis(
     method: str,
     module: str,
@@ -113,11 +122,7 @@ def _in_basis(
 ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """A merge of the factors ``V_i^T`` in the shared basis with ``method`` (base: zero update)."""
     m, shared, per = _basis_params(method, weights, densities, params)
-    if m.whole_model_trim is not None and m.whole_model_trim(shared):
-        raise ConfigError(
-            f"{method} with these parameters trims over a whole model, which one adapter merge cannot"
-        )
-    trouble = m.check(shared, per) if m.check is not None else None
+    trouble = _basis_trouble(method, m, shared, per)
     if trouble:  # the adapters that change this module are fewer than the method needs
         raise ConfigError(f"{module}: {trouble} ({len(per)} of the adapters change this module)")
     return lambda f: m.merge(MergeInputs(module, torch.zeros_like(f[0]), f, shared, per, seed))
@@ -194,7 +199,7 @@ def merge_adapters(
         raise ConfigError(f"rank must be at least 1, found {rank}")
     if method != "linear":  # the method's own checks, as a merge config's get them at plan time
         m, shared, per = _basis_params(method, weights, densities or [1.0] * len(adapters), settings)
-        trouble = m.check(shared, per) if m.check is not None else None
+        trouble = _basis_trouble(method, m, shared, per)
         if trouble:
             raise ConfigError(trouble)
     read: list[Adapter] = []
